@@ -1,0 +1,186 @@
+"""A flax.linen GPT-2 that sows every hidden state (Hugging Face `output_hidden_states` order).
+
+Parameters carry logical axis names (`vocab`, `embed`, `heads`, `mlp`, `layers`) that `sharding.py` maps onto the
+mesh. Dense kernels are [in, out], the layout of Hugging Face's Conv1D weights, so conversion is a rename.
+"""
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),            # 124M
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),    # 355M
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),     # 774M
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),        # 1.5B
+    "tiny": dict(n_layer=4, n_embd=256, n_head=4, n_positions=256),
+    "test": dict(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=128),
+}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  vocab_size: int = 50257
+  n_positions: int = 1024
+  n_embd: int = 768
+  n_layer: int = 12
+  n_head: int = 12
+  n_inner: int | None = None            # MLP width; None = 4 * n_embd
+  layer_norm_epsilon: float = 1e-5
+  dropout: float = 0.0                  # embedding and residual dropout (GPT-2's embd_pdrop / resid_pdrop)
+  dtype: str = "float32"                # compute dtype; logits and softmax stay float32
+  param_dtype: str = "float32"
+  remat: str = "none"                   # none | full | dots
+  scan_layers: bool = False             # nn.scan over blocks: one compiled block, params stacked on `layers`
+  attention: str = "xla"                # xla | cudnn | auto (jax.nn.dot_product_attention implementation)
+
+  def __post_init__(self):
+    if self.n_embd % self.n_head:
+      raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"attention={self.attention!r}: use one of {', '.join(ATTENTION_IMPLS)}")
+
+  @classmethod
+  def preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+    if name not in PRESETS:
+      raise ValueError(f"unknown model preset {name!r}; use one of {', '.join(PRESETS)}")
+    return cls(**{**PRESETS[name], **overrides})
+
+  @property
+  def mlp_dim(self) -> int:
+    return self.n_inner or 4 * self.n_embd
+
+
+def _dense(features: int, names: tuple[str, str], std: float, cfg: GPTConfig, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), names),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
+
+
+def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
+  # use_fast_variance=False: E[(x - mean)^2], the PyTorch formula (E[x^2] - mean^2 loses digits).
+  return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      use_fast_variance=False, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+class Attention(nn.Module):
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    B, L, D = x_BxLxD.shape
+    H = cfg.n_head
+    qkv_BxLx3D = _dense(3 * D, ("embed", "heads"), 0.02, cfg, "c_attn")(x_BxLxD)
+    q, k, v = (t.reshape(B, L, H, D // H) for t in jnp.split(qkv_BxLx3D, 3, axis=-1))
+    att_BxLxHxK = _causal_attention(q, k, v, cfg.attention)
+    return _dense(D, ("heads", "embed"), _proj_std(cfg), cfg, "c_proj")(att_BxLxHxK.reshape(B, L, D))
+
+
+class MLP(nn.Module):
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    h_BxLxM = _dense(self.cfg.mlp_dim, ("embed", "mlp"), 0.02, self.cfg, "c_fc")(x_BxLxD)
+    h_BxLxM = nn.gelu(h_BxLxM, approximate=True)  # GPT-2's gelu_new (tanh approximation)
+    return _dense(x_BxLxD.shape[-1], ("mlp", "embed"), _proj_std(self.cfg), self.cfg, "c_proj")(h_BxLxM)
+
+
+def _causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, impl: str):
+  if impl != "xla":  # cuDNN flash attention (bf16/fp16 on GPU), or let JAX pick
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
+                                        implementation=None if impl == "auto" else impl)
+  # Plain XLA path, softmax in float32 or wider (jax.nn.dot_product_attention caps it at float32, which would
+  # break float64 parity tests).
+  acc = jnp.promote_types(q_BxLxHxK.dtype, jnp.float32)
+  L, K = q_BxLxHxK.shape[1], q_BxLxHxK.shape[-1]
+  s_BxHxLxL = jnp.einsum("blhk,bmhk->bhlm", q_BxLxHxK, k_BxLxHxK, preferred_element_type=acc) / math.sqrt(K)
+  causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+  p_BxHxLxL = jax.nn.softmax(jnp.where(causal_LxL, s_BxHxLxL, jnp.finfo(acc).min), axis=-1)
+  return jnp.einsum("bhlm,bmhk->blhk", p_BxHxLxL.astype(v_BxLxHxK.dtype), v_BxLxHxK)
+
+
+def _proj_std(cfg: GPTConfig) -> float:
+  return 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: residual projections scaled by depth
+
+
+class Block(nn.Module):
+  cfg: GPTConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD, _=None):
+    cfg = self.cfg
+    drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    x_BxLxD = x_BxLxD + drop(Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x_BxLxD)))
+    x_BxLxD = x_BxLxD + drop(MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxLxD)))
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    self.sow("intermediates", "hidden", x_BxLxD)
+    return x_BxLxD, None
+
+
+class GPT(nn.Module):
+  cfg: GPTConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BxL, positions_BxL=None, deterministic: bool = True):
+    cfg = self.cfg
+    B, L = input_ids_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="wte",
+                   embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+    wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="wpe",
+                   embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")))
+    x_BxLxD = wte(input_ids_BxL) + wpe(positions_BxL)
+    x_BxLxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    self.sow("intermediates", "embed", x_BxLxD)
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                      split_rngs={"params": True, "dropout": True}, length=cfg.n_layer,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, _ = stack(cfg, deterministic, name="h")(x_BxLxD, None)
+    else:
+      for i in range(cfg.n_layer):
+        x_BxLxD, _ = block(cfg, deterministic, name=f"h_{i}")(x_BxLxD)
+
+    x_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
+    self.sow("intermediates", "final", x_BxLxD)
+    # Tied LM head; logits accumulate in float32 (or wider) whatever the compute dtype.
+    emb_VxD = wte.embedding.astype(cfg.dtype)
+    acc = jnp.promote_types(cfg.dtype, jnp.float32)
+    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(cfg.dtype), emb_VxD, preferred_element_type=acc)
+
+
+def hidden_states(variables: dict) -> tuple[jax.Array, ...]:
+  """Sown states in Hugging Face order: embedding output, blocks 1..n-1, final block output after ln_f."""
+  inter = variables["intermediates"]
+  if "h" in inter:  # scanned: one array stacked on the layer axis
+    blocks = list(inter["h"]["hidden"][0])
+  else:
+    n = sum(1 for k in inter if k.startswith("h_"))
+    blocks = [inter[f"h_{i}"]["hidden"][0] for i in range(n)]
+  return (inter["embed"][0], *blocks[:-1], inter["final"][0])
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

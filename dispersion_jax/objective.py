@@ -1,0 +1,101 @@
+"""The training objective: next-token cross-entropy + coeff * mean over selected layers of the dispersion loss."""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dispersion_jax.dispersion import VARIANTS, dispersion_loss
+from dispersion_jax.model import GPT, hidden_states
+
+LOCS = ("all", "last", "early_half", "late_half")
+
+
+@dataclasses.dataclass(frozen=True)
+class DispersionConfig:
+  variant: str = "angular_spread"
+  coeff: float = 0.0
+  loc: str = "all"
+  tau_l2: float = 1.0
+  tau_cos: float = 1.0
+  margin: float = 0.5
+  epsilon: float = 1e-2
+  clamp_threshold: float = 0.25
+  max_tokens: int | None = None       # None = all tokens
+  doc_mask: bool = False              # exclude pairs across documents (needs batch["segment_ids"])
+  block_size: int | None = 256        # rows per checkpointed block of the pairwise part; None = dense
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"dispersion.variant={self.variant!r}: use one of {', '.join(VARIANTS)}")
+    if self.loc not in LOCS:
+      raise ValueError(f"dispersion.loc={self.loc!r}: use one of {', '.join(LOCS)}")
+
+  def loss_kwargs(self) -> dict[str, Any]:
+    return dict(variant=self.variant, tau_l2=self.tau_l2, tau_cos=self.tau_cos, margin=self.margin,
+                epsilon=self.epsilon, clamp_threshold=self.clamp_threshold, max_tokens=self.max_tokens,
+                block_size=self.block_size)
+
+
+def select_layers(loc: str, n_layer: int) -> tuple[int, ...]:
+  """Hidden-state indices (1..n_layer; 0, the embedding output, is never dispersed)."""
+  idx = tuple(range(1, n_layer + 1))
+  half = max(1, n_layer // 2)
+  if loc == "all":
+    return idx
+  if loc == "last":
+    return idx[-1:]
+  if loc == "early_half":
+    return idx[:half]
+  if loc == "late_half":
+    return idx[half:] or idx[-1:]
+  raise ValueError(f"dispersion.loc={loc!r}: use one of {', '.join(LOCS)}")
+
+
+def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL=None):
+  """Mean next-token cross-entropy in float32 (or wider) over positions with weight > 0."""
+  logits = logits_BxLxV.astype(jnp.promote_types(logits_BxLxV.dtype, jnp.float32))
+  logz_BxL = jax.nn.logsumexp(logits, axis=-1)
+  tgt_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+  nll_BxL = logz_BxL - tgt_BxL
+  w = jnp.ones_like(nll_BxL) if weights_BxL is None else weights_BxL.astype(nll_BxL.dtype)
+  return jnp.sum(nll_BxL * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def dispersion_term(states: tuple[jax.Array, ...], disp: DispersionConfig, n_layer: int, *,
+                    rng: jax.Array | None = None, mask=None, segment_ids=None):
+  """Mean over the selected layers of the dispersion loss, and the per-layer values."""
+  per_layer = {}
+  for i in select_layers(disp.loc, n_layer):
+    key = None if rng is None else jax.random.fold_in(rng, i)  # reproducible per-layer token subsets
+    per_layer[i] = dispersion_loss(states[i], key=key, mask=mask,
+                                   segment_ids=segment_ids if disp.doc_mask else None, **disp.loss_kwargs())
+  return sum(per_layer.values()) / len(per_layer), per_layer
+
+
+def objective(params, batch: dict, *, model: GPT, disp: DispersionConfig, rng: jax.Array | None = None,
+              deterministic: bool = True):
+  """Returns (total, metrics). batch: input_ids, targets [B, L]; optional loss_mask, segment_ids, positions.
+
+  rng: folded into a `dropout` and a `dispersion` stream (token subsampling); None where neither is used.
+  """
+  rngs = {}
+  disp_rng = None
+  if rng is not None:
+    rngs["dropout"], disp_rng = jax.random.split(rng)
+  logits, variables = model.apply({"params": params}, batch["input_ids"], batch.get("positions"),
+                                  deterministic=deterministic, rngs=rngs, mutable=["intermediates"])
+  ce = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+  metrics = {"ce": ce}
+  total = ce
+  if disp.coeff != 0.0:
+    states = hidden_states(variables)
+    disp_val, per_layer = dispersion_term(states, disp, model.cfg.n_layer, rng=disp_rng,
+                                          mask=batch.get("dispersion_mask"), segment_ids=batch.get("segment_ids"))
+    total = ce + disp.coeff * disp_val
+    metrics["dispersion"] = disp_val
+    metrics.update({f"dispersion/layer_{i}": v for i, v in per_layer.items()})
+  else:
+    metrics["dispersion"] = jnp.zeros((), ce.dtype)
+  metrics["loss"] = total
+  return total, metrics
