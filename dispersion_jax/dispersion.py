@@ -101,11 +101,16 @@ def _all_row_stats(variant: str, params: dict, z_BxLxF, valid_BxL, seg_BxL, bloc
   nb = -(-L // block_size)
   pad = nb * block_size - L
   # Padded rows are invalid queries: they join no pair and produce no statistic.
-  zq = jnp.pad(z_BxLxF, ((0, 0), (0, pad), (0, 0))).reshape(B, nb, block_size, F).swapaxes(0, 1)
-  vq = jnp.pad(valid_BxL, ((0, 0), (0, pad))).reshape(B, nb, block_size).swapaxes(0, 1)
-  sq = jnp.pad(seg_BxL, ((0, 0), (0, pad))).reshape(B, nb, block_size).swapaxes(0, 1)
-  iq = jnp.pad(idx_L, (0, pad), constant_values=-1).reshape(nb, block_size)
-  stats, has_pair = jax.lax.map(lambda xs: jax.checkpoint(block)(*xs), (zq, vq, sq, iq))
+  zq_BxPxF = jnp.pad(z_BxLxF, ((0, 0), (0, pad), (0, 0)))
+  vq_BxP, sq_BxP = jnp.pad(valid_BxL, ((0, 0), (0, pad))), jnp.pad(seg_BxL, ((0, 0), (0, pad)))
+  iq_P = jnp.pad(idx_L, (0, pad), constant_values=-1)
+
+  @jax.checkpoint  # keep only the block index for backward; the [B, block, L] terms are recomputed
+  def one_block(b):
+    sl = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, b * block_size, block_size, axis=axis)
+    return block(sl(zq_BxPxF, 1), sl(vq_BxP, 1), sl(sq_BxP, 1), sl(iq_P, 0))
+
+  stats, has_pair = jax.lax.map(one_block, jnp.arange(nb))
   unblock = lambda a: a.swapaxes(0, 1).reshape(B, nb * block_size)[:, :L]
   return unblock(stats), unblock(has_pair)
 

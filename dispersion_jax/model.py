@@ -182,5 +182,19 @@ def hidden_states(variables: dict) -> tuple[jax.Array, ...]:
   return (inter["embed"][0], *blocks[:-1], inter["final"][0])
 
 
+def _init(cfg: GPTConfig, rng: jax.Array) -> dict:
+  return GPT(cfg).init(rng, jnp.zeros((1, min(8, cfg.n_positions)), jnp.int32))
+
+
+def init_params(cfg: GPTConfig, rng: jax.Array) -> dict:
+  """Plain (unboxed) parameter tree."""
+  return nn.meta.unbox(_init(cfg, rng)["params"])
+
+
+def param_logical_axes(cfg: GPTConfig) -> dict:
+  """Per-parameter PartitionSpec of logical axis names, e.g. P('layers', 'embed', 'mlp'); no compute."""
+  return nn.get_partition_spec(jax.eval_shape(lambda: _init(cfg, jax.random.PRNGKey(0))))["params"]
+
+
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
