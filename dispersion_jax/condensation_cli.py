@@ -1,0 +1,215 @@
+"""CLI of the condensation diagnostic: `python -m dispersion_jax.condensation ...` (statistics in condensation.py).
+
+Writes OUT/condensation.json, OUT/condensation_heatmap.png (layers x cosine, density as colour),
+OUT/condensation_mean.png (m_l vs depth) and, with --compare, OUT/condensation_compare.png.
+"""
+import argparse
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dispersion_jax.condensation import NUM_BINS, model_statistics
+
+FILES = {"json": "condensation.json", "heatmap": "condensation_heatmap.png", "mean": "condensation_mean.png",
+         "compare": "condensation_compare.png"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m dispersion_jax.condensation",
+                              description="Per-layer token-token cosine similarity (embedding condensation).")
+  model = p.add_mutually_exclusive_group(required=True)
+  model.add_argument("--workdir", help="training run directory (its checkpoints)")
+  model.add_argument("--hf-model", help="Hugging Face GPT-2 directory (config.json + model.safetensors)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir (default: latest)")
+  data = p.add_mutually_exclusive_group(required=True)
+  data.add_argument("--texts", help="UTF-8 text file, one text per line")
+  data.add_argument("--token-ids", help=".npy int array [num_texts, length]; negative ids = trailing padding")
+  data.add_argument("--corpus", choices=["default"], help="the embedded default English corpus")
+  p.add_argument("--num-texts", type=int, default=None, help="with --corpus: texts spread evenly over it")
+  p.add_argument("--max-length", type=int, required=True, help="tokens per text (also capped at n_positions)")
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--num-bins", type=int, default=NUM_BINS)
+  p.add_argument("--tokenizer", default=None, help="override: 'gpt2' or an HF tokenizer directory")
+  p.add_argument("--compare", default=None, help="another run's condensation.json to overlay")
+  p.add_argument("--labels", default=None, help="A,B: legend labels for this run and --compare")
+  args = p.parse_args(argv)
+  if args.step is not None and args.workdir is None:
+    p.error("--step needs --workdir")
+  if (args.corpus is None) != (args.num_texts is None):
+    p.error("--corpus and --num-texts go together")
+  if args.num_texts is not None and args.num_texts < 1:
+    p.error("--num-texts must be >= 1")
+  if args.max_length < 2 or args.batch_size < 1 or args.num_bins < 1:
+    p.error("--max-length must be >= 2, --batch-size and --num-bins >= 1")
+  if args.labels is not None and (args.compare is None or len(args.labels.split(",")) != 2):
+    p.error("--labels takes two comma-separated labels A,B and needs --compare")
+  return args
+
+
+def token_ids_from_npy(path: str) -> list[list[int]]:
+  """Rows of an int array; negative entries are padding and must trail the real tokens."""
+  try:
+    arr = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read --token-ids {path}: {e}") from None
+  arr = arr[None] if arr.ndim == 1 else arr
+  if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"--token-ids {path} must be an integer array [num_texts, length], got {arr.dtype} {arr.shape}")
+  out = []
+  for i, row in enumerate(arr.tolist()):
+    n = next((j for j, t in enumerate(row) if t < 0), len(row))
+    if any(t >= 0 for t in row[n:]):
+      raise ValueError(f"--token-ids row {i}: negative (padding) ids must come after all real tokens")
+    out.append(row[:n])
+  return out
+
+
+def corpus_texts(num_texts: int) -> list[str]:
+  """num_texts documents spread evenly over the default corpus (both of its sources), deterministic."""
+  from dispersion_jax.data.corpus import default_docs
+  docs = [text for _, text in default_docs() if text.strip()]
+  idx = np.unique(np.linspace(0, len(docs) - 1, min(num_texts, len(docs))).round().astype(int))
+  return [docs[i] for i in idx]
+
+
+def load_token_lists(args: argparse.Namespace, tokenizer_name: str) -> list[list[int]]:
+  if args.token_ids:
+    return token_ids_from_npy(args.token_ids)
+  if args.texts:
+    if not os.path.isfile(args.texts):
+      raise ValueError(f"--texts {args.texts} not found")
+    with open(args.texts, encoding="utf-8") as fh:
+      texts = [line.rstrip("\n") for line in fh if line.strip()]
+  else:
+    texts = corpus_texts(args.num_texts)
+  if not texts:
+    raise ValueError(f"no non-empty text in {args.texts}")
+  from dispersion_jax.tokenizer import get_tokenizer
+  tok = get_tokenizer(tokenizer_name)
+  return [ids[:args.max_length] for ids in tok.encode_batch(texts)]
+
+
+# ------------------------------------------------------------------------------------------------- plots
+def _heatmap(ax, summary: dict[str, Any], title: str):
+  from matplotlib.colors import LogNorm
+  from matplotlib.ticker import MaxNLocator
+  hist = summary["histograms"]
+  density_NxK = np.asarray(hist["density"], float)
+  positive = density_NxK[density_NxK > 0]
+  # Log colour scale: condensed layers pile most mass into a few bins near 1.
+  norm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-4), vmax=positive.max()) if positive.size else None
+  n = density_NxK.shape[0]
+  im = ax.imshow(np.ma.masked_equal(density_NxK.T, 0), origin="lower", aspect="auto", norm=norm, cmap="viridis",
+                 extent=(-0.5, n - 0.5, hist["bin_edges"][0], hist["bin_edges"][-1]), interpolation="nearest")
+  ax.plot(range(n), summary["mean_cossim_by_layer"], ".-", color="tab:red", lw=1, label="mean (with diagonal)")
+  ax.set(xlabel="layer (0 = embeddings)", ylabel="token-token cosine similarity", title=title)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.legend(loc="lower left", fontsize=7)
+  return im
+
+
+def _fmt(x: float | None) -> str:
+  return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
+
+
+def _means(ax, summary: dict[str, Any], label: str, color: str | None = None) -> None:
+  from matplotlib.ticker import MaxNLocator
+  n = len(summary["mean_cossim_by_layer"])
+  ax.plot(range(n), summary["mean_cossim_by_layer"], "o-", color=color,
+          label=f"{label} (spearman {_fmt(summary['spearman'])}, kendall {_fmt(summary['kendall'])})")
+  ax.plot(range(n), summary["mean_cossim_by_layer_offdiag"], "s--", color=color, alpha=0.6,
+          label=f"{label} off-diagonal (spearman {_fmt(summary['spearman_offdiag'])})")
+  ax.set(xlabel="layer (0 = embeddings)", ylabel="mean cosine similarity")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+
+
+def write_plots(summary: dict[str, Any], out_dir: str, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+  fig.colorbar(_heatmap(ax, summary, title), ax=ax, label="density")
+  fig.savefig(os.path.join(out_dir, FILES["heatmap"]), dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+  _means(ax, summary, "mean")
+  ax.set_title(title)
+  fig.savefig(os.path.join(out_dir, FILES["mean"]), dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+
+def write_compare(summaries: Sequence[dict[str, Any]], labels: Sequence[str], out_dir: str) -> str:
+  """m_l of both runs overlaid, and both heatmaps side by side."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(18, 4.8), layout="constrained")
+  for s, label, color in zip(summaries, labels, ("tab:blue", "tab:orange")):
+    _means(axes[0], s, label, color)
+  axes[0].set_title("mean cosine similarity vs depth")
+  for ax, s, label in zip(axes[1:], summaries, labels):
+    im = _heatmap(ax, s, label)
+    if im is not None:
+      fig.colorbar(im, ax=ax, label="density")
+  path = os.path.join(out_dir, FILES["compare"])
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
+def _read_summary(path: str) -> dict[str, Any]:
+  if not os.path.isfile(path):
+    raise ValueError(f"--compare {path} not found")
+  try:
+    with open(path) as fh:
+      s = json.load(fh)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--compare {path} is not JSON ({e.msg})") from None
+  need = ("mean_cossim_by_layer", "mean_cossim_by_layer_offdiag", "histograms", "spearman", "kendall")
+  if not isinstance(s, dict) or any(k not in s for k in need):
+    raise ValueError(f"--compare {path} is not a condensation.json (needs {', '.join(need)})")
+  return s
+
+
+# --------------------------------------------------------------------------------------------------- main
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  from dispersion_jax.evaluate import load_model
+  other = _read_summary(args.compare) if args.compare else None  # fail before the expensive part
+  cfg, params, tok_name = load_model(args.workdir, args.step, args.hf_model)
+  tok_name = args.tokenizer or tok_name
+  token_lists = load_token_lists(args, tok_name)
+  summary = model_statistics(cfg, params, token_lists, max_length=args.max_length, batch_size=args.batch_size,
+                             num_bins=args.num_bins)
+  source = args.texts or args.token_ids or f"corpus:{args.corpus}"
+  model_name = args.hf_model or f"{args.workdir}@{'latest' if args.step is None else args.step}"
+  summary["settings"].update(model=model_name, source=source, tokenizer=None if args.token_ids else tok_name)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, FILES["json"]), "w") as fh:
+    json.dump(summary, fh, indent=1)
+  write_plots(summary, args.out, f"{os.path.basename(os.path.normpath(model_name))}: {summary['num_texts']} texts")
+  print(f"{summary['num_texts']} texts, {summary['num_tokens']} tokens; mean cosine by layer "
+        + " ".join(f"{m:.3f}" for m in summary["mean_cossim_by_layer"])
+        + f"; spearman {_fmt(summary['spearman'])} kendall {_fmt(summary['kendall'])}; wrote {args.out}")
+  if other is not None:
+    labels = args.labels.split(",") if args.labels else [model_name, other.get("settings", {}).get("model", "other")]
+    print(f"wrote {write_compare([summary, other], labels, args.out)}")
+  return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  try:
+    return run(args)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+  main()
