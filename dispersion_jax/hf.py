@@ -114,15 +114,23 @@ def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
   return out
 
 
+def _require(path: str, name: str) -> str:
+  f = os.path.join(path, name)
+  if not os.path.isfile(f):
+    raise ValueError(f"{f} not found: init_from / --hf-model must be a Hugging Face GPT-2 directory "
+                     "with config.json and model.safetensors")
+  return f
+
+
+def config_from_json(path: str, **overrides: Any) -> GPTConfig:
+  with open(_require(path, "config.json")) as fh:
+    return config_from_hf(json.load(fh), **overrides)
+
+
 def load_gpt2(path: str, **overrides: Any) -> tuple[GPTConfig, dict]:
   """Read a Hugging Face GPT-2 directory. `overrides` set GPTConfig options (dtype, scan_layers, remat, ...)."""
-  cfg_file, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
-  for f in (cfg_file, weights):
-    if not os.path.isfile(f):
-      raise ValueError(f"{f} not found: init_from / --hf-model must be a Hugging Face GPT-2 directory "
-                       "with config.json and model.safetensors")
-  with open(cfg_file) as fh:
-    cfg = config_from_hf(json.load(fh), **overrides)
+  weights = _require(path, "model.safetensors")
+  cfg = config_from_json(path, **overrides)
   return cfg, from_hf_state_dict(cfg, load_file(weights))
 
 

@@ -1,0 +1,143 @@
+"""The train state, the Optax optimizer and the jitted, sharded train / eval steps."""
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from dispersion_jax import sharding
+from dispersion_jax.model import GPT, GPTConfig, init_params, param_logical_axes
+from dispersion_jax.objective import DispersionConfig, cross_entropy, objective
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def lr_schedule(cfg: ConfigDict) -> optax.Schedule:
+  o = cfg.optimizer
+  warmup = int(round(o.warmup * cfg.steps)) if o.warmup < 1 else int(o.warmup)
+  warmup = min(warmup, cfg.steps)
+  return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(cfg.steps, warmup + 1),
+                                            end_value=o.lr * o.min_lr_ratio)
+
+
+def decay_mask(params, decay_embeddings: bool):
+  """Decay matrices only: never biases or layer-norm scales; embeddings if the recipe says so."""
+  def keep(path, _):
+    names = [getattr(p, "key", "") for p in path]
+    if names[-1] in ("bias", "scale"):
+      return False
+    return decay_embeddings or names[-1] != "embedding"
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: ConfigDict) -> optax.GradientTransformation:
+  o = cfg.optimizer
+  adamw = optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                      mask=functools.partial(decay_mask, decay_embeddings=o.decay_embeddings))
+  return optax.chain(optax.clip_by_global_norm(o.clip), adamw) if o.clip > 0 else adamw
+
+
+def init_state(model_cfg: GPTConfig, tx: optax.GradientTransformation, seed: int, params=None) -> TrainState:
+  rng_params, rng_train = jax.random.split(jax.random.PRNGKey(seed))
+  if params is None:
+    params = init_params(model_cfg, rng_params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng_train)
+
+
+def state_shardings(model_cfg: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh):
+  """(abstract state, its NamedShardings): optimizer moments follow their parameters' placement."""
+  abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, 0))
+  p_shard = sharding.param_shardings(param_logical_axes(model_cfg), abstract.params, mesh)
+  rep = sharding.replicated(mesh)
+  # Optax states hold copies of the param tree (mu, nu); anything else (counts) is replicated.
+  opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, p_shard,
+                                    transform_non_params=lambda _: rep)
+  shard = TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep)
+  return abstract, shard
+
+
+def _microbatches(batch: dict, n: int) -> dict:
+  return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+
+def train_step(state: TrainState, batch: dict, *, model: GPT, disp: DispersionConfig,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int):
+  """One optimizer step over `grad_accum` equal micro-batches.
+
+  Each micro-batch's objective is CE-mean + coeff * dispersion-mean; averaging the micro-batches keeps the
+  relative weight of the two terms (the meaning of `coeff`) independent of `grad_accum`.
+  """
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  deterministic = model.cfg.dropout == 0.0
+  grad_fn = jax.value_and_grad(
+      lambda p, b, r: objective(p, b, model=model, disp=disp, rng=r, deterministic=deterministic), has_aux=True)
+
+  def micro(carry, xs):
+    i, mb = xs
+    (_, metrics), grads = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
+    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+  mbs = _microbatches(batch, grad_accum)
+  if grad_accum == 1:
+    (grads, metrics), _ = micro(_zeros_like_out(grad_fn, state.params, batch, step_rng), (0, batch))
+  else:
+    init = _zeros_like_out(grad_fn, state.params, jax.tree.map(lambda x: x[0], mbs), step_rng)
+    (grads, metrics), _ = jax.lax.scan(micro, init, (jnp.arange(grad_accum), mbs))
+    grads, metrics = jax.tree.map(lambda x: x / grad_accum, (grads, metrics))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _zeros_like_out(grad_fn, params, mb, rng):
+  (_, metrics), grads = jax.eval_shape(grad_fn, params, mb, rng)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads, metrics))
+
+
+def eval_step(params, batch: dict, *, model: GPT, disp: DispersionConfig, with_dispersion: bool = True):
+  """Sums over the batch (tokens weighted by segment_ids > 0, padding excluded) for exact reduction."""
+  logits, variables = model.apply({"params": params}, batch["input_ids"], batch.get("positions"),
+                                  mutable=["intermediates"])
+  w_BxL = (batch["segment_ids"] > 0).astype(jnp.float32) if "segment_ids" in batch else \
+      jnp.ones(batch["input_ids"].shape, jnp.float32)
+  n_tok = jnp.sum(w_BxL)
+  out = {"ce_sum": cross_entropy(logits, batch["targets"], w_BxL) * n_tok, "tokens": n_tok}
+  if with_dispersion:
+    from dispersion_jax.condensation import condensation_metrics
+    from dispersion_jax.model import hidden_states
+    from dispersion_jax.objective import dispersion_term
+    states = hidden_states(variables)
+    disp_full = dataclasses.replace(disp, max_tokens=None)  # all tokens: a stable estimate
+    val, _ = dispersion_term(states, disp_full, model.cfg.n_layer, mask=w_BxL > 0,
+                             segment_ids=batch.get("segment_ids"))
+    out["dispersion_sum"] = val
+    out["batches"] = jnp.ones(())
+    out.update(condensation_metrics(states, mask=w_BxL > 0))
+  return out
+
+
+def jit_train_step(fn: Callable, mesh: Mesh, shard: TrainState):
+  batch_shard = sharding.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(shard, batch_shard), out_shardings=(shard, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+@contextlib.contextmanager
+def logical_context(mesh: Mesh):
+  """Mesh + logical rules, so the model's activation constraints bind while tracing."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    yield
