@@ -51,32 +51,24 @@ def load_model(workdir: str | None = None, step: int | None = None, hf_model: st
     return cfg, params, hf_model if has_tok else "gpt2"
   if not os.path.isdir(workdir):
     raise ValueError(f"--workdir {workdir} is not a directory")
+  from dispersion_jax import checkpoint
   try:
-    from dispersion_jax import checkpoint
-  except ImportError as e:
-    raise ValueError(f"cannot read training checkpoints ({e}); use --hf-model") from None
-  cfg, params = checkpoint.load_params(workdir, step)
-  if overrides:
-    cfg = dataclasses.replace(cfg, **overrides)
-    params = jax.tree.map(lambda x: np.asarray(x, cfg.param_dtype), params)
+    cfg, params = checkpoint.load_params(workdir, step)
+  except checkpoint.CheckpointError as e:
+    raise ValueError(str(e)) from None
+  # Analysis in float32 with plain XLA attention (cuDNN flash attention needs bf16), whatever the run used.
+  cfg = dataclasses.replace(cfg, **{"dtype": "float32", "attention": "xla", "remat": "none", **overrides})
+  params = jax.tree.map(lambda x: jnp.asarray(x, cfg.param_dtype), params)
   return cfg, params, _run_tokenizer(workdir)
 
 
 def _run_tokenizer(workdir: str) -> str:
-  """The `tokenizer` of the run's config (checkpoint.load_config or a config.json in the workdir), else gpt2."""
-  from dispersion_jax import checkpoint
-  config = None
-  if hasattr(checkpoint, "load_config"):
-    config = checkpoint.load_config(workdir)
-  else:
-    path = os.path.join(workdir, "config.json")
-    if os.path.isfile(path):
-      with open(path) as fh:
-        config = json.load(fh)
-  if config is None:
+  """The `tokenizer` of the run's config (WORKDIR/config.json, written by train.py), else gpt2."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
     return "gpt2"
-  tok = config.get("tokenizer") if isinstance(config, dict) else getattr(config, "tokenizer", None)
-  return tok or "gpt2"
+  with open(path) as fh:
+    return json.load(fh).get("tokenizer") or "gpt2"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -207,8 +207,36 @@ def test_cli_bad_inputs(ids_file, tiny_dir, tmp_path):
   _err(["--token-ids", ids_file, "--max-length", "8", *out], None)
 
 
+def make_run(workdir, step: int, **model):
+  """A training workdir as train.py leaves it: an Orbax checkpoint at `step` and config.json."""
+  config_lib = pytest.importorskip("dispersion_jax.config")
+  checkpoint = pytest.importorskip("dispersion_jax.checkpoint")
+  if not hasattr(checkpoint, "load_params"):
+    pytest.skip("dispersion_jax.checkpoint.load_params not available")
+  from dispersion_jax.train_step import init_state, make_optimizer
+  cfg = config_lib.default_config()
+  cfg.model.preset = "test"
+  cfg.model.update(model)
+  model_cfg = config_lib.model_config(cfg)
+  state = init_state(model_cfg, make_optimizer(cfg), 0)
+  ckpt = checkpoint.Checkpointer(str(workdir), async_save=False)
+  ckpt.save(step, state, None, cfg)
+  ckpt.close()
+  (workdir / "config.json").write_text(json.dumps(cfg.to_dict()))
+  return model_cfg, state.params
+
+
 def test_cli_workdir(tmp_path):
-  ckpt = pytest.importorskip("dispersion_jax.checkpoint", reason="dispersion_jax.checkpoint not written yet")
-  if not hasattr(ckpt, "load_params"):
-    pytest.skip("dispersion_jax.checkpoint.load_params not available yet")
-  pytest.skip("no helper to write a training checkpoint in tests yet")
+  model_cfg, params = make_run(tmp_path / "run", 3)  # preset "test": vocab 128, n_positions 32, 2 layers
+  ids = np.random.default_rng(0).integers(0, 128, (3, 40))
+  np.save(tmp_path / "ids.npy", ids)
+  out = tmp_path / "out"
+  main(["--workdir", str(tmp_path / "run"), "--step", "3", "--token-ids", str(tmp_path / "ids.npy"),
+        "--max-length", "64", "--out", str(out)])
+  s = json.loads((out / "condensation.json").read_text())
+  want = cond.model_statistics(model_cfg, params, ids.tolist(), max_length=64)
+  assert s["settings"]["max_length"] == 32 and s["num_tokens"] == 3 * 32  # capped at n_positions
+  np.testing.assert_allclose(s["mean_cossim_by_layer"], want["mean_cossim_by_layer"], atol=1e-6)
+  assert len(s["mean_cossim_by_layer"]) == model_cfg.n_layer + 1
+  _err(["--workdir", str(tmp_path / "run"), "--step", "9", "--token-ids", str(tmp_path / "ids.npy"),
+        "--max-length", "8", "--out", str(out)], "no checkpoint")

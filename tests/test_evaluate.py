@@ -9,6 +9,7 @@ from dispersion_jax import GPTConfig
 from dispersion_jax import evaluate as ev
 from dispersion_jax.hf import load_gpt2, save_gpt2
 from dispersion_jax.model import init_params
+from dispersion_jax.tokenizer import get_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -177,8 +178,36 @@ def test_cli_bad_inputs(tiny_dir, tmp_path):
   _err(["--hf-model", TINY, "--num-fewshot", "-1"], None)
 
 
-def test_cli_workdir():
-  ckpt = pytest.importorskip("dispersion_jax.checkpoint", reason="dispersion_jax.checkpoint not written yet")
-  if not hasattr(ckpt, "load_params"):
-    pytest.skip("dispersion_jax.checkpoint.load_params not available yet")
-  pytest.skip("no helper to write a training checkpoint in tests yet")
+def make_run(workdir, step: int, **model):
+  """A training workdir as train.py leaves it: an Orbax checkpoint at `step` and config.json."""
+  config_lib = pytest.importorskip("dispersion_jax.config")
+  checkpoint = pytest.importorskip("dispersion_jax.checkpoint")
+  if not hasattr(checkpoint, "load_params"):
+    pytest.skip("dispersion_jax.checkpoint.load_params not available")
+  from dispersion_jax.train_step import init_state, make_optimizer
+  cfg = config_lib.default_config()
+  cfg.model.preset = "test"
+  cfg.model.update(model)
+  model_cfg = config_lib.model_config(cfg)
+  state = init_state(model_cfg, make_optimizer(cfg), 0)
+  ckpt = checkpoint.Checkpointer(str(workdir), async_save=False)
+  ckpt.save(step, state, None, cfg)
+  ckpt.close()
+  (workdir / "config.json").write_text(json.dumps(cfg.to_dict()))
+  return model_cfg, state.params
+
+
+def test_cli_workdir(tmp_path):
+  model_cfg, params = make_run(tmp_path / "run", 5, vocab_size=50257, n_positions=64)  # GPT-2 BPE fits
+  out, export = tmp_path / "res.json", tmp_path / "hf"
+  res = ev.main(["--workdir", str(tmp_path / "run"), "--tasks", str(ev.DEFAULT_TASKS[1]), "--hf-export", str(export),
+                 "--out", str(out)])
+  assert res["tokenizer"] == "gpt2" and res["tasks"]["example_cloze"]["num_examples"] == 20
+  # Same numbers as scoring the params directly, and the export holds the same weights.
+  direct = ev.evaluate_task(model_cfg, params, get_tokenizer("gpt2"), ev.load_task(ev.DEFAULT_TASKS[1]))
+  np.testing.assert_allclose([e["logliks"] for e in res["tasks"]["example_cloze"]["examples"]],
+                             [e["logliks"] for e in direct["examples"]], atol=1e-5)
+  _, exported = load_gpt2(str(export))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), exported, params)
+  _err(["--workdir", str(tmp_path / "run"), "--step", "6"], "no checkpoint")
+  _err(["--workdir", str(tmp_path / "nothing")], "not a directory")
