@@ -52,6 +52,14 @@ def _data(cfg: ConfigDict, split: str, batch_size: int, **kw):
     raise TrainingError(f"data: {e}") from e
 
 
+def _tokenizer_vocab(cfg: ConfigDict) -> int:
+  from dispersion_jax.tokenizer import get_tokenizer
+  try:
+    return get_tokenizer(cfg.tokenizer).vocab_size
+  except ValueError as e:
+    raise TrainingError(f"tokenizer: {e}") from e
+
+
 def _global(batch: dict, mesh) -> dict:
   """Per-process numpy batches -> one global array per key, sharded on (data, fsdp)."""
   shard = sharding.batch_sharding(mesh)
@@ -85,14 +93,18 @@ def evaluate(cfg: ConfigDict, eval_fn, params, mesh) -> dict[str, float]:
   return result
 
 
-def run(cfg: ConfigDict, workdir: str) -> int:
-  """Trains to cfg.steps (or until SIGTERM); returns the last completed step."""
+def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: int | None = None) -> int:
+  """Trains to cfg.steps (or until SIGTERM / `stop_at`, handled alike); returns the last completed step."""
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(cfg)
+  mesh = sharding.make_mesh(cfg, devices)
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
   model, tx, schedule = GPT(model_cfg), make_optimizer(cfg), lr_schedule(cfg)
   train_it = _data(cfg, "train", cfg.batch_size)
+  vocab = _tokenizer_vocab(cfg)
+  if vocab > model_cfg.vocab_size:
+    raise TrainingError(f"tokenizer {cfg.tokenizer!r} has {vocab} tokens but the model only {model_cfg.vocab_size}; "
+                        "set model.vocab_size (or use a matching tokenizer / init_from)")
 
   abstract, shard = state_shardings(model_cfg, tx, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
@@ -134,7 +146,7 @@ def run(cfg: ConfigDict, workdir: str) -> int:
   try:
     with logical_context(mesh):
       while step < cfg.steps:
-        if distributed.preemption_requested(preempt.requested, ckpt, step):
+        if distributed.preemption_requested(preempt.requested or step == stop_at, ckpt, step):
           break
         state, metrics = step_fn(state, _global(next(train_it), mesh))
         step += 1

@@ -99,7 +99,7 @@ def train_step(state: TrainState, batch: dict, *, model: GPT, disp: DispersionCo
     grads, metrics = jax.tree.map(lambda x: x / grad_accum, (grads, metrics))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+  metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

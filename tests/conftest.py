@@ -1,6 +1,9 @@
 import os
 
-import jax
+# Eight fake CPU devices for the sharding tests; must be set before JAX initialises its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 
