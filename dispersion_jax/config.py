@@ -38,6 +38,7 @@ def default_config() -> ConfigDict:
   c.tokenizer = "gpt2"                # "gpt2" (offline BPE) or a Hugging Face tokenizer directory
   c.init_from = placeholder(str)      # a Hugging Face GPT-2 directory to mid-train from
   c.dry_run = False                   # compile the step, print memory and FLOPs, exit
+  c.dry_run_memory_budget_gb = 0.0    # dry run: fail if a device needs more GiB than this; 0 = no check
 
   c.model = ConfigDict()
   c.model.preset = "tiny"
@@ -88,6 +89,7 @@ def default_config() -> ConfigDict:
   c.data.data_dir = placeholder(str)  # TFDS data dir; None = TFDS's default
   c.data.validation_split = "validation"
   c.data.worker_count = 0
+  c.data.shards = 0                   # document shards; 0 = one per process; fixed = same data at any process count
   return c
 
 
@@ -200,6 +202,8 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
   need(cfg.dispersion.tau_cos > 0 and cfg.dispersion.tau_l2 > 0, "dispersion.tau_cos and tau_l2 must be > 0")
   need(cfg.dispersion.max_tokens is None or cfg.dispersion.max_tokens >= 2,
        f"dispersion.max_tokens={cfg.dispersion.max_tokens} must be >= 2 or None (all tokens)")
+  need(cfg.data.shards >= 0, f"data.shards={cfg.data.shards} must be >= 0 (0 = one per process)")
+  need(cfg.dry_run_memory_budget_gb >= 0, f"dry_run_memory_budget_gb={cfg.dry_run_memory_budget_gb} must be >= 0")
   need(cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr} must be > 0")
   need(cfg.optimizer.warmup >= 0, f"optimizer.warmup={cfg.optimizer.warmup} must be >= 0")
   need(cfg.init_from is None or os.path.isdir(cfg.init_from),
@@ -221,9 +225,7 @@ def compute_dtype(cfg: ConfigDict) -> str:
 
 def model_config(cfg: ConfigDict) -> GPTConfig:
   opts = dict(dropout=cfg.model.dropout, dtype=compute_dtype(cfg), param_dtype=cfg.model.param_dtype,
-              remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
-              attention="xla" if cfg.model.attention == "auto" and jax.default_backend() != "gpu"
-              else cfg.model.attention)
+              remat=cfg.model.remat, scan_layers=cfg.model.scan_layers, attention=cfg.model.attention)
   shape = {k: cfg.model[k] for k in _MODEL_SHAPE_KEYS if cfg.model[k] is not None}
   if cfg.init_from:
     from dispersion_jax.hf import config_from_json

@@ -51,17 +51,25 @@ def test_resume_is_exact_bit_for_bit(tmp_path, data_dir):
   assert a == b  # exact float equality: same params, optimizer state, RNG and data order after the restore
 
 
-def test_one_device_and_a_4x2_mesh_give_the_same_losses(tmp_path, data_dir):
+def test_one_device_a_4x2_mesh_and_a_resharded_resume_give_the_same_losses(tmp_path, data_dir):
   if jax.device_count() < 8:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set by conftest)")
-  base = ["--config.steps=3", "--config.checkpoint_every=3"]
-  one = tiny_cfg(data_dir, *base, "--config.mesh.data=1")
-  train.run(one, str(tmp_path / "one"), devices=jax.devices()[:1])
-  for name, mesh in (("dp_fsdp", ["--config.mesh.data=4", "--config.mesh.fsdp=2"]),
-                     ("dp_tp", ["--config.mesh.data=4", "--config.mesh.tensor=2"])):
-    train.run(tiny_cfg(data_dir, *base, *mesh), str(tmp_path / name))
-    a, b = losses(str(tmp_path / "one")), losses(str(tmp_path / name))
-    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5, err_msg=name)
+  base = ["--config.steps=4", "--config.checkpoint_every=2"]
+  one = str(tmp_path / "one")
+  train.run(tiny_cfg(data_dir, *base, "--config.mesh.data=1"), one, devices=jax.devices()[:1])
+  mesh_4x2 = tiny_cfg(data_dir, *base, "--config.mesh.data=4", "--config.mesh.fsdp=2")
+  train.run(mesh_4x2, str(tmp_path / "4x2"))
+  # Written on a 4x2 (data, fsdp) mesh, restored onto a 2x2x2 (data, fsdp, tensor) mesh.
+  resharded = str(tmp_path / "resharded")
+  train.run(mesh_4x2, resharded, stop_at=2)
+  train.run(tiny_cfg(data_dir, *base, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"),
+            resharded)
+  want = losses(one)
+  assert sorted(want) == [1, 2, 3, 4]
+  for name in ("4x2", "resharded"):
+    got = losses(str(tmp_path / name))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=2e-5,
+                               err_msg=name)
 
 
 def test_grad_accumulation_keeps_the_meaning_of_coeff(data_dir):
@@ -196,14 +204,20 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
   assert train.Checkpointer(workdir).latest_step() == step > 0
 
 
-def test_every_shipped_config_loads_and_validates():
+def test_every_shipped_config_loads_and_validates(gpt2_golden):
   configs = sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
-  assert "gpt2_tiny.py" in configs
+  assert {"gpt2_tiny.py", "gpt2_small.py", "gpt2_medium.py", "gpt2_large.py", "gpt2_xl.py",
+          "midtrain_gpt2.py"} <= set(configs)
   for f in configs:
     cfg = config_lib.load_config(os.path.join(REPO, "configs", f))
+    if cfg.init_from:
+      with pytest.raises(config_lib.ConfigError, match="init_from=gpt2: no such directory"):
+        config_lib.validate(cfg)
+      cfg.init_from = gpt2_golden[0]
     config_lib.validate(cfg)
-    if not cfg.init_from:
-      config_lib.model_config(cfg)
+    config_lib.model_config(cfg)
+  midtrain = config_lib.load_config(os.path.join(REPO, "configs", "midtrain_gpt2.py"))
+  assert midtrain.batch_size * midtrain.seq_len == 131072 and midtrain.dispersion.clamp_threshold == 0.1
 
 
 def test_config_errors_name_the_key():
