@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from dispersion_jax.dispersion import VARIANTS, dispersion_loss
+from dispersion_jax.fused_ce import fused_cross_entropy
 from dispersion_jax.model import GPT, hidden_states
 
 LOCS = ("all", "last", "early_half", "late_half")
@@ -24,6 +25,7 @@ class DispersionConfig:
   max_tokens: int | None = None       # None = all tokens
   doc_mask: bool = False              # exclude pairs across documents (needs batch["segment_ids"])
   block_size: int | None = 256        # rows per checkpointed block of the pairwise part; None = dense
+  ce_chunk: int | None = None         # fused head + CE in chunks of this many tokens (fused_ce.py); None = plain
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -85,7 +87,12 @@ def objective(params, batch: dict, *, model: GPT, disp: DispersionConfig, rng: j
     rngs["dropout"], disp_rng = jax.random.split(rng)
   logits, variables = model.apply({"params": params}, batch["input_ids"], batch.get("positions"),
                                   deterministic=deterministic, rngs=rngs, mutable=["intermediates"])
-  ce = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+  if disp.ce_chunk:  # fused head + CE (fused_ce.py): under jit the model's unused logits are dead code
+    emb_VxD = params["wte"]["embedding"].astype(model.cfg.dtype)  # the tied head, cast as the model casts it
+    ce = fused_cross_entropy(variables["intermediates"]["final"][0], emb_VxD, batch["targets"],
+                             batch.get("loss_mask"), chunk=disp.ce_chunk)
+  else:
+    ce = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
   metrics = {"ce": ce}
   total = ce
   if disp.coeff != 0.0:
