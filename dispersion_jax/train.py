@@ -34,20 +34,21 @@ class _Preemption:
 
   def __init__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    if jax.process_count() == 1:      # multi-process: jax's preemption service owns SIGTERM (distributed.py)
+      signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, *_):
     self.requested = True
 
 
-def _data(cfg: ConfigDict, split: str, batch_size: int, **kw):
+def _data(cfg: ConfigDict, split: str, batch_size: int, mesh, **kw):
   from dispersion_jax.data import pipeline
   try:
     if jax.process_index() == 0:
       pipeline.build_dataset(cfg)  # cached under the TFDS data dir; later runs only read it
     distributed.barrier("dataset_built")
-    return pipeline.make_iterator(cfg, split, batch_size=batch_size // jax.process_count(),
-                                  process_index=jax.process_index(), process_count=jax.process_count(), **kw)
+    # Each process reads only the document shards of its rows of the global batch.
+    return distributed.process_iterator(cfg, split, sharding.batch_sharding(mesh), batch_size, **kw)
   except (ValueError, FileNotFoundError) as e:
     raise TrainingError(f"data: {e}") from e
 
@@ -77,7 +78,7 @@ def initial_state(cfg: ConfigDict, model_cfg, tx, shard):
 
 def evaluate(cfg: ConfigDict, eval_fn, params, mesh) -> dict[str, float]:
   """Validation loss / perplexity / dispersion / condensation on the same fixed batches every time."""
-  it = _data(cfg, "validation", cfg.batch_size // cfg.grad_accum, shuffle=False, num_epochs=None)
+  it = _data(cfg, "validation", cfg.batch_size // cfg.grad_accum, mesh, shuffle=False, num_epochs=None)
   totals = None
   for _ in range(cfg.eval_batches):
     out = eval_fn(params, _global(next(it), mesh))
@@ -100,7 +101,7 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
   mesh = sharding.make_mesh(cfg, devices)
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
   model, tx, schedule = GPT(model_cfg), make_optimizer(cfg), lr_schedule(cfg)
-  train_it = _data(cfg, "train", cfg.batch_size)
+  train_it = _data(cfg, "train", cfg.batch_size, mesh)
   vocab = _tokenizer_vocab(cfg)
   if vocab > model_cfg.vocab_size:
     raise TrainingError(f"tokenizer {cfg.tokenizer!r} has {vocab} tokens but the model only {model_cfg.vocab_size}; "
@@ -174,8 +175,9 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
 
 def main(argv: list[str] | None = None) -> None:
   try:
-    cfg, workdir = config_lib.parse_args(sys.argv[1:] if argv is None else argv)
-    distributed.initialize()
+    argv, launch = distributed.pop_cli_flags(sys.argv[1:] if argv is None else argv)
+    cfg, workdir = config_lib.parse_args(argv)
+    distributed.initialize(launch)  # before anything touches the backend
     config_lib.validate(cfg, jax.device_count())
     distributed.check_same_config(cfg)
     if cfg.dry_run:
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     run(cfg, workdir)
   except (config_lib.ConfigError, CheckpointError, TrainingError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    distributed.exit_now(2)  # multi-process: no shutdown barrier with peers that may still be computing
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM pod slice (v4 / v5e / v5p, several hosts): ship this checkout to every worker, install,
+# then run the same command on all workers at once. jax.distributed finds the slice's workers from the TPU VM
+# metadata (dispersion_jax/distributed.py calls it on any TPU VM); one process per host drives its local chips.
+#
+#   launch/tpu_pod.sh setup                       # once per TPU VM: copy the code, install, build the dataset
+#   launch/tpu_pod.sh train [--config.KEY=VALUE ...]   # train (re-run to resume from the last checkpoint)
+#   launch/tpu_pod.sh sync                        # copy the code again after a change (then `train`)
+#   launch/tpu_pod.sh stop                        # kill the trainer on every worker (e.g. after a failure)
+set -euo pipefail
+
+# ---- change these ---------------------------------------------------------------------------------------------
+TPU_NAME=my-tpu-v4-64                # gcloud compute tpus tpu-vm list
+ZONE=us-central2-b
+PROJECT=my-gcp-project
+CONFIG=configs/gpt2_xl.py
+# Every worker writes its shards of each checkpoint into WORKDIR: it must be one directory that all workers see
+# (a Filestore/NFS mount, or a bucket mounted with gcsfuse), never a worker's local disk.
+WORKDIR=/mnt/shared/runs/gpt2_xl
+REMOTE_DIR=dispersion_jax            # where the code goes on each worker (relative to $HOME)
+JAX_INSTALL='jax[tpu]>=0.10,<0.12'   # the TPU build of jax (pulls libtpu)
+PYTHON=python3.11                    # jax 0.10 needs Python >= 3.11 (installed with apt if missing)
+# The trainer builds the dataset on process 0 only; with a per-worker TFDS data dir, build it on every worker here.
+PREPARE='python -m dispersion_jax.data.pipeline'
+# ----------------------------------------------------------------------------------------------------------------
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+on_all() {   # run a shell command on every worker of the slice, at the same time
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --worker=all --command="$1"
+}
+
+sync_code() {
+  # The committed tree only: every worker must run the same code (the trainer compares a code+config hash).
+  local tarball=/tmp/dispersion_jax_$$.tgz
+  git -C "$ROOT" archive --format=tar.gz -o "$tarball" HEAD
+  gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:/tmp/dispersion_jax.tgz" --zone="$ZONE" --project="$PROJECT" \
+    --worker=all
+  rm -f "$tarball"
+  on_all "rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR && tar xzf /tmp/dispersion_jax.tgz -C ~/$REMOTE_DIR"
+}
+
+case ${1:-} in
+  setup)
+    sync_code
+    on_all "(command -v $PYTHON >/dev/null || (sudo apt-get update -q && sudo apt-get install -y -q $PYTHON \
+            $PYTHON-venv)) && cd ~/$REMOTE_DIR && $PYTHON -m venv ~/venv && source ~/venv/bin/activate && \
+            pip install -q -U pip && pip install -q '$JAX_INSTALL' -r requirements.txt && $PREPARE"
+    ;;
+  sync)
+    sync_code
+    ;;
+  train)
+    shift
+    args=$(printf ' %q' --config "$CONFIG" --workdir "$WORKDIR" "$@")
+    # The same command on every worker; each prints its own log lines (gcloud prefixes them with the worker).
+    on_all "cd ~/$REMOTE_DIR && source ~/venv/bin/activate && python -m dispersion_jax.train$args"
+    ;;
+  stop)
+    on_all "pkill -f 'python -m dispersion_jax.train' || true"
+    ;;
+  *)
+    echo "usage: $0 setup | sync | train [--config.KEY=VALUE ...] | stop" >&2
+    exit 2
+    ;;
+esac

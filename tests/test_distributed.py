@@ -1,0 +1,341 @@
+"""Multi-process training on CPU: real OS processes on loopback, joined by JAX's multi-controller runtime (gloo).
+
+One chain of runs (module fixture), each check a test: two processes x 4 devices train the tiny model and are cut
+short by killing one process; the other must exit within a bounded time; re-running (launch/local.sh) resumes from
+the last checkpoint; all losses equal those of one process x 8 devices; the last checkpoint (written by 2 x 4)
+restores exactly in 1 x 8 and 1 x 2 devices.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from dispersion_jax import distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, "-m", "dispersion_jax.train"]
+# Constant learning rate (no warmup, no decay): `steps` only says where to stop, so runs of different lengths agree.
+TINY = ["--config", "configs/gpt2_tiny.py", "--config.model.n_layer=2", "--config.model.n_embd=32",
+        "--config.seq_len=32", "--config.batch_size=8", "--config.eval_every=0", "--config.log_every=1",
+        "--config.checkpoint_every=2", "--config.optimizer.warmup=0", "--config.optimizer.min_lr_ratio=1.0",
+        "--config.mesh.data=2", "--config.mesh.fsdp=4",   # fsdp inside a process, data across the two
+        "--config.data.shards=2"]                         # the same data order with 1 or 2 processes
+HEARTBEAT_S = 10
+EXIT_BOUND_S = 60                                         # heartbeat timeout + slack for a loaded 2-core machine
+
+
+def _env(devices: int, rank: tuple[int, int, int] | None = None) -> dict:
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_WORKER"))}
+  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT),
+             XLA_FLAGS=_xla_flags(env, devices),
+             DISPERSION_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S), DISPERSION_INIT_TIMEOUT_S="120")
+  if rank:
+    port, n, i = rank
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
+  return env
+
+
+def _xla_flags(env: dict, devices: int) -> str:
+  """The environment's XLA_FLAGS with our device count instead of any other (conftest sets one)."""
+  kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+  with open(log, "w") as fh:   # a file, not a pipe: a chatty child never blocks on a full pipe
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _run(args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _steps(workdir: Path) -> list[int]:
+  ckpts = workdir / "checkpoints"
+  return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+
+
+def _metrics(workdir: Path) -> dict[int, dict]:
+  """Step -> merged metrics (a resumed run may log a step twice; the values must agree, checked elsewhere)."""
+  out = {}
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    out.setdefault(row["step"], []).append(row)
+  return out
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+# Restores the latest checkpoint of argv[1] onto a mesh over all local devices (fsdp = every device), and reads
+# it again as plain numpy arrays (no sharding at all): both go to argv[2].
+_RESTORE = """
+import sys
+import jax, numpy as np, orbax.checkpoint as ocp
+from dispersion_jax import config as config_lib, sharding
+from dispersion_jax.checkpoint import Checkpointer, _flatten, _path_str
+from dispersion_jax.train_step import make_optimizer, state_shardings
+ckpt = Checkpointer(sys.argv[1], max_to_keep=None, async_save=False)
+step = ckpt.latest_step()
+cfg = config_lib.default_config()
+cfg.update_from_flattened_dict(_flatten(ckpt.saved_config(step)))
+cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
+mesh = sharding.make_mesh(cfg)
+abstract, shard = state_shardings(config_lib.model_config(cfg), make_optimizer(cfg), mesh)
+target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
+state = ckpt.restore(step, target)
+meta = ckpt.manager.item_metadata(step)["state"]
+disk = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+    jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta))))["state"]
+out = {}
+for prefix, tree in (("restored", state), ("disk", disk)):
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    out[prefix + "/" + _path_str(path)] = np.asarray(jax.device_get(x))
+sharded = sum(1 for x in jax.tree.leaves(state.params) if len(x.sharding.device_set) > 1 and
+              not x.sharding.is_fully_replicated)
+np.savez(sys.argv[2], **out)
+print(f"restored step {step} on {jax.device_count()} devices, {sharded} sharded param leaves")
+ckpt.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+  d = tmp_path_factory.mktemp("distributed")
+  work, ref = d / "mp", d / "ref"
+  # 1. Two processes x 4 devices, one killed once the first checkpoint exists.
+  port = _free_port()
+  procs = [_spawn([*TRAIN, *TINY, "--config.steps=200", f"--workdir={work}"], _env(4, (port, 2, i)),
+                  d / f"killed_{i}.log") for i in range(2)]
+  try:
+    deadline = time.monotonic() + 240
+    while not _steps(work):
+      assert time.monotonic() < deadline, "no checkpoint after 240 s"
+      assert all(p.poll() is None for p in procs), (d / "killed_0.log").read_text()[-3000:]
+      time.sleep(0.2)
+    procs[1].kill()
+    t0 = time.monotonic()
+    try:
+      procs[0].wait(timeout=EXIT_BOUND_S + 30)
+      exit_s = time.monotonic() - t0
+    except subprocess.TimeoutExpired:
+      exit_s = None
+  finally:
+    _stop(procs)
+  last = max(_steps(work))
+  killed = SimpleNamespace(rc=procs[0].returncode, seconds=exit_s, checkpoint=last,
+                           log=(d / "killed_0.log").read_text(errors="replace"))
+  final = last + 2
+  tail = [f"--config.steps={final}", f"--config.eval_every={final}", "--config.eval_batches=1"]
+  # 2. Re-run the same command through launch/local.sh: resumes from `last`, evaluates at the end.
+  resumed = _run(["bash", "launch/local.sh", "2", *TINY, *tail, f"--workdir={work}"],
+                 {**_env(1), "LOCAL_DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable}, timeout=300)
+  # 3. The reference: one process x 8 devices, same global mesh, same data shards.
+  # Two steps more: the killed run may have logged a step or two past its last checkpoint.
+  reference = _run([*TRAIN, *TINY, *tail, f"--config.steps={final + 2}", f"--workdir={ref}"], _env(8), timeout=300)
+  # 4. The 2 x 4 checkpoint restored in 1 x 8 and 1 x 2 devices (in parallel: two cores).
+  restores = {n: subprocess.Popen([sys.executable, "-c", _RESTORE, str(work), str(d / f"restore_{n}.npz")],
+                                  cwd=ROOT, env=_env(n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for n in (8, 2)}
+  try:
+    restored = {n: (p.communicate(timeout=240)[0], p.returncode) for n, p in restores.items()}
+  finally:
+    _stop(list(restores.values()))
+  return SimpleNamespace(dir=d, work=work, ref=ref, killed=killed, resumed=resumed, reference=reference,
+                         final=final, restored=restored)
+
+
+def test_killed_process_stops_the_others_within_a_bounded_time(chain):
+  k = chain.killed
+  assert k.seconds is not None, f"the surviving process was still running {EXIT_BOUND_S + 30} s after the kill"
+  print(f"the surviving process exited {k.seconds:.1f} s after the kill (heartbeat timeout {HEARTBEAT_S} s)")
+  assert k.seconds < EXIT_BOUND_S, k.seconds
+  assert k.rc != 0
+  assert "another task died" in k.log and "stopped sending heartbeats" in k.log, k.log[-3000:]
+
+
+def test_rerun_resumes_from_the_last_checkpoint(chain):
+  out = chain.resumed.stdout + chain.resumed.stderr
+  assert chain.resumed.returncode == 0, out[-4000:]
+  assert f"resuming from step {chain.killed.checkpoint}" in out, out[-4000:]
+  assert "[1] " in out                           # local.sh prefixes each process's lines
+  assert chain.final in _steps(chain.work)
+
+
+def test_two_processes_give_the_losses_of_one(chain):
+  assert chain.reference.returncode == 0, chain.reference.stderr[-4000:]
+  mp, one = _metrics(chain.work), _metrics(chain.ref)
+  assert set(range(1, chain.final + 1)) <= set(mp) <= set(one), (sorted(mp), sorted(one))
+  for step, rows in mp.items():
+    want = next(r for r in one[step] if "loss" in r)
+    for row in (r for r in rows if "loss" in r):  # the killed and the resumed run may both log a step
+      np.testing.assert_allclose(row["loss"], want["loss"], rtol=1e-5, err_msg=f"step {step}")
+      np.testing.assert_allclose(row["dispersion"], want["dispersion"], rtol=1e-4, atol=1e-6)
+  val_mp = next(r for r in mp[chain.final] if "val_loss" in r)
+  val_one = next(r for r in one[chain.final] if "val_loss" in r)
+  np.testing.assert_allclose(val_mp["val_loss"], val_one["val_loss"], rtol=1e-5)   # reduced across processes
+
+
+def test_checkpoint_of_two_processes_restores_exactly_on_one(chain):
+  arrays = {}
+  for n, (out, rc) in chain.restored.items():
+    assert rc == 0, out[-4000:]
+    assert f"on {n} devices" in out and " 0 sharded" not in out, out[-2000:]
+    arrays[n] = dict(np.load(chain.dir / f"restore_{n}.npz"))
+  disk = {k[len("disk/"):]: v for k, v in arrays[8].items() if k.startswith("disk/")}
+  assert any(k.startswith("params/") for k in disk) and len(disk) > 20
+  for n, a in arrays.items():
+    for key, want in disk.items():
+      got = a[f"restored/{key}"]
+      assert got.dtype == want.dtype and got.shape == want.shape, key
+      np.testing.assert_array_equal(got, want, err_msg=f"{key} restored on {n} devices")
+
+
+def test_processes_with_different_configs_refuse_to_start(tmp_path):
+  port = _free_port()
+  procs = [_spawn([*TRAIN, *TINY, "--config.steps=1", f"--config.seed={i}", f"--workdir={tmp_path / 'w'}"],
+                  _env(4, (port, 2, i)), tmp_path / f"p{i}.log") for i in range(2)]
+  try:
+    rcs = [p.wait(timeout=120) for p in procs]
+  finally:
+    _stop(procs)
+  for i, rc in enumerate(rcs):
+    log = (tmp_path / f"p{i}.log").read_text()
+    assert rc == 2 and "error: processes run different configs or code versions" in log, log[-2000:]
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_local_sh_stops_the_rest_when_one_process_fails(tmp_path):
+  fake = tmp_path / "fake_python"
+  fake.write_text('#!/bin/bash\n[[ $JAX_PROCESS_ID == 1 ]] && '
+                  '{ echo "boom $JAX_PROCESS_ID/$JAX_NUM_PROCESSES@$JAX_COORDINATOR_ADDRESS $*"; exit 7; }\n'
+                  'exec sleep 60\n')
+  fake.chmod(0o755)
+  t0 = time.monotonic()
+  env = {**os.environ, "PYTHON": str(fake), "COORDINATOR_PORT": "12345"}
+  r = _run(["bash", "launch/local.sh", "3", "--workdir", "x"], env, timeout=60)
+  assert r.returncode == 7 and time.monotonic() - t0 < 15
+  assert "[1] boom 1/3@127.0.0.1:12345 -m dispersion_jax.train --workdir x" in r.stdout
+  assert "process 1 exited with status 7; stopping the others" in r.stderr
+
+
+# --- units: no processes -------------------------------------------------------------------------------------
+
+def test_pop_cli_flags():
+  rest, launch = distributed.pop_cli_flags(["--config", "c.py", "--coordinator", "h:1234", "--num_processes=4",
+                                            "--config.seed=1", "--process_id", "3", "--workdir=w"])
+  assert rest == ["--config", "c.py", "--config.seed=1", "--workdir=w"]
+  assert launch == distributed.Launch("h:1234", 4, 3)
+  from dispersion_jax.config import ConfigError
+  with pytest.raises(ConfigError, match="integers"):
+    distributed.pop_cli_flags(["--num_processes=two"])
+
+
+def test_initialize_reads_flags_then_environment(monkeypatch):
+  calls = []
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(distributed, "_backend_started", lambda: False)
+  monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: False)
+  for k in [k for k in os.environ if k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS_ID"))]:
+    monkeypatch.delenv(k, raising=False)
+  assert distributed.initialize() is False and not calls            # a plain single-process run
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "env:1")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("JAX_PROCESS_ID", "1")
+  monkeypatch.setenv("DISPERSION_HEARTBEAT_TIMEOUT_S", "7")
+  monkeypatch.setattr(distributed.jax, "process_index", lambda: 0)
+  monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(distributed.jax, "local_device_count", lambda: 1)
+  monkeypatch.setattr(distributed.jax, "device_count", lambda: 2)
+  assert distributed.initialize(distributed.Launch(process_id=0)) is True
+  assert calls[-1]["coordinator_address"] == "env:1" and calls[-1]["num_processes"] == 2
+  assert calls[-1]["process_id"] == 0 and calls[-1]["heartbeat_timeout_seconds"] == 7
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+  monkeypatch.delenv("JAX_NUM_PROCESSES")
+  monkeypatch.delenv("JAX_PROCESS_ID")
+  for k, v in dict(SLURM_JOB_ID="9", SLURM_STEP_NODELIST="n[1-4]", SLURM_PROCID="2", SLURM_LOCALID="0").items():
+    monkeypatch.setenv(k, v)
+  assert distributed.initialize() is False                          # an srun step of one task
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert distributed.initialize() is True and calls[-1]["coordinator_address"] is None   # jax reads SLURM
+  monkeypatch.setattr(distributed, "_backend_started", lambda: True)
+  with pytest.raises(RuntimeError, match="before anything touches"):
+    distributed.initialize()
+
+
+def test_dcn_split_keeps_fsdp_and_tensor_inside_hosts():
+  assert distributed.dcn_split((8, 8, 1), 8) == ((1, 8, 1), (8, 1, 1))
+  assert distributed.dcn_split((2, 4, 1), 2) == ((1, 4, 1), (2, 1, 1))
+  assert distributed.dcn_split((4, 4, 2), 2) == ((2, 4, 2), (2, 1, 1))
+  assert distributed.dcn_split((1, 16, 1), 2) == ((1, 8, 1), (1, 2, 1))     # data too small: fsdp crosses
+  with pytest.raises(ValueError, match="multiple of 4"):
+    distributed.dcn_split((1, 1, 8), 4)
+
+
+def _fake_devices(n: int, per_process: int, platform: str = "cpu") -> list:
+  return [SimpleNamespace(id=i, process_index=i // per_process, platform=platform) for i in range(n)]
+
+
+def test_hybrid_mesh_puts_each_host_in_one_data_slice():
+  mesh = distributed.hybrid_device_mesh((2, 4, 1), _fake_devices(8, 4))        # CPU: a process stands for a host
+  assert mesh.shape == (2, 4, 1)
+  assert [{d.process_index for d in mesh[i].flat} for i in range(2)] == [{0}, {1}]
+  mesh = distributed.hybrid_device_mesh((4, 2, 2), _fake_devices(16, 4))
+  assert all(len({d.process_index for d in mesh[i].flat}) == 1 for i in range(4))   # fsdp x tensor in a host
+
+
+def test_gpu_hosts_group_processes_of_one_machine(monkeypatch):
+  # 2 machines x 4 GPUs, one process per GPU: the fsdp groups of 4 must each be one machine, not one process.
+  monkeypatch.setattr(distributed, "_process_hosts", lambda: [11, 11, 11, 11, 22, 22, 22, 22])
+  devices = _fake_devices(8, 1, "gpu")
+  assert distributed.granule_ids(devices) == [11] * 4 + [22] * 4
+  mesh = distributed.hybrid_device_mesh((2, 4, 1), devices)
+  assert [sorted(d.process_index for d in mesh[i].flat) for i in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+class _Rows:
+  """A stand-in for a batch sharding: device -> the rows it holds."""
+
+  def __init__(self, blocks):
+    self.blocks = blocks
+
+  def addressable_devices_indices_map(self, shape):
+    return {i: (slice(a, b),) for i, (a, b) in enumerate(self.blocks)}
+
+
+def test_local_data_shards_follow_the_rows_of_this_process(monkeypatch):
+  from dispersion_jax.config import ConfigError
+  monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+  assert distributed.local_data_shards(_Rows([(4, 6), (6, 8)]), 8) == (2, [1])         # default: one per process
+  assert distributed.local_data_shards(_Rows([(0, 2), (2, 4)]), 8, 4) == (4, [0, 1])
+  assert distributed.local_data_shards(_Rows([(0, 2), (4, 6)]), 8, 4) == (4, [0, 2])   # rows need not be adjacent
+  with pytest.raises(ConfigError, match="does not match"):
+    distributed.local_data_shards(_Rows([(0, 2)]), 8, 2)
+  with pytest.raises(ConfigError, match="must divide"):
+    distributed.local_data_shards(_Rows([(0, 8)]), 8, 3)
+
+
+def test_config_hash_tells_configs_apart():
+  from dispersion_jax.config import default_config
+  a, b = default_config(), default_config()
+  assert distributed.config_hash(a) == distributed.config_hash(b)
+  b.seed = 1
+  assert distributed.config_hash(a) != distributed.config_hash(b)

@@ -1,0 +1,75 @@
+"""Compile-only mode: memory per device and FLOPs from abstract inputs, and a per-device memory budget."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from dispersion_jax import config as config_lib
+from dispersion_jax import dry_run as dry_run_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _xla_flags(flags: str, devices: int) -> str:
+  kept = [f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
+def _tiny_cfg():
+  cfg = config_lib.default_config()
+  cfg.model.preset = "test"           # 2 layers, width 32, vocab 128
+  cfg.seq_len, cfg.batch_size = 16, 8   # 8: divisible by the 8 CPU devices conftest asks for
+  return cfg
+
+
+def test_dry_run_compiles_without_params_or_data(monkeypatch, capsys):
+  from dispersion_jax.data import pipeline
+
+  def no_data(*_, **__):
+    raise AssertionError("the dry run must not read data")
+  monkeypatch.setattr(pipeline, "make_iterator", no_data)
+  monkeypatch.setattr(pipeline, "build_dataset", no_data)
+  before = len(jax.live_arrays())
+  cfg = _tiny_cfg()
+  cfg.dry_run_memory_budget_gb = 100.0
+  out = dry_run_lib.dry_run(cfg)
+  assert len(jax.live_arrays()) == before          # nothing materialised
+  text = capsys.readouterr().out
+  assert "memory per device (GiB): arguments" in text and "FLOPs per step per device" in text
+  assert out["memory/total"] > out["memory/arguments"] > 0
+  # XLA's count of the unscanned model is close to the 6N + attention estimate.
+  assert 0.5 < out["xla_flops_per_device"] / out["model_flops_per_device"] < 2.0
+
+
+def test_memory_budget():
+  dry_run_lib.check_memory_budget(3 * 2**30, 0)        # 0 = no budget
+  dry_run_lib.check_memory_budget(3 * 2**30, 3.0)
+  with pytest.raises(config_lib.ConfigError, match=r"a device needs 3.00 GiB > dry_run_memory_budget_gb=2.5; shard"):
+    dry_run_lib.check_memory_budget(3 * 2**30, 2.5)
+
+
+def test_gpt2_xl_on_64_simulated_devices(tmp_path):
+  """The whole CLI path: GPT-2 XL (1.5B) on 8 data x 8 fsdp CPU devices, with a budget it cannot meet."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC",
+                                                                      "JAX_PROCESS_ID"))}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+             XLA_FLAGS=_xla_flags(env.get("XLA_FLAGS", ""), 64))
+  r = subprocess.run([sys.executable, "-m", "dispersion_jax.train", "--config", "configs/gpt2_xl.py",
+                      f"--workdir={tmp_path}", "--config.dry_run=True", "--config.mesh.data=8",
+                      "--config.mesh.fsdp=8", "--config.batch_size=64", "--config.dry_run_memory_budget_gb=2"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "1,557.6M params (48 layers, width 1600" in r.stdout
+  assert "mesh {'data': 8, 'fsdp': 8, 'tensor': 1} = 64 cpu devices" in r.stdout
+  mem = dict(re.findall(r"(arguments|outputs|temp|total) ([\d.]+)", r.stdout))
+  assert set(mem) == {"arguments", "outputs", "temp", "total"}, r.stdout
+  # fp32 params + Adam moments, sharded 8 ways by fsdp (replicated over data): 1.56e9 * 12 B / 8 per device.
+  assert abs(float(mem["arguments"]) - 1.5576e9 * 12 / 8 / 2**30) < 0.1
+  assert float(mem["total"]) > 2
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "dry_run_memory_budget_gb=2;" in errors[0], r.stderr[-3000:]
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
