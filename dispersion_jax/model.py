@@ -130,7 +130,7 @@ class Block(nn.Module):
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     x_BxLxD = x_BxLxD + drop(Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x_BxLxD)))
     x_BxLxD = x_BxLxD + drop(MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxLxD)))
-    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
     self.sow("intermediates", "hidden", x_BxLxD)
     return x_BxLxD, None
 
@@ -150,7 +150,7 @@ class GPT(nn.Module):
                    embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")))
     x_BxLxD = wte(input_ids_BxL) + wpe(positions_BxL)
     x_BxLxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD)
-    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
     self.sow("intermediates", "embed", x_BxLxD)
 
     block = Block

@@ -9,7 +9,11 @@ from ml_collections import ConfigDict
 
 AXES = ("data", "fsdp", "tensor")
 # MaxText-style rules: logical names used by the model -> mesh axes.
+# Activations get their own names: the residual stream is sharded on batch only (params own `fsdp` on embed).
 LOGICAL_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
