@@ -15,11 +15,14 @@ leading whitespace (the harness's len(choice)). See docs/evaluation.md for conve
 
 CLI: python -m dispersion_jax.evaluate (--workdir RUN [--step N] | --hf-model DIR) [--tasks F.jsonl ...]
      [--num-fewshot K] [--seed S] [--batch-size B] [--hf-export DIR] [--out results.json]
+     [--split validation [--num-batches N]]  (loss / perplexity through the data pipeline, see `perplexity`)
 """
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -234,9 +237,49 @@ def evaluate_task(cfg: GPTConfig, params: Any, tokenizer: Any, examples: Sequenc
   return out
 
 
-def perplexity(*args: Any, **kwargs: Any) -> dict[str, float]:
-  """Hook: validation loss / perplexity on a dataset split, to be added by the training engineer (data loading)."""
-  raise NotImplementedError("perplexity on a dataset split is not implemented yet")
+@functools.cache
+def _ce_sums_fn(cfg: GPTConfig):
+  from dispersion_jax.objective import DispersionConfig
+  from dispersion_jax.train_step import eval_step
+  return jax.jit(functools.partial(eval_step, model=GPT(cfg), disp=DispersionConfig(), with_dispersion=False))
+
+
+def perplexity(cfg: GPTConfig, params: Any, data_cfg: Any, *, split: str = "validation",
+               num_batches: int | None = 8, batch_size: int = 8) -> dict[str, Any]:
+  """Token-weighted next-token loss and exp(loss) on `split` of data_cfg's dataset (its seq_len, tokenizer, data.*),
+  read in order from the start through the data pipeline, padding excluded; num_batches=None: the whole split once.
+  With batch_size = batch_size / grad_accum and num_batches = eval_batches these are the training job's val batches.
+  """
+  from dispersion_jax.data import pipeline
+  if data_cfg.seq_len > cfg.n_positions:
+    raise ValueError(f"seq_len {data_cfg.seq_len} is longer than the model's n_positions {cfg.n_positions}")
+  pipeline.build_dataset(data_cfg)
+  it = pipeline.make_iterator(data_cfg, split, batch_size=batch_size, shuffle=False,
+                              num_epochs=1 if num_batches is None else None)  # None: repeats, as train.evaluate
+  fn, params = _ce_sums_fn(cfg), jax.device_put(params)
+  ce_sum, tokens, n = 0.0, 0.0, 0
+  for batch in (it if num_batches is None else itertools.islice(it, num_batches)):
+    out = jax.device_get(fn(params, batch))  # sums: exact token weighting across batches
+    ce_sum, tokens, n = ce_sum + float(out["ce_sum"]), tokens + float(out["tokens"]), n + 1
+  if tokens == 0:
+    raise ValueError(f"split {split!r} has no tokens")
+  loss = ce_sum / tokens
+  return {"split": split, "loss": loss, "ppl": math.exp(min(loss, 80.0)), "tokens": int(tokens), "batches": n}
+
+
+def _data_config(workdir: str | None, cfg: GPTConfig, tokenizer_name: str):
+  """The run's training config (data source, seq_len, tokenizer) or, for an HF model, the default corpus."""
+  from dispersion_jax import config as config_lib
+  from dispersion_jax.checkpoint import _flatten
+  data_cfg = config_lib.default_config()
+  path = os.path.join(workdir or "", "config.json")
+  if workdir and os.path.isfile(path):
+    with open(path) as fh:
+      data_cfg.update_from_flattened_dict(_flatten(json.load(fh)))
+  else:
+    data_cfg.seq_len = min(cfg.n_positions, 1024)
+  data_cfg.tokenizer = tokenizer_name
+  return data_cfg
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -261,7 +304,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   src.add_argument("--workdir", help="training run directory (its checkpoints)")
   src.add_argument("--hf-model", help="Hugging Face GPT-2 directory (config.json + model.safetensors)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir (default: latest)")
-  p.add_argument("--tasks", nargs="+", default=[str(t) for t in DEFAULT_TASKS], help="JSONL task files")
+  p.add_argument("--tasks", nargs="+", default=None, help="JSONL task files (default: the examples, unless --split)")
+  p.add_argument("--split", default=None, help="also report loss / perplexity on this split of the run's dataset")
+  p.add_argument("--num-batches", type=int, default=8, help="with --split: batches of --batch-size; 0 = whole split")
   p.add_argument("--num-fewshot", type=int, default=0)
   p.add_argument("--seed", type=int, default=FEWSHOT_SEED, help="few-shot sampling seed")
   p.add_argument("--batch-size", type=int, default=16)
@@ -271,8 +316,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.step is not None and args.workdir is None:
     p.error("--step needs --workdir")
-  if args.num_fewshot < 0 or args.batch_size < 1:
-    p.error("--num-fewshot must be >= 0 and --batch-size >= 1")
+  if args.num_fewshot < 0 or args.batch_size < 1 or args.num_batches < 0:
+    p.error("--num-fewshot and --num-batches must be >= 0 and --batch-size >= 1")
   return args
 
 
@@ -286,7 +331,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   tokenizer = get_tokenizer(tok_name)
   results: dict[str, Any] = {"model": args.hf_model or args.workdir, "step": args.step, "tokenizer": tok_name,
                              "num_fewshot": args.num_fewshot, "seed": args.seed, "tasks": {}}
-  for path in args.tasks:
+  if args.split:
+    pp = perplexity(cfg, params, _data_config(args.workdir, cfg, tok_name), split=args.split,
+                    num_batches=args.num_batches or None, batch_size=args.batch_size)
+    results["perplexity"] = pp
+    print(f"{args.split:<24} loss={pp['loss']:.4f}  ppl={pp['ppl']:.2f}  ({pp['tokens']} tokens)")
+  tasks = args.tasks if args.tasks is not None else [] if args.split else [str(t) for t in DEFAULT_TASKS]
+  for path in tasks:
     name = pathlib.Path(path).stem
     res = evaluate_task(cfg, params, tokenizer, load_task(path), num_fewshot=args.num_fewshot, seed=args.seed,
                         batch_size=args.batch_size)
