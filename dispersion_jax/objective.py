@@ -76,10 +76,12 @@ def dispersion_term(states: tuple[jax.Array, ...], disp: DispersionConfig, n_lay
 
 
 def objective(params, batch: dict, *, model: GPT, disp: DispersionConfig, rng: jax.Array | None = None,
-              deterministic: bool = True):
+              deterministic: bool = True, coeff: jax.Array | None = None):
   """Returns (total, metrics). batch: input_ids, targets [B, L]; optional loss_mask, segment_ids, positions.
 
   rng: folded into a `dropout` and a `dispersion` stream (token subsampling); None where neither is used.
+  coeff: a traced coefficient replacing disp.coeff (vmapped sweeps); the term is then always computed.
+  metrics["dispersion"] is 0 where the coefficient is 0 (the term is off); validation always measures it.
   """
   rngs = {}
   disp_rng = None
@@ -95,12 +97,13 @@ def objective(params, batch: dict, *, model: GPT, disp: DispersionConfig, rng: j
     ce = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
   metrics = {"ce": ce}
   total = ce
-  if disp.coeff != 0.0:
+  if coeff is not None or disp.coeff != 0.0:
     states = hidden_states(variables)
     disp_val, per_layer = dispersion_term(states, disp, model.cfg.n_layer, rng=disp_rng,
                                           mask=batch.get("dispersion_mask"), segment_ids=batch.get("segment_ids"))
-    total = ce + disp.coeff * disp_val
-    metrics["dispersion"] = disp_val
+    c = disp.coeff if coeff is None else coeff
+    total = ce + c * disp_val
+    metrics["dispersion"] = disp_val if coeff is None else jnp.where(coeff != 0, disp_val, 0.0)
     metrics.update({f"dispersion/layer_{i}": v for i, v in per_layer.items()})
   else:
     metrics["dispersion"] = jnp.zeros((), ce.dtype)

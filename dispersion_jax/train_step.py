@@ -73,17 +73,19 @@ def _microbatches(batch: dict, n: int) -> dict:
   return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def train_step(state: TrainState, batch: dict, *, model: GPT, disp: DispersionConfig,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int):
+def train_step(state: TrainState, batch: dict, coeff: jax.Array | None = None, *, model: GPT,
+               disp: DispersionConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int):
   """One optimizer step over `grad_accum` equal micro-batches.
 
   Each micro-batch's objective is CE-mean + coeff * dispersion-mean; averaging the micro-batches keeps the
-  relative weight of the two terms (the meaning of `coeff`) independent of `grad_accum`.
+  relative weight of the two terms (the meaning of `coeff`) independent of `grad_accum`. `coeff`: a traced
+  coefficient replacing disp.coeff (one compiled step for models that differ only in it, see vmap_train.py).
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   deterministic = model.cfg.dropout == 0.0
   grad_fn = jax.value_and_grad(
-      lambda p, b, r: objective(p, b, model=model, disp=disp, rng=r, deterministic=deterministic), has_aux=True)
+      lambda p, b, r: objective(p, b, model=model, disp=disp, rng=r, deterministic=deterministic, coeff=coeff),
+      has_aux=True)
 
   def micro(carry, xs):
     i, mb = xs

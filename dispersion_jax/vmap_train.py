@@ -24,7 +24,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import AxisType, Mesh
 from ml_collections import ConfigDict
 
@@ -33,8 +32,7 @@ from dispersion_jax import sharding, train
 from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.metrics import MetricsLogger
 from dispersion_jax.model import GPT
-from dispersion_jax.objective import DispersionConfig, objective
-from dispersion_jax.train_step import (TrainState, _microbatches, _zeros_like_out, eval_step, init_state,
+from dispersion_jax.train_step import (eval_step, init_state,
                                        lr_schedule, make_optimizer, train_step)
 
 MEMBER_KEYS = ("seed", "dispersion.coeff")  # what may differ inside one compiled group
@@ -49,61 +47,25 @@ def group_key(cfg: ConfigDict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def objective_with_coeff(params, batch: dict, coeff: jax.Array, *, model: GPT, disp: DispersionConfig,
-                         rng: jax.Array | None = None, deterministic: bool = True):
-  """`objective` with a traced coeff: CE + coeff * dispersion; the dispersion is computed whatever coeff is."""
-  _, metrics = objective(params, batch, model=model, disp=dataclasses.replace(disp, coeff=1.0), rng=rng,
-                         deterministic=deterministic)
-  total = metrics["ce"] + coeff * metrics["dispersion"]
-  # A coeff-0 member logs dispersion 0, as its individual run (which never computes it) does.
-  return total, {**metrics, "loss": total, "dispersion": jnp.where(coeff != 0, metrics["dispersion"], 0.0)}
-
-
-def train_step_coeff(state: TrainState, batch: dict, coeff: jax.Array, *, model: GPT, disp: DispersionConfig,
-                     tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
-                     with_dispersion: bool = True):
-  """`train_step` with coeff as an argument (mirrors it line for line; only the loss function differs).
-
-  with_dispersion=False (every member has coeff 0): the plain objective, exactly as the individual runs compute it.
-  """
-  step_rng = jax.random.fold_in(state.rng, state.step)
-  deterministic = model.cfg.dropout == 0.0
-  if with_dispersion:
-    loss_fn = functools.partial(objective_with_coeff, coeff=coeff, model=model, disp=disp)
-  else:
-    loss_fn = functools.partial(objective, model=model, disp=dataclasses.replace(disp, coeff=0.0))
-  grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, rng=r, deterministic=deterministic), has_aux=True)
-
-  def micro(carry, xs):
-    i, mb = xs
-    (_, metrics), grads = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
-    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
-
-  if grad_accum == 1:
-    (grads, metrics), _ = micro(_zeros_like_out(grad_fn, state.params, batch, step_rng), (0, batch))
-  else:
-    mbs = _microbatches(batch, grad_accum)
-    init = _zeros_like_out(grad_fn, state.params, jax.tree.map(lambda x: x[0], mbs), step_rng)
-    (grads, metrics), _ = jax.lax.scan(micro, init, (jnp.arange(grad_accum), mbs))
-    grads, metrics = jax.tree.map(lambda x: x / grad_accum, (grads, metrics))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
 def vmapped_step(cfg: ConfigDict, with_dispersion: bool):
   """jit(vmap(step)): (states [K...], batches [S, b, L], member -> data-stream index [K], coeffs [K])."""
   model_cfg = config_lib.model_config(cfg)
-  step = functools.partial(train_step_coeff, model=GPT(model_cfg), disp=config_lib.dispersion_config(cfg),
-                           tx=make_optimizer(cfg), schedule=lr_schedule(cfg), grad_accum=cfg.grad_accum,
-                           with_dispersion=with_dispersion)
+  disp = config_lib.dispersion_config(cfg)
+  # All members at coeff 0: the plain objective, exactly as the individual runs compute it (no dispersion term).
+  step = functools.partial(train_step if with_dispersion else _step_without_dispersion, model=GPT(model_cfg),
+                           disp=disp if with_dispersion else dataclasses.replace(disp, coeff=0.0),
+                           tx=make_optimizer(cfg), schedule=lr_schedule(cfg), grad_accum=cfg.grad_accum)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def fn(states, batches_SxBxL, stream_K, coeffs_K):
     batch_KxBxL = jax.tree.map(lambda x: x[stream_K], batches_SxBxL)  # gathered on device: no host copies
     return jax.vmap(step)(states, batch_KxBxL, coeffs_K)
   return fn
+
+
+def _step_without_dispersion(state, batch, coeff, **kw):
+  del coeff
+  return train_step(state, batch, **kw)
 
 
 def stack(trees: list):
