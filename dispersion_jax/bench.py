@@ -19,7 +19,7 @@ import itertools
 import json
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ import numpy as np
 from dispersion_jax import config as config_lib
 from dispersion_jax import sharding
 from dispersion_jax.model import GPT, PRESETS, count_params
+from dispersion_jax.objective import DispersionConfig
 from dispersion_jax.train_step import (init_state, jit_train_step, logical_context, lr_schedule, make_optimizer,
                                        state_shardings, train_step)
 
@@ -115,7 +116,8 @@ def _batch(s: Setting, mesh) -> dict:
   return jax.device_put({k: np.ascontiguousarray(v) for k, v in b.items()}, sharding.batch_sharding(mesh))
 
 
-def measure_jax(s: Setting, *, warmup: int, repeats: int, steps_per_repeat: int, compile_only: bool) -> dict:
+def prepare_jax(s: Setting, *, warmup: int, compile_only: bool) -> tuple[dict, Callable[[], Any] | None]:
+  """Compile the step (and, unless compile_only, warm it up); returns (row, run-one-step-and-block)."""
   cfg = train_config(s)
   mesh = sharding.make_mesh(cfg, jax.devices()[:1])
   model_cfg = config_lib.model_config(cfg)
@@ -135,26 +137,19 @@ def measure_jax(s: Setting, *, warmup: int, repeats: int, steps_per_repeat: int,
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     row["compile_s"] = time.perf_counter() - t0
-    row.update(_memory(compiled))
-    if compile_only:
-      return row
-    for _ in range(warmup):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      for _ in range(steps_per_repeat):
-        state, metrics = compiled(state, batch)
-      jax.block_until_ready((state, metrics))
-      times.append((time.perf_counter() - t0) / steps_per_repeat)
-  step_s = statistics.median(times)
-  row.update(step_ms=1e3 * step_s, tokens_per_s=s.batch * s.seq / step_s, loss=float(metrics["loss"]),
-             step_ms_all=[round(1e3 * t, 2) for t in times])
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    row["device_peak_bytes_in_use"] = stats["peak_bytes_in_use"]
-  return row
+  row.update(_memory(compiled))
+  if compile_only:
+    return row, None
+  box = {"state": state}  # the state is donated: each call replaces it
+
+  def one_step():
+    box["state"], metrics = compiled(box["state"], batch)
+    jax.block_until_ready((box["state"], metrics))
+    row["loss"] = metrics["loss"]
+
+  for _ in range(warmup):
+    one_step()
+  return row, one_step
 
 
 def _memory(compiled) -> dict:
@@ -179,56 +174,89 @@ def _settings(args) -> list[Setting]:
   out = []
   for values in itertools.product(*lists.values()):
     s = Setting(**dict(zip(lists, values))).shape()
+    s = s.baseline() if s.coeff == 0.0 else s
     for t in (s.baseline(), s):  # the coeff-0 step comes first: dispersion_overhead needs it anyway
       if t not in out:
         out.append(t)
   return out
 
 
+def time_interleaved(steps: list[Callable[[], Any]], repeats: int, steps_per_repeat: int) -> list[list[float]]:
+  """Seconds per step of each callable, `repeats` samples each, timed in round-robin rounds: a load change on a
+  shared machine hits every setting alike, so ratios (overheads, JAX / PyTorch) stay fair. Each sample follows one
+  untimed step of the same callable: the first step after another executable pays for fresh memory (page faults on
+  CPU, up to ~25% at these sizes), which a training loop, running one step over and over, never pays."""
+  times = [[] for _ in steps]
+  for _ in range(repeats):
+    for fn, ts in zip(steps, times):
+      fn()
+      t0 = time.perf_counter()
+      for _ in range(steps_per_repeat):
+        fn()
+      ts.append((time.perf_counter() - t0) / steps_per_repeat)
+  return times
+
+
 def run(args) -> list[dict]:
   peak, peak_src = peak_flops(args.peak_flops)
-  rows, cache, torch_cache = [], {}, {}
-  kw = dict(warmup=args.warmup, repeats=args.repeats, steps_per_repeat=args.steps_per_repeat)
+  settings = _settings(args)
+  entries: list[tuple[str, Setting, dict, Callable | None]] = []   # (framework, setting, row, step)
+  prepared: dict[tuple[str, Setting], dict] = {}
 
-  def jax_row(s: Setting) -> dict:
-    if s not in cache:
-      r = measure_jax(s, compile_only=args.compile_only, **kw)
-      if "tokens_per_s" in r:
-        r["mfu"] = r["tokens_per_s"] * flops_per_token(s, r["params"]) / peak
-      cache[s] = r
-    return cache[s]
+  def add(framework: str, s: Setting, prepare: Callable):
+    if (framework, s) not in prepared:
+      row, fn = prepare()
+      prepared[(framework, s)] = row
+      entries.append((framework, s, row, fn))
 
-  def torch_row(s: Setting) -> dict:
-    s = dataclasses.replace(s, block_size=0, ce_chunk=0, remat="none", scan=False)  # JAX-only options
-    if s not in torch_cache:
-      from dispersion_jax import bench_torch
-      r = bench_torch.measure(layers=s.layers, dim=s.dim, heads=s.heads, vocab=s.vocab, seq=s.seq, batch=s.batch,
-                              variant=s.variant, coeff=s.coeff, max_tokens=s.max_tokens or None,
-                              compile=args.torch_compile, n_positions=max(1024, s.seq), **kw)
-      r["mfu"] = r["tokens_per_s"] * flops_per_token(s, r["params"]) / peak
-      torch_cache[s] = r
-    return torch_cache[s]
-
-  pipe = {}
-  for s in _settings(args):
-    settings = {**dataclasses.asdict(s), "device": jax.devices()[0].device_kind, "peak_flops": peak,
-                "peak_flops_source": peak_src}
-    r = {"framework": "jax", **settings, **jax_row(s)}
-    if not args.compile_only:
-      r["dispersion_overhead"] = 1 - r["tokens_per_s"] / jax_row(s.baseline())["tokens_per_s"] if s.coeff else 0.0
-      if args.data_batches:
-        if (s.seq, s.batch) not in pipe:
-          pipe[(s.seq, s.batch)] = measure_pipeline(s.seq, s.batch, args.data_batches)
-        r["pipeline_tokens_per_s"] = pipe[(s.seq, s.batch)]
-        r["pipeline_keeps_up"] = r["pipeline_tokens_per_s"] >= r["tokens_per_s"]
-    rows.append(r)
+  torch_name = "torch-compile" if args.torch_compile else "torch-eager"
+  for s in settings:
+    add("jax", s, lambda: prepare_jax(s, warmup=args.warmup, compile_only=args.compile_only))
     if args.torch_baseline and not args.compile_only:
-      t = {"framework": "torch-compile" if args.torch_compile else "torch-eager", **settings, **torch_row(s),
-           "block_size": None, "ce_chunk": None, "remat": None, "scan": None, "attention": "sdpa"}
-      t["dispersion_overhead"] = 1 - t["tokens_per_s"] / torch_row(s.baseline())["tokens_per_s"] if s.coeff else 0.0
-      r["jax_over_torch"] = r["tokens_per_s"] / t["tokens_per_s"]
-      rows.append(t)
+      from dispersion_jax import bench_torch
+      t = _torch_setting(s)
+      add(torch_name, t, lambda: bench_torch.prepare(
+          layers=t.layers, dim=t.dim, heads=t.heads, vocab=t.vocab, seq=t.seq, batch=t.batch, variant=t.variant,
+          coeff=t.coeff, max_tokens=t.max_tokens or None, compile=args.torch_compile, warmup=args.warmup,
+          n_positions=max(1024, t.seq)))
+  if not args.compile_only:
+    secs = time_interleaved([fn for *_, fn in entries], args.repeats, args.steps_per_repeat)
+    for (_, s, row, _), samples in zip(entries, secs):
+      sec = statistics.median(samples)
+      tps = s.batch * s.seq / sec
+      row.update(step_ms=1e3 * sec, step_ms_samples=[round(1e3 * t, 1) for t in samples], tokens_per_s=tps,
+                 mfu=tps * flops_per_token(s, row["params"]) / peak)
+      row["loss"] = float(row["loss"]) if "loss" in row else None
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:  # process-wide peak over every prepared setting
+      for _, _, row, _ in entries:
+        row["device_peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+
+  rows, pipe = [], {}
+  common = {"device": jax.devices()[0].device_kind, "peak_flops": peak, "peak_flops_source": peak_src}
+  for s in settings:
+    r = {"framework": "jax", **dataclasses.asdict(s), **common, **prepared[("jax", s)]}
+    rows.append(r)
+    if args.compile_only:
+      continue
+    r["dispersion_overhead"] = 1 - r["tokens_per_s"] / prepared[("jax", s.baseline())]["tokens_per_s"]
+    if args.data_batches:
+      if (s.seq, s.batch) not in pipe:
+        pipe[(s.seq, s.batch)] = measure_pipeline(s.seq, s.batch, args.data_batches)
+      r["pipeline_tokens_per_s"] = pipe[(s.seq, s.batch)]
+      r["pipeline_keeps_up"] = r["pipeline_tokens_per_s"] >= r["tokens_per_s"]
+    if args.torch_baseline:
+      t = _torch_setting(s)
+      tr = {"framework": torch_name, **dataclasses.asdict(s), **common, **prepared[(torch_name, t)],
+            "block_size": None, "ce_chunk": None, "remat": None, "scan": None, "attention": "sdpa"}
+      tr["dispersion_overhead"] = 1 - tr["tokens_per_s"] / prepared[(torch_name, t.baseline())]["tokens_per_s"]
+      r["jax_over_torch"] = r["tokens_per_s"] / tr["tokens_per_s"]
+      rows.append(tr)
   return rows
+
+
+def _torch_setting(s: Setting) -> Setting:
+  return dataclasses.replace(s, block_size=0, ce_chunk=0, remat="none", scan=False)  # JAX-only options
 
 
 _GIB = lambda b: f"{b / 2**30:.2f} GiB"
@@ -271,7 +299,7 @@ def parse_args(argv: list[str] | None = None):
   p.add_argument("--variant", type=_list(str), default=["angular_spread"])
   p.add_argument("--coeff", type=_list(float), default=[0.1])
   p.add_argument("--max-tokens", dest="max_tokens", type=_list(int), default=[0], help="0 = all tokens")
-  p.add_argument("--block-size", dest="block_size", type=_list(_int_or_none), default=[256],
+  p.add_argument("--block-size", dest="block_size", type=_list(_int_or_none), default=[DispersionConfig().block_size],
                  help="dispersion row block; none = dense")
   p.add_argument("--ce-chunk", dest="ce_chunk", type=_list(_int_or_none), default=[0],
                  help="fused head + CE chunk in tokens; 0 = plain")

@@ -5,9 +5,8 @@ with global-norm clipping, CE + coeff * mean dispersion over hidden_states[1:] (
 after ln_f). torch and transformers are optional extras (requirements-bench.txt).
 """
 import math
-import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 
 def _torch():
@@ -68,11 +67,11 @@ def _model(torch, transformers, *, layers: int, dim: int, heads: int, vocab: int
   return transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
 
 
-def measure(*, layers: int, dim: int, heads: int, vocab: int, seq: int, batch: int, variant: str, coeff: float,
-            max_tokens: int | None, compile: bool = False, warmup: int = 1, repeats: int = 5,
-            steps_per_repeat: int = 1, n_positions: int = 1024, clamp_threshold: float = 0.1,
-            seed: int = 0) -> dict[str, Any]:
-  """Median step time of one HF GPT-2 training step (forward, backward, clip, AdamW) on the same shapes."""
+def prepare(*, layers: int, dim: int, heads: int, vocab: int, seq: int, batch: int, variant: str, coeff: float,
+            max_tokens: int | None, compile: bool = False, warmup: int = 1, n_positions: int = 1024,
+            clamp_threshold: float = 0.1, seed: int = 0) -> tuple[dict[str, Any], Callable[[], None]]:
+  """One HF GPT-2 training step (forward, backward, clip, AdamW) on the same shapes, warmed up; returns
+  (row facts, run-one-step-and-wait)."""
   torch, transformers = _torch()
   torch.manual_seed(seed)
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,37 +96,27 @@ def measure(*, layers: int, dim: int, heads: int, vocab: int, seq: int, batch: i
     return ce + coeff * torch.stack(disp).mean()
 
   fwd = torch.compile(loss_fn) if compile else loss_fn
+  row: dict[str, Any] = {}
 
-  def step():
+  def one_step():
     loss = fwd(inputs, targets)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss
+    row["loss"] = loss.item()  # waits for the device
 
-  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
   if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
   t0 = time.perf_counter()
-  step().item()  # first step: torch.compile's compile time, allocator warm-up
+  one_step()  # first step: torch.compile's compile time, allocator warm-up
   first_s = time.perf_counter() - t0
   for _ in range(max(warmup - 1, 0)):
-    step().item()
-  times = []
-  for _ in range(repeats):
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps_per_repeat):
-      loss = step()
-    loss.item()
-    sync()
-    times.append((time.perf_counter() - t0) / steps_per_repeat)
-  step_s = statistics.median(times)
+    one_step()
   n_params = sum(p.numel() for p in model.parameters())
-  return dict(step_ms=1e3 * step_s, tokens_per_s=batch * seq / step_s, compile_s=first_s if compile else None,
-              first_step_s=first_s, params=n_params, params_no_pos=n_params - n_positions * dim,
-              peak_memory_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
-              torch_version=torch.__version__, transformers_version=transformers.__version__,
-              torch_threads=torch.get_num_threads(), device=str(dev),
-              compute_dtype="bfloat16" if dev.type == "cuda" else "float32")
+  row.update(compile_s=first_s if compile else None, first_step_s=first_s, params=n_params,
+             peak_memory_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+             torch_version=torch.__version__, transformers_version=transformers.__version__,
+             torch_threads=torch.get_num_threads(), device_torch=str(dev),
+             compute_dtype="bfloat16" if dev.type == "cuda" else "float32")
+  return row, one_step

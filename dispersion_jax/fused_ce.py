@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DEFAULT_CHUNK = 2048
+DEFAULT_CHUNK = 512  # tokens; on CPU as fast as the plain path, 1024-2048 slower (docs/benchmarks.md)
 
 
 def fused_cross_entropy(x_BxLxD, emb_VxD, targets_BxL, weights_BxL=None, *, chunk: int = DEFAULT_CHUNK):

@@ -24,7 +24,7 @@ class DispersionConfig:
   clamp_threshold: float = 0.25
   max_tokens: int | None = None       # None = all tokens
   doc_mask: bool = False              # exclude pairs across documents (needs batch["segment_ids"])
-  block_size: int | None = 256        # rows per checkpointed block of the pairwise part; None = dense
+  block_size: int | None = 512        # rows per checkpointed block (dense up to L=512: fastest, bench); None = dense
   ce_chunk: int | None = None         # fused head + CE in chunks of this many tokens (fused_ce.py); None = plain
 
   def __post_init__(self):
