@@ -64,6 +64,7 @@ def default_config() -> ConfigDict:
   c.dispersion.max_tokens = placeholder(int)   # None = all tokens
   c.dispersion.doc_mask = False
   c.dispersion.block_size = FieldReference(d.block_size, field_type=int)  # rows per block; None = dense
+  c.dispersion.ce_chunk = placeholder(int)     # fused LM head + CE in chunks of this many tokens; None = plain
 
   c.optimizer = ConfigDict()
   c.optimizer.lr = 3e-4
@@ -204,6 +205,8 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
        f"dispersion.max_tokens={cfg.dispersion.max_tokens} must be >= 2 or None (all tokens)")
   need(cfg.data.shards >= 0, f"data.shards={cfg.data.shards} must be >= 0 (0 = one per process)")
   need(cfg.dry_run_memory_budget_gb >= 0, f"dry_run_memory_budget_gb={cfg.dry_run_memory_budget_gb} must be >= 0")
+  need(cfg.dispersion.ce_chunk is None or cfg.dispersion.ce_chunk >= 1,
+       f"dispersion.ce_chunk={cfg.dispersion.ce_chunk} must be >= 1 or None (plain cross-entropy)")
   need(cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr} must be > 0")
   need(cfg.optimizer.warmup >= 0, f"optimizer.warmup={cfg.optimizer.warmup} must be >= 0")
   need(cfg.init_from is None or os.path.isdir(cfg.init_from),

@@ -23,7 +23,7 @@ VARIANTS: tuple[str, ...] = ("decorrelation", "l2_repel", "angular_spread", "ort
 _LSE_VARIANTS = ("l2_repel", "angular_spread")        # value = logsumexp over pairs - log(#pairs)
 _DIAG_INCLUDED = ("l2_repel",)                         # l2_repel keeps the i == j pairs
 _L2_REPEL_NORM_WEIGHT = 0.1                            # reference: + 0.1 * mean(z ** 2)
-DEFAULT_BLOCK_SIZE = 256
+DEFAULT_BLOCK_SIZE = 512  # dense speed up to L = 512, lean beyond (docs/benchmarks.md)
 
 
 def _masked_lse(x, valid, axis: int):

@@ -5,7 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dispersion_jax.dispersion import VARIANTS, dispersion_loss
+from dispersion_jax.dispersion import DEFAULT_BLOCK_SIZE, VARIANTS, dispersion_loss
 from dispersion_jax.fused_ce import fused_cross_entropy
 from dispersion_jax.model import GPT, hidden_states
 
@@ -24,7 +24,7 @@ class DispersionConfig:
   clamp_threshold: float = 0.25
   max_tokens: int | None = None       # None = all tokens
   doc_mask: bool = False              # exclude pairs across documents (needs batch["segment_ids"])
-  block_size: int | None = 512        # rows per checkpointed block (dense up to L=512: fastest, bench); None = dense
+  block_size: int | None = DEFAULT_BLOCK_SIZE  # rows per checkpointed block (dense up to L=512); None = dense
   ce_chunk: int | None = None         # fused head + CE in chunks of this many tokens (fused_ce.py); None = plain
 
   def __post_init__(self):
