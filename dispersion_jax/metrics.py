@@ -11,10 +11,11 @@ import tqdm
 class MetricsLogger:
   """Host-side sink; only the lead process writes (`enabled`)."""
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
+  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True,
+               progress: bool = True):
     self.enabled = enabled
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                          disable=not enabled, mininterval=1.0)
+                          disable=not (enabled and progress), mininterval=1.0)
     if not enabled:
       return
     from tensorboardX import SummaryWriter
@@ -37,7 +38,7 @@ class MetricsLogger:
 
   def write(self, text: str) -> None:
     if self.enabled:
-      self._bar.write(text)
+      tqdm.tqdm.write(text)
 
   def close(self) -> None:
     self._bar.close()

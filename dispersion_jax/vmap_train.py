@@ -127,7 +127,7 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
       json.dump(c.to_dict(), fh, indent=2)
   step_fn = vmapped_step(base, with_dispersion=bool(np.any(coeffs_K != 0)))
   eval_fn = jax.jit(functools.partial(eval_step, model=GPT(model_cfg), disp=config_lib.dispersion_config(base)))
-  loggers = [MetricsLogger(w, base.steps, start) for w in workdirs]
+  loggers = [MetricsLogger(w, base.steps, start, progress=k == 0) for k, w in enumerate(workdirs)]  # one bar
   loggers[0].write(f"{'resuming from step ' + str(start) if start else 'starting'}: {K} members in one vmapped "
                    f"step ({len(seeds)} data streams), {model_cfg.n_layer} layers, width {model_cfg.n_embd}")
   preempt = train._Preemption()
