@@ -96,6 +96,7 @@ def evaluate(cfg: ConfigDict, eval_fn, params, mesh) -> dict[str, float]:
 
 def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: int | None = None) -> int:
   """Trains to cfg.steps (or until SIGTERM / `stop_at`, handled alike); returns the last completed step."""
+  preempt = _Preemption()             # first: a SIGTERM during set-up still ends in a clean save and exit
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(cfg, devices)
@@ -125,7 +126,6 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
   logger = MetricsLogger(workdir, cfg.steps, start, enabled=lead)
   logger.write(f"{'resuming from step ' + str(start) if start else 'starting'}: {model_cfg.n_layer} layers, "
                f"width {model_cfg.n_embd}, mesh {dict(mesh.shape)}, {cfg.batch_size}x{cfg.seq_len} tokens/step")
-  preempt = _Preemption()
   tokens_per_step = cfg.batch_size * cfg.seq_len
   pending = None                      # (step, device metrics) of the previous step: fetched one step late
   window = (start, time.perf_counter())

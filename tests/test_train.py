@@ -193,7 +193,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
   workdir = str(tmp_path / "preempted")
   proc = _spawn(workdir, data_dir, "--config.steps=100000", "--config.checkpoint_every=1000")
   deadline = time.time() + 240
-  while not os.path.exists(os.path.join(workdir, "metrics.jsonl")) and time.time() < deadline:
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+  while not (os.path.exists(jsonl) and os.path.getsize(jsonl) > 0) and time.time() < deadline:  # training steps
     assert proc.poll() is None, proc.stdout.read()
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
