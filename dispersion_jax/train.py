@@ -41,12 +41,13 @@ class _Preemption:
     self.requested = True
 
 
-def _data(cfg: ConfigDict, split: str, batch_size: int, mesh, **kw):
+def _data(cfg: ConfigDict, split: str, batch_size: int, mesh, prepare: bool = True, **kw):
   from dispersion_jax.data import pipeline
   try:
-    if jax.process_index() == 0:
-      pipeline.build_dataset(cfg)  # cached under the TFDS data dir; later runs only read it
-    distributed.barrier("dataset_built")
+    if prepare:  # once per run; evaluation reads what the training iterator already prepared
+      if jax.process_index() == 0:
+        pipeline.build_dataset(cfg)  # cached under the TFDS data dir; later runs only read it
+      distributed.barrier("dataset_built")
     # Each process reads only the document shards of its rows of the global batch.
     return distributed.process_iterator(cfg, split, sharding.batch_sharding(mesh), batch_size, **kw)
   except (ValueError, FileNotFoundError) as e:
@@ -78,7 +79,8 @@ def initial_state(cfg: ConfigDict, model_cfg, tx, shard):
 
 def evaluate(cfg: ConfigDict, eval_fn, params, mesh) -> dict[str, float]:
   """Validation loss / perplexity / dispersion / condensation on the same fixed batches every time."""
-  it = _data(cfg, "validation", cfg.batch_size // cfg.grad_accum, mesh, shuffle=False, num_epochs=None)
+  it = _data(cfg, "validation", cfg.batch_size // cfg.grad_accum, mesh, prepare=False, shuffle=False,
+             num_epochs=None)
   totals = None
   for _ in range(cfg.eval_batches):
     out = eval_fn(params, _global(next(it), mesh))

@@ -13,8 +13,9 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dispersion_jax import sharding
-from dispersion_jax.model import GPT, GPTConfig, init_params, param_logical_axes
-from dispersion_jax.objective import DispersionConfig, cross_entropy, objective
+from dispersion_jax.condensation import condensation_metrics
+from dispersion_jax.model import GPT, GPTConfig, hidden_states, init_params, param_logical_axes
+from dispersion_jax.objective import DispersionConfig, cross_entropy, dispersion_term, objective
 
 
 @flax.struct.dataclass
@@ -119,9 +120,6 @@ def eval_step(params, batch: dict, *, model: GPT, disp: DispersionConfig, with_d
   n_tok = jnp.sum(w_BxL)
   out = {"ce_sum": cross_entropy(logits, batch["targets"], w_BxL) * n_tok, "tokens": n_tok}
   if with_dispersion:
-    from dispersion_jax.condensation import condensation_metrics
-    from dispersion_jax.model import hidden_states
-    from dispersion_jax.objective import dispersion_term
     states = hidden_states(variables)
     disp_full = dataclasses.replace(disp, max_tokens=None)  # all tokens: a stable estimate
     val, _ = dispersion_term(states, disp_full, model.cfg.n_layer, mask=w_BxL > 0,

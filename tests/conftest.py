@@ -1,3 +1,4 @@
+import json
 import os
 
 # Eight fake CPU devices for the sharding tests; must be set before JAX initialises its backend.
@@ -36,3 +37,24 @@ def disp_golden(golden_dir):
 @pytest.fixture(scope="session")
 def gpt2_golden(golden_dir):
   return os.path.join(golden_dir, "gpt2_tiny"), dict(np.load(os.path.join(golden_dir, "gpt2_tiny_reference.npz")))
+
+
+@pytest.fixture
+def make_run():
+  """Builds a training workdir as train.py leaves it: an Orbax checkpoint at `step` and config.json."""
+  from dispersion_jax import config as config_lib
+  from dispersion_jax.checkpoint import Checkpointer
+  from dispersion_jax.train_step import init_state, make_optimizer
+
+  def build(workdir, step: int, **model):
+    cfg = config_lib.default_config()
+    cfg.model.preset = "test"
+    cfg.model.update(model)
+    model_cfg = config_lib.model_config(cfg)
+    state = init_state(model_cfg, make_optimizer(cfg), 0)
+    ckpt = Checkpointer(str(workdir), async_save=False)
+    ckpt.save(step, state, None, cfg)
+    ckpt.close()
+    (workdir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return model_cfg, state.params
+  return build

@@ -207,26 +207,7 @@ def test_cli_bad_inputs(ids_file, tiny_dir, tmp_path):
   _err(["--token-ids", ids_file, "--max-length", "8", *out], None)
 
 
-def make_run(workdir, step: int, **model):
-  """A training workdir as train.py leaves it: an Orbax checkpoint at `step` and config.json."""
-  config_lib = pytest.importorskip("dispersion_jax.config")
-  checkpoint = pytest.importorskip("dispersion_jax.checkpoint")
-  if not hasattr(checkpoint, "load_params"):
-    pytest.skip("dispersion_jax.checkpoint.load_params not available")
-  from dispersion_jax.train_step import init_state, make_optimizer
-  cfg = config_lib.default_config()
-  cfg.model.preset = "test"
-  cfg.model.update(model)
-  model_cfg = config_lib.model_config(cfg)
-  state = init_state(model_cfg, make_optimizer(cfg), 0)
-  ckpt = checkpoint.Checkpointer(str(workdir), async_save=False)
-  ckpt.save(step, state, None, cfg)
-  ckpt.close()
-  (workdir / "config.json").write_text(json.dumps(cfg.to_dict()))
-  return model_cfg, state.params
-
-
-def test_cli_workdir(tmp_path):
+def test_cli_workdir(tmp_path, make_run):
   model_cfg, params = make_run(tmp_path / "run", 3)  # preset "test": vocab 128, n_positions 32, 2 layers
   ids = np.random.default_rng(0).integers(0, 128, (3, 40))
   np.save(tmp_path / "ids.npy", ids)

@@ -178,26 +178,7 @@ def test_cli_bad_inputs(tiny_dir, tmp_path):
   _err(["--hf-model", TINY, "--num-fewshot", "-1"], None)
 
 
-def make_run(workdir, step: int, **model):
-  """A training workdir as train.py leaves it: an Orbax checkpoint at `step` and config.json."""
-  config_lib = pytest.importorskip("dispersion_jax.config")
-  checkpoint = pytest.importorskip("dispersion_jax.checkpoint")
-  if not hasattr(checkpoint, "load_params"):
-    pytest.skip("dispersion_jax.checkpoint.load_params not available")
-  from dispersion_jax.train_step import init_state, make_optimizer
-  cfg = config_lib.default_config()
-  cfg.model.preset = "test"
-  cfg.model.update(model)
-  model_cfg = config_lib.model_config(cfg)
-  state = init_state(model_cfg, make_optimizer(cfg), 0)
-  ckpt = checkpoint.Checkpointer(str(workdir), async_save=False)
-  ckpt.save(step, state, None, cfg)
-  ckpt.close()
-  (workdir / "config.json").write_text(json.dumps(cfg.to_dict()))
-  return model_cfg, state.params
-
-
-def test_cli_workdir(tmp_path):
+def test_cli_workdir(tmp_path, make_run):
   model_cfg, params = make_run(tmp_path / "run", 5, vocab_size=50257, n_positions=64)  # GPT-2 BPE fits
   out, export = tmp_path / "res.json", tmp_path / "hf"
   res = ev.main(["--workdir", str(tmp_path / "run"), "--tasks", str(ev.DEFAULT_TASKS[1]), "--hf-export", str(export),
