@@ -27,7 +27,8 @@ import numpy as np
 
 from dispersion_jax import config as config_lib
 from dispersion_jax import sharding
-from dispersion_jax.model import GPT, PRESETS, count_params
+from dispersion_jax.models import GPT, count_params
+from dispersion_jax.models.gpt2 import PRESETS
 from dispersion_jax.objective import DispersionConfig
 from dispersion_jax.train_step import (init_state, jit_train_step, logical_context, lr_schedule, make_optimizer,
                                        state_shardings, train_step)

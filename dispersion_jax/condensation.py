@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from dispersion_jax.model import GPT, GPTConfig, hidden_states
+from dispersion_jax.models import GPT, GPTConfig, hidden_states
 
 NUM_BINS = 100
 _EPS = 1e-12  # norm floor: an all-zero token vector gets cosine 0 with everything instead of NaN

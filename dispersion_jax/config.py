@@ -13,14 +13,13 @@ from ml_collections import ConfigDict, FieldReference
 from ml_collections.config_dict import placeholder
 
 from dispersion_jax.dispersion import VARIANTS
-from dispersion_jax.model import ATTENTION_IMPLS, PRESETS, REMAT_POLICIES, GPTConfig
+from dispersion_jax.errors import ConfigError
+from dispersion_jax.models.gpt2 import ATTENTION_IMPLS, PRESETS, REMAT_POLICIES, GPTConfig
 from dispersion_jax.objective import LOCS, DispersionConfig
 
 _MODEL_SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 
 
-class ConfigError(ValueError):
-  """A bad configuration; the message is one line that names the key and the fix."""
 
 
 def default_config() -> ConfigDict:

@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 
 from dispersion_jax import config as config_lib
 from dispersion_jax import sharding
-from dispersion_jax.model import GPT, GPTConfig
+from dispersion_jax.models import GPT, GPTConfig
 from dispersion_jax.train_step import (jit_train_step, logical_context, lr_schedule, make_optimizer, state_shardings,
                                        train_step)
 

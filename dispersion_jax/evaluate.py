@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dispersion_jax.model import GPT, GPTConfig
+from dispersion_jax.models import GPT, GPTConfig
 
 TASK_DIR = pathlib.Path(__file__).parent / "tasks"
 DEFAULT_TASKS = (TASK_DIR / "example_arithmetic.jsonl", TASK_DIR / "example_cloze.jsonl")

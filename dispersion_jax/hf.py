@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from dispersion_jax.model import GPTConfig
+from dispersion_jax.models import GPTConfig
 
 _LEAF = {"scale": "weight", "kernel": "weight", "embedding": "weight", "bias": "bias"}
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")  # causal-mask buffers; tied head

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from dispersion_jax.dispersion import DEFAULT_BLOCK_SIZE, VARIANTS, dispersion_loss
 from dispersion_jax.fused_ce import fused_cross_entropy
-from dispersion_jax.model import GPT, hidden_states
+from dispersion_jax.models import hidden_states, lm_head
 
 LOCS = ("all", "last", "early_half", "late_half")
 
@@ -75,7 +75,7 @@ def dispersion_term(states: tuple[jax.Array, ...], disp: DispersionConfig, n_lay
   return sum(per_layer.values()) / len(per_layer), per_layer
 
 
-def objective(params, batch: dict, *, model: GPT, disp: DispersionConfig, rng: jax.Array | None = None,
+def objective(params, batch: dict, *, model, disp: DispersionConfig, rng: jax.Array | None = None,
               deterministic: bool = True, coeff: jax.Array | None = None):
   """Returns (total, metrics). batch: input_ids, targets [B, L]; optional loss_mask, segment_ids, positions.
 
@@ -90,8 +90,7 @@ def objective(params, batch: dict, *, model: GPT, disp: DispersionConfig, rng: j
   logits, variables = model.apply({"params": params}, batch["input_ids"], batch.get("positions"),
                                   deterministic=deterministic, rngs=rngs, mutable=["intermediates"])
   if disp.ce_chunk:  # fused head + CE (fused_ce.py): under jit the model's unused logits are dead code
-    emb_VxD = params["wte"]["embedding"].astype(model.cfg.dtype)  # the tied head, cast as the model casts it
-    ce = fused_cross_entropy(variables["intermediates"]["final"][0], emb_VxD, batch["targets"],
+    ce = fused_cross_entropy(hidden_states(variables)[-1], lm_head(params, model.cfg), batch["targets"],
                              batch.get("loss_mask"), chunk=disp.ce_chunk)
   else:
     ce = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))

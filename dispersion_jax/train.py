@@ -20,7 +20,7 @@ from dispersion_jax import distributed, sharding
 from dispersion_jax.checkpoint import Checkpointer, CheckpointError
 from dispersion_jax.condensation import spearman
 from dispersion_jax.metrics import MetricsLogger
-from dispersion_jax.model import GPT
+from dispersion_jax.models import GPT
 from dispersion_jax.train_step import (eval_step, init_state, jit_train_step, logical_context, lr_schedule,
                                        make_optimizer, state_shardings, train_step)
 

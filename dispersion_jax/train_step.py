@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from dispersion_jax import sharding
 from dispersion_jax.condensation import condensation_metrics
-from dispersion_jax.model import GPT, GPTConfig, hidden_states, init_params, param_logical_axes
+from dispersion_jax.models import GPT, GPTConfig, hidden_states, init_params, param_logical_axes
 from dispersion_jax.objective import DispersionConfig, cross_entropy, dispersion_term, objective
 
 

@@ -31,7 +31,7 @@ from dispersion_jax import config as config_lib
 from dispersion_jax import sharding, train
 from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.metrics import MetricsLogger
-from dispersion_jax.model import GPT
+from dispersion_jax.models import GPT
 from dispersion_jax.train_step import (eval_step, init_state,
                                        lr_schedule, make_optimizer, train_step)
 

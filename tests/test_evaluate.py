@@ -8,7 +8,7 @@ import pytest
 from dispersion_jax import GPTConfig
 from dispersion_jax import evaluate as ev
 from dispersion_jax.hf import load_gpt2, save_gpt2
-from dispersion_jax.model import init_params
+from dispersion_jax.models import init_params
 from dispersion_jax.tokenizer import get_tokenizer
 
 

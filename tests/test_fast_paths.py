@@ -12,7 +12,7 @@ from dispersion_jax import GPT, DispersionConfig, GPTConfig, dispersion_loss, ob
 from dispersion_jax.dispersion import VARIANTS
 from dispersion_jax.fused_ce import fused_cross_entropy
 from dispersion_jax.hf import from_hf_state_dict, to_hf_state_dict
-from dispersion_jax.model import init_params
+from dispersion_jax.models import init_params
 from dispersion_jax.objective import cross_entropy
 
 DISP = DispersionConfig(coeff=0.1, clamp_threshold=0.1, block_size=None)

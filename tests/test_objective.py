@@ -7,7 +7,7 @@ import pytest
 
 from dispersion_jax import GPT, DispersionConfig, GPTConfig, dispersion_loss, hidden_states, objective, select_layers
 from dispersion_jax.hf import load_gpt2, to_hf_state_dict
-from dispersion_jax.model import init_params
+from dispersion_jax.models import init_params
 
 
 def _hf_batch(ids):

@@ -14,7 +14,7 @@ import pytest
 from dispersion_jax import config as config_lib
 from dispersion_jax import train
 from dispersion_jax.checkpoint import CheckpointError
-from dispersion_jax.model import GPT
+from dispersion_jax.models import GPT
 from dispersion_jax.train_step import init_state, lr_schedule, make_optimizer, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -126,6 +126,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, _=None):
+    # (carry, x) -> (carry, y) is nn.scan's contract: the residual stream is the carry, nothing is scanned over.
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     x_BxLxD = x_BxLxD + drop(Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x_BxLxD)))
@@ -155,6 +156,8 @@ class GPT(nn.Module):
 
     block = Block
     if cfg.remat != "none":
+      # Under nn.scan the loop already keeps XLA from merging the recomputation into the forward pass, so the
+      # CSE barriers prevent_cse inserts would only cost speed (jax.checkpoint's documented advice).
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
@@ -168,35 +171,29 @@ class GPT(nn.Module):
     x_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
     self.sow("intermediates", "final", x_BxLxD)
     # Tied LM head; logits accumulate in float32 (or wider) whatever the compute dtype.
-    emb_VxD = wte.embedding.astype(cfg.dtype)
     acc = jnp.promote_types(cfg.dtype, jnp.float32)
-    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(cfg.dtype), emb_VxD, preferred_element_type=acc)
+    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(cfg.dtype), wte.embedding.astype(cfg.dtype),
+                      preferred_element_type=acc)
 
 
-def hidden_states(variables: dict) -> tuple[jax.Array, ...]:
-  """Sown states in Hugging Face order: embedding output, blocks 1..n-1, final block output after ln_f."""
-  inter = variables["intermediates"]
-  if "h" in inter:  # scanned: one array stacked on the layer axis
-    blocks = list(inter["h"]["hidden"][0])
-  else:
-    n = sum(1 for k in inter if k.startswith("h_"))
-    blocks = [inter[f"h_{i}"]["hidden"][0] for i in range(n)]
-  return (inter["embed"][0], *blocks[:-1], inter["final"][0])
+def lm_head(params: dict, cfg: GPTConfig) -> jax.Array:
+  """The output head as [V, D] in the compute dtype: GPT-2 ties it to the token embedding."""
+  return params["wte"]["embedding"].astype(cfg.dtype)
 
 
-def _init(cfg: GPTConfig, rng: jax.Array) -> dict:
-  return GPT(cfg).init(rng, jnp.zeros((1, min(8, cfg.n_positions)), jnp.int32))
+EMBED_PATH = ("wte", "embedding")  # the input token embedding [V, D] (active forgetting re-draws it)
 
 
-def init_params(cfg: GPTConfig, rng: jax.Array) -> dict:
-  """Plain (unboxed) parameter tree."""
-  return nn.meta.unbox(_init(cfg, rng)["params"])
+def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward), PaLM appendix B: 6 x matmul weights + 12 n_layer d L.
+
+  Matmul weights: per block the attention (4 d^2) and MLP (2 d m) kernels, plus the tied head (V d); position
+  embeddings, norms and biases do no matmul work. Attention scores are counted without causal halving, as MaxText
+  and nanoGPT count them, so MFU figures are comparable with theirs.
+  """
+  d, m = cfg.n_embd, cfg.mlp_dim
+  weights = cfg.n_layer * (4 * d * d + 2 * d * m) + cfg.vocab_size * d
+  return 6.0 * weights + 12.0 * cfg.n_layer * d * seq_len
 
 
-def param_logical_axes(cfg: GPTConfig) -> dict:
-  """Per-parameter PartitionSpec of logical axis names, e.g. P('layers', 'embed', 'mlp'); no compute."""
-  return nn.get_partition_spec(jax.eval_shape(lambda: _init(cfg, jax.random.PRNGKey(0))))["params"]
-
-
-def count_params(params) -> int:
-  return sum(x.size for x in jax.tree.leaves(params))
+Config, Model = GPTConfig, GPT  # the family interface (models/__init__.py)
