@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from dispersion_jax.models import GPT, GPTConfig, hidden_states
+from dispersion_jax.models import build_model, hidden_states
 
 NUM_BINS = 100
 _EPS = 1e-12  # norm floor: an all-zero token vector gets cosine 0 with everything instead of NaN
@@ -182,8 +182,8 @@ def length_bucket(n: int, cap: int) -> int:
 
 
 @functools.cache
-def _stats_fn(cfg: GPTConfig, num_bins: int):
-  model = GPT(cfg)
+def _stats_fn(cfg, num_bins: int):
+  model = build_model(cfg)
 
   @jax.jit
   def fn(params, ids_BxL, mask_BxL):
@@ -201,7 +201,7 @@ def check_token_ids(token_lists: Sequence[Sequence[int]], vocab_size: int) -> No
                        f"[0, {vocab_size}): wrong tokenizer for this model?")
 
 
-def model_statistics(cfg: GPTConfig, params: Any, token_lists: Sequence[Sequence[int]], *, max_length: int,
+def model_statistics(cfg, params: Any, token_lists: Sequence[Sequence[int]], *, max_length: int,
                      batch_size: int = 8, num_bins: int = NUM_BINS) -> dict[str, Any]:
   """Condensation summary of `params` over texts given as token-id lists (truncated to max_length/n_positions)."""
   if max_length < 1 or batch_size < 1:
@@ -229,6 +229,6 @@ def model_statistics(cfg: GPTConfig, params: Any, token_lists: Sequence[Sequence
   return out
 
 
-if __name__ == "__main__":
-  from dispersion_jax.condensation_cli import main
+if __name__ == "__main__":  # the command line lives in cli/condensation.py; keeps `python -m dispersion_jax.condensation`
+  from dispersion_jax.cli.condensation import main
   main()

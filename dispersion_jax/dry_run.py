@@ -15,19 +15,19 @@ from ml_collections import ConfigDict
 
 from dispersion_jax import config as config_lib
 from dispersion_jax import sharding
-from dispersion_jax.models import GPT, GPTConfig
-from dispersion_jax.train_step import (jit_train_step, logical_context, lr_schedule, make_optimizer, state_shardings,
-                                       train_step)
+from dispersion_jax.errors import ConfigError
+from dispersion_jax.models import build_model, flops_per_token
+from dispersion_jax.optim import lr_schedule, make_optimizer
+from dispersion_jax.train_step import jit_train_step, logical_context, state_shardings, train_step
 
-# The per-process batch of data/pipeline.py: int32[b, seq_len] each.
+# The batch of data/loader.py: int32[batch, seq_len] each.
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions")
 _GIB = 1024 ** 3
 
 
-def abstract_inputs(cfg: ConfigDict, model_cfg: GPTConfig, tx, mesh):
+def abstract_inputs(cfg: ConfigDict, model_cfg, tx, mesh):
   """(state, batch) as ShapeDtypeStructs carrying their shardings, and the state's shardings."""
-  abstract, shard = state_shardings(model_cfg, tx, mesh)      # jax.eval_shape: nothing allocated
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
+  state, shard = state_shardings(model_cfg, tx, mesh)      # jax.eval_shape: nothing allocated
   rows = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=rows) for k in BATCH_KEYS}
   return state, batch, shard
@@ -36,10 +36,11 @@ def abstract_inputs(cfg: ConfigDict, model_cfg: GPTConfig, tx, mesh):
 def compile_train_step(cfg: ConfigDict, mesh):
   """The compiled train step of `cfg` on `mesh`, the abstract state, and the compile time in seconds."""
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
-  tx = make_optimizer(cfg)
+  opt_cfg, steps = config_lib.optimizer_config(cfg), config_lib.loop_config(cfg).steps
+  tx = make_optimizer(opt_cfg, steps)
   state, batch, shard = abstract_inputs(cfg, model_cfg, tx, mesh)
-  fn = functools.partial(train_step, model=GPT(model_cfg), disp=disp, tx=tx, schedule=lr_schedule(cfg),
-                         grad_accum=cfg.grad_accum)
+  fn = functools.partial(train_step, model=build_model(model_cfg), disp=disp, tx=tx,
+                         schedule=lr_schedule(opt_cfg, steps), grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk)
   start = time.perf_counter()
   with logical_context(mesh):
     compiled = jit_train_step(fn, mesh, shard).lower(state, batch).compile()
@@ -62,28 +63,23 @@ def xla_flops(compiled) -> float:
   return float((cost or {}).get("flops", float("nan")))
 
 
-def model_flops(model_cfg: GPTConfig, n_params: int, tokens: int, seq_len: int) -> float:
-  """Forward + backward FLOPs of a step (PaLM appendix B): 6 N per token plus 12 L d T for attention scores."""
-  return 6.0 * n_params * tokens + 12.0 * model_cfg.n_layer * model_cfg.n_embd * seq_len * tokens
-
-
-def check_memory_budget(total_bytes: int, budget_gb: float) -> None:
-  """ConfigError (one line) when a device needs more than `budget_gb` GiB; 0 = no budget."""
+def check_memory_budget(total_bytes: int, budget_gb: float | None) -> None:
+  """ConfigError (one line) when a device needs more than `budget_gb` GiB; None (or 0) = no budget."""
   if budget_gb and total_bytes > budget_gb * _GIB:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"dry run: a device needs {total_bytes / _GIB:.2f} GiB > dry_run_memory_budget_gb={budget_gb:g}; shard more "
         "(mesh.fsdp, mesh.tensor), set model.remat=full, or lower batch_size / raise grad_accum")
 
 
 def dry_run(cfg: ConfigDict) -> dict[str, float]:
   """Compile, print the analysis (process 0), enforce the memory budget; returns the numbers (bytes, FLOPs)."""
-  mesh = sharding.make_mesh(cfg)
+  mesh = sharding.make_mesh(config_lib.mesh_config(cfg))
   model_cfg = config_lib.model_config(cfg)
   compiled, state, seconds = compile_train_step(cfg, mesh)
   mem = memory_per_device(compiled)
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
   n_dev = mesh.devices.size
-  est = model_flops(model_cfg, n_params, cfg.batch_size * cfg.seq_len, cfg.seq_len)
+  est = flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
   flops = xla_flops(compiled)
   if jax.process_index() == 0:
     print(f"dry run: {n_params / 1e6:,.1f}M params ({model_cfg.n_layer} layers, width {model_cfg.n_embd}, "
@@ -92,7 +88,7 @@ def dry_run(cfg: ConfigDict) -> dict[str, float]:
           f"compiled in {seconds:.1f} s")
     print("memory per device (GiB): " + ", ".join(f"{k} {v / _GIB:.3f}" for k, v in mem.items()))
     print(f"FLOPs per step per device: XLA {flops:.3e} (a scanned layer loop is counted once), model estimate "
-          f"{est / n_dev:.3e} (6N+attention; {est:.3e} for all devices)")
+          f"{est / n_dev:.3e} (models.flops_per_token; {est:.3e} for all devices)")
   check_memory_budget(mem["total"], cfg.dry_run_memory_budget_gb)
   return {**{f"memory/{k}": float(v) for k, v in mem.items()}, "xla_flops_per_device": flops,
           "model_flops_per_device": est / n_dev, "model_flops": est}

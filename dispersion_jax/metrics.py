@@ -25,10 +25,10 @@ class MetricsLogger:
   def advance(self, steps: int = 1) -> None:
     self._bar.update(steps)
 
-  def log(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
+  def log(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    scalars = {f"{prefix}{k}": _scalar(v) for k, v in metrics.items()}
+    scalars = {k: _scalar(v) for k, v in metrics.items()}
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")

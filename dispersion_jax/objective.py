@@ -15,7 +15,7 @@ LOCS = ("all", "last", "early_half", "late_half")
 @dataclasses.dataclass(frozen=True)
 class DispersionConfig:
   variant: str = "angular_spread"
-  coeff: float = 0.0
+  coeff: float = 0.0                  # 0 = off (the term is not computed); the paper uses 0.1
   loc: str = "all"
   tau_l2: float = 1.0
   tau_cos: float = 1.0
@@ -25,13 +25,17 @@ class DispersionConfig:
   max_tokens: int | None = None       # None = all tokens
   doc_mask: bool = False              # exclude pairs across documents (needs batch["segment_ids"])
   block_size: int | None = DEFAULT_BLOCK_SIZE  # rows per checkpointed block (dense up to L=512); None = dense
-  ce_chunk: int | None = None         # fused head + CE in chunks of this many tokens (fused_ce.py); None = plain
+  final_norm: bool = True             # last layer after the final norm (Hugging Face); False: raw block output
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise ValueError(f"dispersion.variant={self.variant!r}: use one of {', '.join(VARIANTS)}")
     if self.loc not in LOCS:
       raise ValueError(f"dispersion.loc={self.loc!r}: use one of {', '.join(LOCS)}")
+    if self.tau_cos <= 0 or self.tau_l2 <= 0:
+      raise ValueError("dispersion.tau_cos and dispersion.tau_l2 must be > 0")
+    if self.max_tokens is not None and self.max_tokens < 2:
+      raise ValueError(f"dispersion.max_tokens={self.max_tokens} must be >= 2 or None (all tokens)")
 
   def loss_kwargs(self) -> dict[str, Any]:
     return dict(variant=self.variant, tau_l2=self.tau_l2, tau_cos=self.tau_cos, margin=self.margin,
@@ -76,11 +80,12 @@ def dispersion_term(states: tuple[jax.Array, ...], disp: DispersionConfig, n_lay
 
 
 def objective(params, batch: dict, *, model, disp: DispersionConfig, rng: jax.Array | None = None,
-              deterministic: bool = True, coeff: jax.Array | None = None):
+              deterministic: bool = True, coeff: jax.Array | None = None, ce_chunk: int | None = None):
   """Returns (total, metrics). batch: input_ids, targets [B, L]; optional loss_mask, segment_ids, positions.
 
   rng: folded into a `dropout` and a `dispersion` stream (token subsampling); None where neither is used.
   coeff: a traced coefficient replacing disp.coeff (vmapped sweeps); the term is then always computed.
+  ce_chunk: fused output head + CE in chunks of this many tokens (fused_ce.py); None = plain logits + CE.
   metrics["dispersion"] is 0 where the coefficient is 0 (the term is off); validation always measures it.
   """
   rngs = {}
@@ -89,15 +94,15 @@ def objective(params, batch: dict, *, model, disp: DispersionConfig, rng: jax.Ar
     rngs["dropout"], disp_rng = jax.random.split(rng)
   logits, variables = model.apply({"params": params}, batch["input_ids"], batch.get("positions"),
                                   deterministic=deterministic, rngs=rngs, mutable=["intermediates"])
-  if disp.ce_chunk:  # fused head + CE (fused_ce.py): under jit the model's unused logits are dead code
+  if ce_chunk:  # fused head + CE (fused_ce.py): under jit the model's unused logits are dead code
     ce = fused_cross_entropy(hidden_states(variables)[-1], lm_head(params, model.cfg), batch["targets"],
-                             batch.get("loss_mask"), chunk=disp.ce_chunk)
+                             batch.get("loss_mask"), chunk=ce_chunk)
   else:
     ce = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
   metrics = {"ce": ce}
   total = ce
   if coeff is not None or disp.coeff != 0.0:
-    states = hidden_states(variables)
+    states = hidden_states(variables, disp.final_norm)
     disp_val, per_layer = dispersion_term(states, disp, model.cfg.n_layer, rng=disp_rng,
                                           mask=batch.get("dispersion_mask"), segment_ids=batch.get("segment_ids"))
     c = disp.coeff if coeff is None else coeff

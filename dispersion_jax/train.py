@@ -1,196 +1,244 @@
-"""python -m dispersion_jax.train --config configs/gpt2_tiny.py --workdir runs/demo [--config.KEY=VALUE ...]
+"""A training run from a validated run config: mesh, model, data, state, checkpoints, then the loop (loop.py).
 
-Pre-trains (or mid-trains, with init_from) a GPT with CE + coeff * dispersion. Re-running the same command with
-the same workdir resumes exactly from the latest checkpoint (train state + data iterator state).
+Pre-trains (or mid-trains, with init_from) a model with CE + coeff * dispersion. Running it again with the same
+workdir resumes exactly from the latest checkpoint (train state + data position), on any process count or mesh. The command line is
+`python -m dispersion_jax.train` (cli/train.py).
 """
 import functools
-import json
 import math
 import os
-import signal
+import shlex
 import sys
-import time
 
 import jax
-import numpy as np
 from ml_collections import ConfigDict
 
 from dispersion_jax import config as config_lib
 from dispersion_jax import distributed, sharding
-from dispersion_jax.checkpoint import Checkpointer, CheckpointError
+from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.condensation import spearman
+from dispersion_jax.data import build, loader
+from dispersion_jax.data.packed import PackedDataset
+from dispersion_jax.errors import CheckpointError, DataError, TrainingError
+from dispersion_jax.loop import Hooks, run_loop
 from dispersion_jax.metrics import MetricsLogger
-from dispersion_jax.models import GPT
-from dispersion_jax.train_step import (eval_step, init_state, jit_train_step, logical_context, lr_schedule,
-                                       make_optimizer, state_shardings, train_step)
+from dispersion_jax.models import build_model, flops_per_token
+from dispersion_jax.optim import lr_schedule, make_optimizer
+from dispersion_jax.tokenizer import get_tokenizer
+from dispersion_jax.train_step import eval_step, init_state, jit_train_step, logical_context, state_shardings, train_step
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5": 197e12, "TPU v4": 275e12}  # dense bf16
 
 
-class TrainingError(RuntimeError):
-  """A run that cannot go on (non-finite loss, missing data); one line that names the fix."""
+def open_data(cfg: ConfigDict) -> PackedDataset:
+  """The run's pre-packed dataset. The embedded corpus is built on first use (by process 0; the others wait and
+  open it); any other source must have been built (`python -m dispersion_jax.data.build`, a DataError says so)."""
+  data_cfg, lead = config_lib.data_config(cfg), jax.process_index() == 0
+
+  def open_():
+    return build.open_or_build_default(data_cfg, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, progress=lead)
+  ds = open_() if lead else None
+  distributed.barrier("dataset_built")
+  return ds if lead else open_()
 
 
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits cleanly."""
+def resume_row(ckpt: Checkpointer, step: int | None, ds: PackedDataset) -> int:
+  """Where in the data stream a run resumes: the checkpoint's rows consumed (checked against the dataset), or,
+  for a checkpoint of an earlier version (Grain iterator state), step x its global batch."""
+  if step is None:
+    return 0
+  state = ckpt.data_state(step)
+  if state is None:
+    return loader.legacy_rows_consumed(step, config_lib.from_saved(ckpt.saved_config(step)).batch_size)
+  return loader.check_resume(state, ds)
 
-  def __init__(self):
-    self.requested = False
-    if jax.process_count() == 1:      # multi-process: jax's preemption service owns SIGTERM (distributed.py)
-      signal.signal(signal.SIGTERM, self._handle)
 
-  def _handle(self, *_):
-    self.requested = True
+def train_batches(cfg: ConfigDict, ds: PackedDataset, mesh, start_row: int) -> loader.TrainBatches:
+  return loader.TrainBatches(ds, global_batch=cfg.batch_size, seed=cfg.seed, sharding=sharding.batch_sharding(mesh),
+                             start_row=start_row, read_threads=config_lib.data_config(cfg).read_threads)
 
 
-def _data(cfg: ConfigDict, split: str, batch_size: int, mesh, prepare: bool = True, **kw):
-  from dispersion_jax.data import pipeline
+def check_vocab(cfg: ConfigDict, model_cfg) -> None:
   try:
-    if prepare:  # once per run; evaluation reads what the training iterator already prepared
-      if jax.process_index() == 0:
-        pipeline.build_dataset(cfg)  # cached under the TFDS data dir; later runs only read it
-      distributed.barrier("dataset_built")
-    # Each process reads only the document shards of its rows of the global batch.
-    return distributed.process_iterator(cfg, split, sharding.batch_sharding(mesh), batch_size, **kw)
-  except (ValueError, FileNotFoundError) as e:
-    raise TrainingError(f"data: {e}") from e
-
-
-def _tokenizer_vocab(cfg: ConfigDict) -> int:
-  from dispersion_jax.tokenizer import get_tokenizer
-  try:
-    return get_tokenizer(cfg.tokenizer).vocab_size
+    vocab = get_tokenizer(cfg.tokenizer).vocab_size
   except ValueError as e:
-    raise TrainingError(f"tokenizer: {e}") from e
+    raise DataError(f"tokenizer: {e}") from e
+  if vocab > model_cfg.vocab_size:
+    raise DataError(f"tokenizer {cfg.tokenizer!r} has {vocab} tokens but the model only {model_cfg.vocab_size}; "
+                    "set model.vocab_size (or use a matching tokenizer / init_from)")
 
 
-def _global(batch: dict, mesh) -> dict:
-  """Per-process numpy batches -> one global array per key, sharded on (data, fsdp)."""
-  shard = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(shard, np.asarray(v)) for k, v in batch.items()}
+def pretrained_params(cfg: ConfigDict, model_cfg):
+  """The init_from checkpoint's parameters, or None for a fresh initialisation."""
+  if not cfg.init_from:
+    return None
+  from dispersion_jax import hf  # noqa: PLC0415 - safetensors only when mid-training
+  try:
+    return hf.load_pretrained(cfg.init_from, param_dtype=model_cfg.param_dtype)[1]
+  except (ValueError, OSError) as e:
+    raise DataError(f"init_from={cfg.init_from}: {e}") from None
 
 
-def initial_state(cfg: ConfigDict, model_cfg, tx, shard):
-  params = None
-  if cfg.init_from:
-    from dispersion_jax.hf import load_gpt2
-    _, params = load_gpt2(cfg.init_from, param_dtype=model_cfg.param_dtype)
-    params = jax.device_put(params, shard.params)
-  return jax.jit(lambda p: init_state(model_cfg, tx, cfg.seed, p), out_shardings=shard)(params)
+def validation_batches(cfg: ConfigDict, ds: PackedDataset, mesh) -> list[dict]:
+  """The run's fixed validation batches (the same ones at every evaluation and on every topology)."""
+  val = loader.ValidationBatches(ds, global_batch=cfg.batch_size // cfg.grad_accum,
+                                 sharding=sharding.batch_sharding(mesh), read_threads=0)
+  return list(val.iter_from(0, cfg.eval_batches))
 
 
-def evaluate(cfg: ConfigDict, eval_fn, params, mesh) -> dict[str, float]:
-  """Validation loss / perplexity / dispersion / condensation on the same fixed batches every time."""
-  it = _data(cfg, "validation", cfg.batch_size // cfg.grad_accum, mesh, prepare=False, shuffle=False,
-             num_epochs=None)
+def validation_metrics(eval_fn, params, batches) -> dict[str, float]:
+  """Validation loss / perplexity / dispersion / condensation: the one definition, for training and `evaluate`."""
   totals = None
-  for _ in range(cfg.eval_batches):
-    out = eval_fn(params, _global(next(it), mesh))
+  for batch in batches:
+    out = eval_fn(params, batch)
     totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
   totals = jax.device_get(totals)
+  tokens = float(totals.pop("tokens"))
+  val_loss = float(totals.pop("ce_sum")) / max(tokens, 1.0)
+  result = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80.0)), "tokens": tokens}
+  if "dispersion_sum" not in totals:  # an eval step without the dispersion / condensation part
+    return result
   n = float(totals.pop("batches"))
-  val_loss = float(totals.pop("ce_sum")) / max(float(totals.pop("tokens")), 1.0)
-  result = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80.0)),
-            "val_dispersion": float(totals.pop("dispersion_sum")) / n}
+  result["val_dispersion"] = float(totals.pop("dispersion_sum")) / n
   means = {k: float(v) / n for k, v in totals.items() if k.startswith("condensation/mean_cos/")}
   result.update(means)
   result["condensation/spearman"] = spearman([means[k] for k in sorted(means, key=lambda s: int(s.rsplit("_", 1)[1]))])
   return result
 
 
+def jit_eval_step(model, disp, mesh, param_shardings, with_dispersion: bool = True):
+  return jax.jit(functools.partial(eval_step, model=model, disp=disp, with_dispersion=with_dispersion),
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)), out_shardings=sharding.replicated(mesh))
+
+
+def peak_flops() -> float | None:
+  """Dense bf16 peak of this accelerator (datasheet), None where unknown (CPU)."""
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
 def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: int | None = None) -> int:
   """Trains to cfg.steps (or until SIGTERM / `stop_at`, handled alike); returns the last completed step."""
-  preempt = _Preemption()             # first: a SIGTERM during set-up still ends in a clean save and exit
+  preempt = distributed.Preemption()  # first: a SIGTERM during set-up still ends in a clean save and exit
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(cfg, devices)
+  loop_cfg, opt_cfg = config_lib.loop_config(cfg), config_lib.optimizer_config(cfg)
+  mesh = sharding.make_mesh(config_lib.mesh_config(cfg), devices)
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
-  model, tx, schedule = GPT(model_cfg), make_optimizer(cfg), lr_schedule(cfg)
-  train_it = _data(cfg, "train", cfg.batch_size, mesh)
-  vocab = _tokenizer_vocab(cfg)
-  if vocab > model_cfg.vocab_size:
-    raise TrainingError(f"tokenizer {cfg.tokenizer!r} has {vocab} tokens but the model only {model_cfg.vocab_size}; "
-                        "set model.vocab_size (or use a matching tokenizer / init_from)")
+  model, tx, schedule = build_model(model_cfg), make_optimizer(opt_cfg, loop_cfg.steps), lr_schedule(opt_cfg, loop_cfg.steps)
+  check_vocab(cfg, model_cfg)
+  ds = open_data(cfg)
 
-  abstract, shard = state_shardings(model_cfg, tx, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
-  ckpt = Checkpointer(workdir, cfg.max_to_keep)
+  target, shardings = state_shardings(model_cfg, tx, mesh)
+  ckpt = Checkpointer(workdir, loop_cfg.max_to_keep)
   start = ckpt.latest_step()
+  data = train_batches(cfg, ds, mesh, resume_row(ckpt, start, ds))
   with logical_context(mesh):
-    state = initial_state(cfg, model_cfg, tx, shard) if start is None else ckpt.restore(start, target, train_it)
+    if start is None:
+      params = pretrained_params(cfg, model_cfg)
+      params = None if params is None else jax.device_put(params, shardings.params)
+      state = jax.jit(lambda p: init_state(model_cfg, tx, cfg.seed, p), out_shardings=shardings)(params)
+    else:
+      state = ckpt.restore(start, target)
     step_fn = jit_train_step(functools.partial(train_step, model=model, disp=disp, tx=tx, schedule=schedule,
-                                               grad_accum=cfg.grad_accum), mesh, shard)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, disp=disp),
-                      in_shardings=(shard.params, sharding.batch_sharding(mesh)),
-                      out_shardings=sharding.replicated(mesh))
+                                               grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk), mesh, shardings)
+    eval_fn = jit_eval_step(model, disp, mesh, shardings.params)
+    val_batches = validation_batches(cfg, ds, mesh) if loop_cfg.eval_every else []
   start = start or 0
-  if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as fh:
-      json.dump(cfg.to_dict(), fh, indent=2)
-  logger = MetricsLogger(workdir, cfg.steps, start, enabled=lead)
+  logger = MetricsLogger(workdir, loop_cfg.steps, start, enabled=lead)
   logger.write(f"{'resuming from step ' + str(start) if start else 'starting'}: {model_cfg.n_layer} layers, "
                f"width {model_cfg.n_embd}, mesh {dict(mesh.shape)}, {cfg.batch_size}x{cfg.seq_len} tokens/step")
-  tokens_per_step = cfg.batch_size * cfg.seq_len
-  pending = None                      # (step, device metrics) of the previous step: fetched one step late
-  window = (start, time.perf_counter())
+  step_flops = flops_per_token(model_cfg, cfg.seq_len)
+  peak = peak_flops()
+  last_eval = {}
 
-  def finish(step_and_metrics, force_log=False):
-    nonlocal window
-    s, m = step_and_metrics
-    loss = float(m["loss"])           # a scalar, one step behind the device: no stall
-    if not math.isfinite(loss):
-      raise TrainingError(f"non-finite loss ({loss}) at step {s}; the last good checkpoint is step "
-                          f"{ckpt.latest_step()}; lower optimizer.lr or check the data, then re-run to resume")
-    if s % cfg.log_every == 0 or force_log:
-      now = time.perf_counter()
-      tps = (s - window[0]) * tokens_per_step / max(now - window[1], 1e-9)
-      window = (s, now)
-      logger.log(s, {**jax.device_get(m), "tokens_per_s": tps})
+  def log(step, metrics, tokens_per_s):
+    row = {**metrics, "tokens_per_s": tokens_per_s}
+    if peak:  # MFU with the FLOP convention of models.flops_per_token (the one bench and the dry run use)
+      row["mfu"] = tokens_per_s * step_flops / (peak * mesh.devices.size)
+    logger.log(step, row)
 
-  step = start
+  def evaluate(step, state):
+    last_eval.update(validation_metrics(eval_fn, state.params, val_batches))
+    last_eval.pop("tokens")
+    logger.log(step, last_eval)
+
+  hooks = Hooks(
+      log=log, evaluate=evaluate, advance=logger.advance, last_checkpoint=ckpt.latest_step,
+      save=lambda step, state: ckpt.save(step, state, data.state(data.rows_consumed(step - start)), cfg.to_dict()),
+      should_stop=lambda step: distributed.preemption_requested(preempt.requested or step == stop_at, ckpt, step))
   try:
     with logical_context(mesh):
-      while step < cfg.steps:
-        if distributed.preemption_requested(preempt.requested or step == stop_at, ckpt, step):
-          break
-        state, metrics = step_fn(state, _global(next(train_it), mesh))
-        step += 1
-        if pending is not None:
-          finish(pending)
-        pending = (step, metrics)
-        logger.advance()
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-          finish(pending, force_log=step == cfg.steps)  # never checkpoint a non-finite state
-          pending = None
-          ckpt.save(step, state, train_it, cfg)
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-          logger.log(step, evaluate(cfg, eval_fn, state.params, mesh))
-      if pending is not None:
-        finish(pending)
-      if step < cfg.steps:            # preempted: save where we are, then exit cleanly
-        if ckpt.latest_step() != step:
-          ckpt.save(step, state, train_it, cfg)
-        logger.write(f"preempted at step {step}: checkpoint saved; re-run the same command to resume")
+      out = run_loop(step_fn, state, data.iter_from(0, loop_cfg.steps - start), start=start, cfg=loop_cfg, hooks=hooks,
+                     tokens_per_step=cfg.batch_size * cfg.seq_len)
   finally:
     ckpt.close()
     logger.close()
-  return step
+  if lead:
+    print(summary(workdir, out, last_eval, stop_at), file=sys.stderr, flush=True)
+  return out.step
 
 
-def main(argv: list[str] | None = None) -> None:
+def summary(workdir: str, out, last_eval: dict, stop_at: int | None = None) -> str:
+  """What a user needs after a run: where it ended, its losses, where things are, what to run next."""
+  lines = []
+  if out.preempted:
+    how = "stopped" if out.step == stop_at else "preempted"
+    lines.append(f"{how} at step {out.step}: checkpoint saved; re-run the same command to resume")
+  else:
+    lines.append(f"finished step {out.step}")
+  if out.last_metrics is not None:
+    lines.append(f"  train loss {float(out.last_metrics['loss']):.4f} (ce {float(out.last_metrics['ce']):.4f})")
+  if "val_loss" in last_eval:
+    lines.append(f"  validation loss {last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.1f})")
+  lines.append(f"  checkpoints: {os.path.join(workdir, 'checkpoints')}")
+  lines.append(f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}; TensorBoard: tensorboard --logdir "
+               f"{shlex.quote(os.path.join(workdir, 'tensorboard'))}")
+  lines.append(f"  evaluate: python -m dispersion_jax.evaluate --workdir {shlex.quote(workdir)}")
+  return "\n".join(lines)
+
+
+def load_run_config(workdir: str, step: int | None = None) -> ConfigDict:
+  """The run config a run's (latest) checkpoint was trained with."""
+  ckpt = Checkpointer(workdir, max_to_keep=None, async_save=False)
   try:
-    argv, launch = distributed.pop_cli_flags(sys.argv[1:] if argv is None else argv)
-    cfg, workdir = config_lib.parse_args(argv)
-    distributed.initialize(launch)  # before anything touches the backend
-    config_lib.validate(cfg, jax.device_count())
-    distributed.check_same_config(cfg)
-    if cfg.dry_run:
-      from dispersion_jax.dry_run import dry_run
-      dry_run(cfg)
-      return
-    run(cfg, workdir)
-  except (config_lib.ConfigError, CheckpointError, TrainingError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    distributed.exit_now(2)  # multi-process: no shutdown barrier with peers that may still be computing
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first")
+    return config_lib.from_saved(ckpt.saved_config(step))
+  finally:
+    ckpt.close()
 
 
-if __name__ == "__main__":
+def load_run(workdir: str, step: int | None = None, mesh=None):
+  """(run config, model config, train state) of a run's checkpoint, restored onto `mesh` (None: one device).
+
+  The config is the checkpoint's own copy: the run's one record of how it was trained.
+  """
+  ckpt = Checkpointer(workdir, max_to_keep=None, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.manager.all_steps():
+      raise CheckpointError(f"no checkpoint {'' if step is None else step} in {ckpt.directory}; "
+                            "train first or pass an existing --step")
+    cfg = config_lib.from_saved(ckpt.saved_config(step))
+    model_cfg = config_lib.model_config(cfg)
+    tx = make_optimizer(config_lib.optimizer_config(cfg), cfg.steps)
+    if mesh is None:
+      mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+    target, _ = state_shardings(model_cfg, tx, mesh)
+    state = ckpt.restore(step, target)
+  finally:
+    ckpt.close()
+  return cfg, model_cfg, state
+
+
+def load_params(workdir: str, step: int | None = None):
+  """(model config, params) of a run's checkpoint on the default device (for the evaluation tools)."""
+  _, model_cfg, state = load_run(workdir, step)
+  return model_cfg, state.params
+
+
+if __name__ == "__main__":  # the command line lives in cli/train.py; this keeps `python -m dispersion_jax.train`
+  from dispersion_jax.cli.train import main
   main()

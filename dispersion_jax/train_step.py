@@ -1,7 +1,6 @@
-"""The train state, the Optax optimizer and the jitted, sharded train / eval steps."""
+"""The train state and the jitted, sharded train / eval steps."""
 import contextlib
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax
@@ -10,11 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from ml_collections import ConfigDict
 
 from dispersion_jax import sharding
 from dispersion_jax.condensation import condensation_metrics
-from dispersion_jax.models import GPT, GPTConfig, hidden_states, init_params, param_logical_axes
+from dispersion_jax.models import hidden_states, init_params, param_logical_axes
 from dispersion_jax.objective import DispersionConfig, cross_entropy, dispersion_term, objective
 
 
@@ -26,40 +24,18 @@ class TrainState:
   rng: jax.Array
 
 
-def lr_schedule(cfg: ConfigDict) -> optax.Schedule:
-  o = cfg.optimizer
-  warmup = int(round(o.warmup * cfg.steps)) if o.warmup < 1 else int(o.warmup)
-  warmup = min(warmup, cfg.steps)
-  return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(cfg.steps, warmup + 1),
-                                            end_value=o.lr * o.min_lr_ratio)
-
-
-def decay_mask(params, decay_embeddings: bool):
-  """Decay matrices only: never biases or layer-norm scales; embeddings if the recipe says so."""
-  def keep(path, _):
-    names = [getattr(p, "key", "") for p in path]
-    if names[-1] in ("bias", "scale"):
-      return False
-    return decay_embeddings or names[-1] != "embedding"
-  return jax.tree_util.tree_map_with_path(keep, params)
-
-
-def make_optimizer(cfg: ConfigDict) -> optax.GradientTransformation:
-  o = cfg.optimizer
-  adamw = optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                      mask=functools.partial(decay_mask, decay_embeddings=o.decay_embeddings))
-  return optax.chain(optax.clip_by_global_norm(o.clip), adamw) if o.clip > 0 else adamw
-
-
-def init_state(model_cfg: GPTConfig, tx: optax.GradientTransformation, seed: int, params=None) -> TrainState:
+def init_state(model_cfg, tx: optax.GradientTransformation, seed: int, params=None) -> TrainState:
   rng_params, rng_train = jax.random.split(jax.random.PRNGKey(seed))
   if params is None:
     params = init_params(model_cfg, rng_params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng_train)
 
 
-def state_shardings(model_cfg: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh):
-  """(abstract state, its NamedShardings): optimizer moments follow their parameters' placement."""
+def state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mesh):
+  """(abstract state, its NamedShardings): optimizer moments follow their parameters' placement.
+
+  The abstract state's leaves are jax.ShapeDtypeStructs that carry their sharding: a restore or compile target.
+  """
   abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, 0))
   p_shard = sharding.param_shardings(param_logical_axes(model_cfg), abstract.params, mesh)
   rep = sharding.replicated(mesh)
@@ -67,6 +43,7 @@ def state_shardings(model_cfg: GPTConfig, tx: optax.GradientTransformation, mesh
   opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, p_shard,
                                     transform_non_params=lambda _: rep)
   shard = TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
   return abstract, shard
 
 
@@ -74,8 +51,9 @@ def _microbatches(batch: dict, n: int) -> dict:
   return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def train_step(state: TrainState, batch: dict, coeff: jax.Array | None = None, *, model: GPT,
-               disp: DispersionConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int):
+def train_step(state: TrainState, batch: dict, coeff: jax.Array | None = None, *, model: nn.Module,
+               disp: DispersionConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
+               ce_chunk: int | None = None):
   """One optimizer step over `grad_accum` equal micro-batches.
 
   Each micro-batch's objective is CE-mean + coeff * dispersion-mean; averaging the micro-batches keeps the
@@ -83,9 +61,10 @@ def train_step(state: TrainState, batch: dict, coeff: jax.Array | None = None, *
   coefficient replacing disp.coeff (one compiled step for models that differ only in it, see vmap_train.py).
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
-  deterministic = model.cfg.dropout == 0.0
+  deterministic = getattr(model.cfg, "dropout", 0.0) == 0.0
   grad_fn = jax.value_and_grad(
-      lambda p, b, r: objective(p, b, model=model, disp=disp, rng=r, deterministic=deterministic, coeff=coeff),
+      lambda p, b, r: objective(p, b, model=model, disp=disp, rng=r, deterministic=deterministic, coeff=coeff,
+                          ce_chunk=ce_chunk),
       has_aux=True)
 
   def micro(carry, xs):
@@ -111,7 +90,7 @@ def _zeros_like_out(grad_fn, params, mb, rng):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads, metrics))
 
 
-def eval_step(params, batch: dict, *, model: GPT, disp: DispersionConfig, with_dispersion: bool = True):
+def eval_step(params, batch: dict, *, model: nn.Module, disp: DispersionConfig, with_dispersion: bool = True):
   """Sums over the batch (tokens weighted by segment_ids > 0, padding excluded) for exact reduction."""
   logits, variables = model.apply({"params": params}, batch["input_ids"], batch.get("positions"),
                                   mutable=["intermediates"])
@@ -120,7 +99,7 @@ def eval_step(params, batch: dict, *, model: GPT, disp: DispersionConfig, with_d
   n_tok = jnp.sum(w_BxL)
   out = {"ce_sum": cross_entropy(logits, batch["targets"], w_BxL) * n_tok, "tokens": n_tok}
   if with_dispersion:
-    states = hidden_states(variables)
+    states = hidden_states(variables, disp.final_norm)
     disp_full = dataclasses.replace(disp, max_tokens=None)  # all tokens: a stable estimate
     val, _ = dispersion_term(states, disp_full, model.cfg.n_layer, mask=w_BxL > 0,
                              segment_ids=batch.get("segment_ids"))
@@ -130,9 +109,9 @@ def eval_step(params, batch: dict, *, model: GPT, disp: DispersionConfig, with_d
   return out
 
 
-def jit_train_step(fn: Callable, mesh: Mesh, shard: TrainState):
+def jit_train_step(fn: Callable, mesh: Mesh, shardings: TrainState):
   batch_shard = sharding.batch_sharding(mesh)
-  return jax.jit(fn, in_shardings=(shard, batch_shard), out_shardings=(shard, sharding.replicated(mesh)),
+  return jax.jit(fn, in_shardings=(shardings, batch_shard), out_shardings=(shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
 
 

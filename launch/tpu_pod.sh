@@ -20,8 +20,9 @@ WORKDIR=/mnt/shared/runs/gpt2_xl
 REMOTE_DIR=dispersion_jax            # where the code goes on each worker (relative to $HOME)
 JAX_INSTALL='jax[tpu]>=0.10,<0.12'   # the TPU build of jax (pulls libtpu)
 PYTHON=python3.11                    # jax 0.10 needs Python >= 3.11 (installed with apt if missing)
-# The trainer builds the dataset on process 0 only; with a per-worker TFDS data dir, build it on every worker here.
-PREPARE='python -m dispersion_jax.data.pipeline'
+# Training reads a built dataset (only the embedded corpus is built on first use). Build it once into a directory
+# every worker sees (data.cache_dir on the shared mount); with a per-worker cache dir, every worker builds it.
+PREPARE="python -m dispersion_jax.data.build --config $CONFIG"
 # ----------------------------------------------------------------------------------------------------------------
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

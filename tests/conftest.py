@@ -41,20 +41,20 @@ def gpt2_golden(golden_dir):
 
 @pytest.fixture
 def make_run():
-  """Builds a training workdir as train.py leaves it: an Orbax checkpoint at `step` and config.json."""
+  """Builds a training workdir as train.py leaves it: an Orbax checkpoint (state + run config) at `step`."""
   from dispersion_jax import config as config_lib
   from dispersion_jax.checkpoint import Checkpointer
-  from dispersion_jax.train_step import init_state, make_optimizer
+  from dispersion_jax.optim import make_optimizer
+  from dispersion_jax.train_step import init_state
 
   def build(workdir, step: int, **model):
     cfg = config_lib.default_config()
     cfg.model.preset = "test"
     cfg.model.update(model)
     model_cfg = config_lib.model_config(cfg)
-    state = init_state(model_cfg, make_optimizer(cfg), 0)
+    state = init_state(model_cfg, make_optimizer(config_lib.optimizer_config(cfg), cfg.steps), 0)
     ckpt = Checkpointer(str(workdir), async_save=False)
-    ckpt.save(step, state, None, cfg)
+    ckpt.save(step, state, None, cfg.to_dict())
     ckpt.close()
-    (workdir / "config.json").write_text(json.dumps(cfg.to_dict()))
     return model_cfg, state.params
   return build

@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 
 from dispersion_jax import condensation as cond
-from dispersion_jax.condensation_cli import main
+from dispersion_jax.cli.condensation import main
 from dispersion_jax.hf import load_gpt2
 
 BINS = 100
@@ -173,41 +173,42 @@ def test_cli_end_to_end_and_compare(ids_file, golden, tiny_dir, tmp_path):
   assert json.loads((b / "condensation.json").read_text())["num_tokens"] == 32
 
 
-def _err(argv, match):
+def _err(argv, match, capsys):
+  capsys.readouterr()
   with pytest.raises(SystemExit) as e:
     main(argv)
   assert e.value.code != 0
   if match:
-    msg = str(e.value.code)
+    msg = capsys.readouterr().err.strip()
     assert match in msg and "\n" not in msg, msg
 
 
-def test_cli_bad_inputs(ids_file, tiny_dir, tmp_path):
+def test_cli_bad_inputs(ids_file, tiny_dir, tmp_path, capsys):
   TINY = tiny_dir
   out = ["--out", str(tmp_path / "o")]
   big = tmp_path / "big.npy"
   np.save(big, np.array([[1, 2, 512]]))
-  _err(["--hf-model", TINY, "--token-ids", str(big), "--max-length", "8", *out], "outside the model vocabulary")
+  _err(["--hf-model", TINY, "--token-ids", str(big), "--max-length", "8", *out], "outside the model vocabulary", capsys)
   gap = tmp_path / "gap.npy"
   np.save(gap, np.array([[1, -1, 3]]))
-  _err(["--hf-model", TINY, "--token-ids", str(gap), "--max-length", "8", *out], "padding")
+  _err(["--hf-model", TINY, "--token-ids", str(gap), "--max-length", "8", *out], "padding", capsys)
   flt = tmp_path / "flt.npy"
   np.save(flt, np.zeros((2, 3)))
-  _err(["--hf-model", TINY, "--token-ids", str(flt), "--max-length", "8", *out], "integer array")
+  _err(["--hf-model", TINY, "--token-ids", str(flt), "--max-length", "8", *out], "integer array", capsys)
   texts = tmp_path / "t.txt"
   texts.write_text("Hello world, this is English.\n")  # GPT-2 BPE ids exceed the tiny model's vocab of 512
-  _err(["--hf-model", TINY, "--texts", str(texts), "--max-length", "8", *out], "outside the model vocabulary")
-  _err(["--hf-model", TINY, "--texts", str(tmp_path / "missing.txt"), "--max-length", "8", *out], "not found")
-  _err(["--hf-model", str(tmp_path), "--token-ids", ids_file, "--max-length", "8", *out], "not found")
-  _err(["--hf-model", TINY, "--token-ids", ids_file, "--max-length", "8", "--compare", str(big), *out], "")
-  _err(["--hf-model", TINY, "--token-ids", ids_file, "--max-length", "8", "--compare", str(texts), *out], "not JSON")
-  _err(["--hf-model", TINY, "--token-ids", ids_file, "--max-length", "8", "--labels", "a,b", *out], None)
-  _err(["--hf-model", TINY, "--token-ids", ids_file, "--texts", str(texts), "--max-length", "8", *out], None)
-  _err(["--hf-model", TINY, "--corpus", "default", "--max-length", "8", *out], None)
-  _err(["--token-ids", ids_file, "--max-length", "8", *out], None)
+  _err(["--hf-model", TINY, "--texts", str(texts), "--max-length", "8", *out], "outside the model vocabulary", capsys)
+  _err(["--hf-model", TINY, "--texts", str(tmp_path / "missing.txt"), "--max-length", "8", *out], "not found", capsys)
+  _err(["--hf-model", str(tmp_path), "--token-ids", ids_file, "--max-length", "8", *out], "not found", capsys)
+  _err(["--hf-model", TINY, "--token-ids", ids_file, "--max-length", "8", "--compare", str(big), *out], "", capsys)
+  _err(["--hf-model", TINY, "--token-ids", ids_file, "--max-length", "8", "--compare", str(texts), *out], "not JSON", capsys)
+  _err(["--hf-model", TINY, "--token-ids", ids_file, "--max-length", "8", "--labels", "a,b", *out], None, capsys)
+  _err(["--hf-model", TINY, "--token-ids", ids_file, "--texts", str(texts), "--max-length", "8", *out], None, capsys)
+  _err(["--hf-model", TINY, "--corpus", "default", "--max-length", "8", *out], None, capsys)
+  _err(["--token-ids", ids_file, "--max-length", "8", *out], None, capsys)
 
 
-def test_cli_workdir(tmp_path, make_run):
+def test_cli_workdir(tmp_path, make_run, capsys):
   model_cfg, params = make_run(tmp_path / "run", 3)  # preset "test": vocab 128, n_positions 32, 2 layers
   ids = np.random.default_rng(0).integers(0, 128, (3, 40))
   np.save(tmp_path / "ids.npy", ids)
@@ -220,4 +221,4 @@ def test_cli_workdir(tmp_path, make_run):
   np.testing.assert_allclose(s["mean_cossim_by_layer"], want["mean_cossim_by_layer"], atol=1e-6)
   assert len(s["mean_cossim_by_layer"]) == model_cfg.n_layer + 1
   _err(["--workdir", str(tmp_path / "run"), "--step", "9", "--token-ids", str(tmp_path / "ids.npy"),
-        "--max-length", "8", "--out", str(out)], "no checkpoint")
+        "--max-length", "8", "--out", str(out)], "no checkpoint", capsys)

@@ -2,11 +2,13 @@
 
 One chain of runs (module fixture), each check a test: two processes x 4 devices train the tiny model and are cut
 short by killing one process; the other must exit within a bounded time; re-running (launch/local.sh) resumes from
-the last checkpoint; all losses equal those of one process x 8 devices; the last checkpoint (written by 2 x 4)
-restores exactly in 1 x 8 and 1 x 2 devices.
+the last checkpoint, bit for bit like an uninterrupted 2 x 4 run; the same checkpoint also resumes on 1 process x
+2 devices and on 4 processes x 2 devices; all losses equal those of one process x 8 devices; the last checkpoint
+(written by 2 x 4) restores exactly in 1 x 8 and 1 x 2 devices.
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +19,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from dispersion_jax import distributed
+from dispersion_jax import distributed, sharding
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # real processes: deselect with -m 'not slow'
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, "-m", "dispersion_jax.train"]
@@ -25,8 +29,7 @@ TRAIN = [sys.executable, "-m", "dispersion_jax.train"]
 TINY = ["--config", "configs/gpt2_tiny.py", "--config.model.n_layer=2", "--config.model.n_embd=32",
         "--config.seq_len=32", "--config.batch_size=8", "--config.eval_every=0", "--config.log_every=1",
         "--config.checkpoint_every=2", "--config.optimizer.warmup=0", "--config.optimizer.min_lr_ratio=1.0",
-        "--config.mesh.data=2", "--config.mesh.fsdp=4",   # fsdp inside a process, data across the two
-        "--config.data.shards=2"]                         # the same data order with 1 or 2 processes
+        "--config.mesh.data=2", "--config.mesh.fsdp=4"]   # fsdp inside a process, data across the two
 HEARTBEAT_S = 10
 EXIT_BOUND_S = 60                                         # heartbeat timeout + slack for a loaded 2-core machine
 
@@ -90,25 +93,19 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 _RESTORE = """
 import sys
 import jax, numpy as np, orbax.checkpoint as ocp
-from dispersion_jax import config as config_lib, sharding
-from dispersion_jax.checkpoint import Checkpointer, _flatten, _path_str
-from dispersion_jax.train_step import make_optimizer, state_shardings
+from dispersion_jax import sharding, train
+from dispersion_jax.checkpoint import Checkpointer
+mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))
+_, _, state = train.load_run(sys.argv[1], mesh=mesh)
 ckpt = Checkpointer(sys.argv[1], max_to_keep=None, async_save=False)
 step = ckpt.latest_step()
-cfg = config_lib.default_config()
-cfg.update_from_flattened_dict(_flatten(ckpt.saved_config(step)))
-cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
-mesh = sharding.make_mesh(cfg)
-abstract, shard = state_shardings(config_lib.model_config(cfg), make_optimizer(cfg), mesh)
-target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
-state = ckpt.restore(step, target)
 meta = ckpt.manager.item_metadata(step)["state"]
 disk = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
     jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta))))["state"]
 out = {}
 for prefix, tree in (("restored", state), ("disk", disk)):
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    out[prefix + "/" + _path_str(path)] = np.asarray(jax.device_get(x))
+    out[prefix + "/" + jax.tree_util.keystr(path, simple=True, separator="/")] = np.asarray(jax.device_get(x))
 sharded = sum(1 for x in jax.tree.leaves(state.params) if len(x.sharding.device_set) > 1 and
               not x.sharding.is_fully_replicated)
 np.savez(sys.argv[2], **out)
@@ -145,12 +142,23 @@ def chain(tmp_path_factory):
                            log=(d / "killed_0.log").read_text(errors="replace"))
   final = last + 2
   tail = [f"--config.steps={final}", f"--config.eval_every={final}", "--config.eval_batches=1"]
+  # Copies of the killed run's workdir, resumed on other topologies below.
+  other = {n: d / f"mp_{n}" for n in ("1x2", "4x2")}
+  for w in other.values():
+    shutil.copytree(work, w)
   # 2. Re-run the same command through launch/local.sh: resumes from `last`, evaluates at the end.
   resumed = _run(["bash", "launch/local.sh", "2", *TINY, *tail, f"--workdir={work}"],
                  {**_env(1), "LOCAL_DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable}, timeout=300)
-  # 3. The reference: one process x 8 devices, same global mesh, same data shards.
+  # 3. The references: one process x 8 devices (same global mesh), and two processes x 4 uninterrupted.
   # Two steps more: the killed run may have logged a step or two past its last checkpoint.
   reference = _run([*TRAIN, *TINY, *tail, f"--config.steps={final + 2}", f"--workdir={ref}"], _env(8), timeout=300)
+  straight = _run(["bash", "launch/local.sh", "2", *TINY, *tail, f"--workdir={d / 'straight'}"],
+                  {**_env(1), "LOCAL_DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable}, timeout=300)
+  # 4. The 2 x 4 checkpoint resumed on 1 process x 2 devices (another mesh) and on 4 processes x 2 devices.
+  on_1x2 = _run([*TRAIN, *TINY, *tail, "--config.mesh.data=1", "--config.mesh.fsdp=2", f"--workdir={other['1x2']}"],
+                _env(2), timeout=300)
+  on_4x2 = _run(["bash", "launch/local.sh", "4", *TINY, *tail, f"--workdir={other['4x2']}"],
+                {**_env(1), "LOCAL_DEVICES_PER_PROCESS": "2", "PYTHON": sys.executable}, timeout=300)
   # 4. The 2 x 4 checkpoint restored in 1 x 8 and 1 x 2 devices (in parallel: two cores).
   restores = {n: subprocess.Popen([sys.executable, "-c", _RESTORE, str(work), str(d / f"restore_{n}.npz")],
                                   cwd=ROOT, env=_env(n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -160,6 +168,8 @@ def chain(tmp_path_factory):
   finally:
     _stop(list(restores.values()))
   return SimpleNamespace(dir=d, work=work, ref=ref, killed=killed, resumed=resumed, reference=reference,
+                         straight=(straight, d / "straight"), other={"1x2": (on_1x2, other["1x2"]),
+                                                                     "4x2": (on_4x2, other["4x2"])},
                          final=final, restored=restored)
 
 
@@ -192,6 +202,32 @@ def test_two_processes_give_the_losses_of_one(chain):
   val_mp = next(r for r in mp[chain.final] if "val_loss" in r)
   val_one = next(r for r in one[chain.final] if "val_loss" in r)
   np.testing.assert_allclose(val_mp["val_loss"], val_one["val_loss"], rtol=1e-5)   # reduced across processes
+
+
+def test_resume_on_the_same_topology_is_bit_for_bit(chain):
+  run, workdir = chain.straight
+  assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+  straight, resumed = _metrics(workdir), _metrics(chain.work)
+  for step in range(chain.killed.checkpoint + 1, chain.final + 1):
+    want = next(r for r in straight[step] if "loss" in r)
+    got = next(r for r in resumed[step][::-1] if "loss" in r)   # the resumed run's row (logged last)
+    assert got["loss"] == want["loss"] and got["ce"] == want["ce"], step
+
+
+@pytest.mark.parametrize("topology", ["1x2", "4x2"])
+def test_checkpoint_of_2x4_resumes_on_another_process_count(chain, topology):
+  run, workdir = chain.other[topology]
+  out = run.stdout + run.stderr
+  assert run.returncode == 0, out[-4000:]
+  assert f"resuming from step {chain.killed.checkpoint}" in out, out[-4000:]
+  got, one = _metrics(workdir), _metrics(chain.ref)
+  for step in range(chain.killed.checkpoint + 1, chain.final + 1):
+    row = next(r for r in got[step][::-1] if "loss" in r)
+    want = next(r for r in one[step] if "loss" in r)
+    np.testing.assert_allclose(row["loss"], want["loss"], rtol=2e-5, err_msg=f"{topology} step {step}")
+  val = next(r for r in got[chain.final] if "val_loss" in r)
+  val_one = next(r for r in one[chain.final] if "val_loss" in r)
+  np.testing.assert_allclose(val["val_loss"], val_one["val_loss"], rtol=2e-5)   # the same validation batches
 
 
 def test_checkpoint_of_two_processes_restores_exactly_on_one(chain):
@@ -239,14 +275,15 @@ def test_local_sh_stops_the_rest_when_one_process_fails(tmp_path):
 
 # --- units: no processes -------------------------------------------------------------------------------------
 
-def test_pop_cli_flags():
-  rest, launch = distributed.pop_cli_flags(["--config", "c.py", "--coordinator", "h:1234", "--num_processes=4",
-                                            "--config.seed=1", "--process_id", "3", "--workdir=w"])
-  assert rest == ["--config", "c.py", "--config.seed=1", "--workdir=w"]
-  assert launch == distributed.Launch("h:1234", 4, 3)
-  from dispersion_jax.config import ConfigError
-  with pytest.raises(ConfigError, match="integers"):
-    distributed.pop_cli_flags(["--num_processes=two"])
+def test_launch_flags(capsys):
+  from dispersion_jax.cli.train import parser
+  args = parser().parse_args(["--config", "c.py", "--coordinator", "h:1234", "--num_processes=4",
+                              "--config.seed=1", "--process_id", "3", "--workdir=w"])
+  assert (args.config, args.workdir, args.overrides) == ("c.py", "w", [("seed", "1")])
+  assert distributed.Launch(args.coordinator, args.num_processes, args.process_id) == distributed.Launch("h:1234", 4, 3)
+  with pytest.raises(SystemExit) as e:
+    parser().parse_args(["--config", "c.py", "--workdir", "w", "--num_processes=two"])
+  assert e.value.code == 2 and "integer" in capsys.readouterr().err
 
 
 def test_initialize_reads_flags_then_environment(monkeypatch):
@@ -282,12 +319,12 @@ def test_initialize_reads_flags_then_environment(monkeypatch):
 
 
 def test_dcn_split_keeps_fsdp_and_tensor_inside_hosts():
-  assert distributed.dcn_split((8, 8, 1), 8) == ((1, 8, 1), (8, 1, 1))
-  assert distributed.dcn_split((2, 4, 1), 2) == ((1, 4, 1), (2, 1, 1))
-  assert distributed.dcn_split((4, 4, 2), 2) == ((2, 4, 2), (2, 1, 1))
-  assert distributed.dcn_split((1, 16, 1), 2) == ((1, 8, 1), (1, 2, 1))     # data too small: fsdp crosses
+  assert sharding.dcn_split((8, 8, 1), 8) == ((1, 8, 1), (8, 1, 1))
+  assert sharding.dcn_split((2, 4, 1), 2) == ((1, 4, 1), (2, 1, 1))
+  assert sharding.dcn_split((4, 4, 2), 2) == ((2, 4, 2), (2, 1, 1))
+  assert sharding.dcn_split((1, 16, 1), 2) == ((1, 8, 1), (1, 2, 1))     # data too small: fsdp crosses
   with pytest.raises(ValueError, match="multiple of 4"):
-    distributed.dcn_split((1, 1, 8), 4)
+    sharding.dcn_split((1, 1, 8), 4)
 
 
 def _fake_devices(n: int, per_process: int, platform: str = "cpu") -> list:
@@ -295,47 +332,25 @@ def _fake_devices(n: int, per_process: int, platform: str = "cpu") -> list:
 
 
 def test_hybrid_mesh_puts_each_host_in_one_data_slice():
-  mesh = distributed.hybrid_device_mesh((2, 4, 1), _fake_devices(8, 4))        # CPU: a process stands for a host
+  mesh = sharding.hybrid_device_mesh((2, 4, 1), _fake_devices(8, 4))        # CPU: a process stands for a host
   assert mesh.shape == (2, 4, 1)
   assert [{d.process_index for d in mesh[i].flat} for i in range(2)] == [{0}, {1}]
-  mesh = distributed.hybrid_device_mesh((4, 2, 2), _fake_devices(16, 4))
+  mesh = sharding.hybrid_device_mesh((4, 2, 2), _fake_devices(16, 4))
   assert all(len({d.process_index for d in mesh[i].flat}) == 1 for i in range(4))   # fsdp x tensor in a host
 
 
 def test_gpu_hosts_group_processes_of_one_machine(monkeypatch):
   # 2 machines x 4 GPUs, one process per GPU: the fsdp groups of 4 must each be one machine, not one process.
-  monkeypatch.setattr(distributed, "_process_hosts", lambda: [11, 11, 11, 11, 22, 22, 22, 22])
+  monkeypatch.setattr(sharding, "_process_hosts", lambda: [11, 11, 11, 11, 22, 22, 22, 22])
   devices = _fake_devices(8, 1, "gpu")
-  assert distributed.granule_ids(devices) == [11] * 4 + [22] * 4
-  mesh = distributed.hybrid_device_mesh((2, 4, 1), devices)
+  assert sharding.granule_ids(devices) == [11] * 4 + [22] * 4
+  mesh = sharding.hybrid_device_mesh((2, 4, 1), devices)
   assert [sorted(d.process_index for d in mesh[i].flat) for i in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-
-
-class _Rows:
-  """A stand-in for a batch sharding: device -> the rows it holds."""
-
-  def __init__(self, blocks):
-    self.blocks = blocks
-
-  def addressable_devices_indices_map(self, shape):
-    return {i: (slice(a, b),) for i, (a, b) in enumerate(self.blocks)}
-
-
-def test_local_data_shards_follow_the_rows_of_this_process(monkeypatch):
-  from dispersion_jax.config import ConfigError
-  monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
-  assert distributed.local_data_shards(_Rows([(4, 6), (6, 8)]), 8) == (2, [1])         # default: one per process
-  assert distributed.local_data_shards(_Rows([(0, 2), (2, 4)]), 8, 4) == (4, [0, 1])
-  assert distributed.local_data_shards(_Rows([(0, 2), (4, 6)]), 8, 4) == (4, [0, 2])   # rows need not be adjacent
-  with pytest.raises(ConfigError, match="does not match"):
-    distributed.local_data_shards(_Rows([(0, 2)]), 8, 2)
-  with pytest.raises(ConfigError, match="must divide"):
-    distributed.local_data_shards(_Rows([(0, 8)]), 8, 3)
 
 
 def test_config_hash_tells_configs_apart():
   from dispersion_jax.config import default_config
   a, b = default_config(), default_config()
-  assert distributed.config_hash(a) == distributed.config_hash(b)
+  assert distributed.config_hash(a.to_dict()) == distributed.config_hash(b.to_dict())
   b.seed = 1
-  assert distributed.config_hash(a) != distributed.config_hash(b)
+  assert distributed.config_hash(a.to_dict()) != distributed.config_hash(b.to_dict())

@@ -27,12 +27,13 @@ def _tiny_cfg():
 
 
 def test_dry_run_compiles_without_params_or_data(monkeypatch, capsys):
-  from dispersion_jax.data import pipeline
+  from dispersion_jax.data import build, loader, packed
 
   def no_data(*_, **__):
     raise AssertionError("the dry run must not read data")
-  monkeypatch.setattr(pipeline, "make_iterator", no_data)
-  monkeypatch.setattr(pipeline, "build_dataset", no_data)
+  monkeypatch.setattr(build, "open_or_build_default", no_data)
+  monkeypatch.setattr(packed, "open_identity", no_data)
+  monkeypatch.setattr(loader.TrainBatches, "__init__", no_data)
   before = len(jax.live_arrays())
   cfg = _tiny_cfg()
   cfg.dry_run_memory_budget_gb = 100.0
@@ -52,6 +53,7 @@ def test_memory_budget():
     dry_run_lib.check_memory_budget(3 * 2**30, 2.5)
 
 
+@pytest.mark.slow
 def test_gpt2_xl_on_64_simulated_devices(tmp_path):
   """The whole CLI path: GPT-2 XL (1.5B) on 8 data x 8 fsdp CPU devices, with a budget it cannot meet."""
   env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC",
@@ -73,3 +75,21 @@ def test_gpt2_xl_on_64_simulated_devices(tmp_path):
   errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "dry_run_memory_budget_gb=2;" in errors[0], r.stderr[-3000:]
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+@pytest.mark.slow
+def test_qwen3_8b_on_64_simulated_devices(tmp_path):
+  """Qwen3-8B (untied, GQA 32:8) compiles for 8 data x 8 fsdp devices and reports its memory per device."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC",
+                                                                      "JAX_PROCESS_ID"))}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=_xla_flags(env.get("XLA_FLAGS", ""), 64))
+  r = subprocess.run([sys.executable, "-m", "dispersion_jax.train", "--config", "configs/pretrain_qwen3.py",
+                      f"--workdir={tmp_path}", "--config.model.preset=qwen3-8b", "--config.dry_run=True",
+                      "--config.mesh.data=8", "--config.mesh.fsdp=8", "--config.batch_size=64", "--config.grad_accum=1",
+                      "--config.seq_len=1024", "--config.model.remat=full"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "8,190.7M params (36 layers, width 4096" in r.stdout
+  mem = dict(re.findall(r"(arguments|outputs|temp|total) ([\d.]+)", r.stdout))
+  # fp32 params + Adam moments sharded 8 ways by fsdp: 8.19e9 * 12 B / 8 per device.
+  assert abs(float(mem["arguments"]) - 8.1907e9 * 12 / 8 / 2**30) < 0.2 and float(mem["total"]) > float(mem["arguments"])

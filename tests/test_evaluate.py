@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dispersion_jax import GPTConfig
-from dispersion_jax import evaluate as ev
+from dispersion_jax.cli import evaluate as ev_cli
+from dispersion_jax.research import evaluate as ev
 from dispersion_jax.hf import load_gpt2, save_gpt2
 from dispersion_jax.models import init_params
 from dispersion_jax.tokenizer import get_tokenizer
@@ -137,7 +138,7 @@ def gpt2_vocab_model(tmp_path_factory):
 
 def test_cli_end_to_end_with_export(gpt2_vocab_model, tmp_path):
   out, export = tmp_path / "res.json", tmp_path / "hf"
-  res = ev.main(["--hf-model", gpt2_vocab_model, "--num-fewshot", "2", "--hf-export", str(export),
+  res = ev_cli.main(["--hf-model", gpt2_vocab_model, "--num-fewshot", "2", "--hf-export", str(export),
                  "--out", str(out), "--batch-size", "32"])
   saved = json.loads(out.read_text())
   assert set(saved["tasks"]) == {"example_arithmetic", "example_cloze"}
@@ -152,36 +153,37 @@ def test_cli_end_to_end_with_export(gpt2_vocab_model, tmp_path):
   assert (export / "vocab.json").is_file() and (export / "merges.txt").is_file()
 
 
-def _err(argv, match):
+def _err(argv, match, capsys):
+  capsys.readouterr()
   with pytest.raises(SystemExit) as e:
-    ev.main(argv)
+    ev_cli.main(argv)
   assert e.value.code != 0
   if match:
-    msg = str(e.value.code)
+    msg = capsys.readouterr().err.strip()
     assert match in msg and "\n" not in msg, msg
 
 
-def test_cli_bad_inputs(tiny_dir, tmp_path):
+def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
   TINY = tiny_dir
   # English through GPT-2 BPE does not fit the golden model's 512-token vocabulary.
-  _err(["--hf-model", TINY], "outside the model vocabulary")
+  _err(["--hf-model", TINY], "outside the model vocabulary", capsys)
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"context": "a", "choices": [" b", " c"], "gold": 0}\n{"context": "a", "choices": [" b"]}\n')
-  _err(["--hf-model", TINY, "--tasks", str(bad)], "bad.jsonl:2")
+  _err(["--hf-model", TINY, "--tasks", str(bad)], "bad.jsonl:2", capsys)
   bad.write_text('{"context": "a", "choices": [" b", " c"], "gold": 2}\n')
-  _err(["--hf-model", TINY, "--tasks", str(bad)], "'gold'")
+  _err(["--hf-model", TINY, "--tasks", str(bad)], "'gold'", capsys)
   bad.write_text("not json\n")
-  _err(["--hf-model", TINY, "--tasks", str(bad)], "invalid JSON")
-  _err(["--hf-model", TINY, "--tasks", str(tmp_path / "missing.jsonl")], "not found")
-  _err(["--hf-model", str(tmp_path)], "not found")
-  _err(["--hf-model", TINY, "--step", "3"], None)
-  _err(["--hf-model", TINY, "--num-fewshot", "-1"], None)
+  _err(["--hf-model", TINY, "--tasks", str(bad)], "invalid JSON", capsys)
+  _err(["--hf-model", TINY, "--tasks", str(tmp_path / "missing.jsonl")], "not found", capsys)
+  _err(["--hf-model", str(tmp_path)], "not found", capsys)
+  _err(["--hf-model", TINY, "--step", "3"], None, capsys)
+  _err(["--hf-model", TINY, "--num-fewshot", "-1"], None, capsys)
 
 
-def test_cli_workdir(tmp_path, make_run):
+def test_cli_workdir(tmp_path, make_run, capsys):
   model_cfg, params = make_run(tmp_path / "run", 5, vocab_size=50257, n_positions=64)  # GPT-2 BPE fits
   out, export = tmp_path / "res.json", tmp_path / "hf"
-  res = ev.main(["--workdir", str(tmp_path / "run"), "--tasks", str(ev.DEFAULT_TASKS[1]), "--hf-export", str(export),
+  res = ev_cli.main(["--workdir", str(tmp_path / "run"), "--tasks", str(ev.DEFAULT_TASKS[1]), "--hf-export", str(export),
                  "--out", str(out)])
   assert res["tokenizer"] == "gpt2" and res["tasks"]["example_cloze"]["num_examples"] == 20
   # Same numbers as scoring the params directly, and the export holds the same weights.
@@ -190,5 +192,5 @@ def test_cli_workdir(tmp_path, make_run):
                              [e["logliks"] for e in direct["examples"]], atol=1e-5)
   _, exported = load_gpt2(str(export))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), exported, params)
-  _err(["--workdir", str(tmp_path / "run"), "--step", "6"], "no checkpoint")
-  _err(["--workdir", str(tmp_path / "nothing")], "not a directory")
+  _err(["--workdir", str(tmp_path / "run"), "--step", "6"], "no checkpoint", capsys)
+  _err(["--workdir", str(tmp_path / "nothing")], "not a directory", capsys)

@@ -1,6 +1,7 @@
 """Every fast path equals the plain path on CPU: values and gradients, within dtype tolerance (tiny shapes)."""
 import dataclasses
 import json
+import os
 
 import chex
 import jax
@@ -20,9 +21,9 @@ CFG = GPTConfig.preset("test", vocab_size=2048)  # a vocabulary large enough tha
 B, L = 4, 16
 
 
-def _compiled_loss_and_grad(cfg: GPTConfig, params, batch, disp: DispersionConfig = DISP):
+def _compiled_loss_and_grad(cfg: GPTConfig, params, batch, disp: DispersionConfig = DISP, ce_chunk=None):
   """(loss, grads in Hugging Face names (one layout whatever scan_layers is), temp bytes of the compiled step)."""
-  fn = jax.jit(jax.value_and_grad(lambda p: objective(p, batch, model=GPT(cfg), disp=disp)[0]))
+  fn = jax.jit(jax.value_and_grad(lambda p: objective(p, batch, model=GPT(cfg), disp=disp, ce_chunk=ce_chunk)[0]))
   compiled = fn.lower(params).compile()
   loss, grads = compiled(params)
   return loss, to_hf_state_dict(cfg, grads), compiled.memory_analysis().temp_size_in_bytes
@@ -76,7 +77,7 @@ def test_fused_cross_entropy_equals_plain(chunk):
 
 def test_objective_with_fused_ce_equals_plain_and_drops_the_logits(plain):
   params, batch, want = plain
-  got = _compiled_loss_and_grad(CFG, params, batch, dataclasses.replace(DISP, ce_chunk=24))
+  got = _compiled_loss_and_grad(CFG, params, batch, ce_chunk=24)
   _assert_same(got, want)
   # Under jit the model's logits are dead code: the step needs more than one [B, L, V] float32 buffer less.
   assert want[2] - got[2] > 4 * B * L * CFG.vocab_size
@@ -100,7 +101,7 @@ def test_scan_and_remat_equal_the_unrolled_model(plain, scan, remat):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_torch_baseline_dispersion_equals_jax(variant):
   torch = pytest.importorskip("torch")
-  from dispersion_jax.bench_torch import dispersion_loss as torch_dispersion
+  from dispersion_jax.research.bench_torch import dispersion_loss as torch_dispersion
   z = np.random.default_rng(0).normal(size=(2, 9, 6)).astype(np.float64) * 0.5
   zt = torch.tensor(z, requires_grad=True)
   v_t = torch_dispersion(zt, variant, tau_l2=4.0, clamp_threshold=0.1)
@@ -112,7 +113,9 @@ def test_torch_baseline_dispersion_equals_jax(variant):
 
 
 def test_bench_rows_have_the_required_columns(tmp_path):
-  from dispersion_jax import bench
+  from dispersion_jax import config as config_lib
+  from dispersion_jax.cli import bench
+  from dispersion_jax.models import flops_per_token
   out = tmp_path / "rows.json"
   bench.main(["--layers", "1", "--dim", "32", "--heads", "2", "--vocab", "128", "--seq", "8", "--batch", "2",
               "--repeats", "1", "--block-size", "none", "--peak-flops", "1e12", "--json", str(out)])
@@ -123,5 +126,7 @@ def test_bench_rows_have_the_required_columns(tmp_path):
       assert r[key] is not None, key
   assert rows[0]["dispersion_overhead"] == 0.0 and rows[1]["variant"] == "angular_spread"
   n = rows[0]["params"]
-  assert bench.flops_per_token(bench.Setting(**{f: rows[0][f] for f in bench.LIST_FLAGS}), n) == \
+  model_cfg = config_lib.model_config(config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "bench.py"), [
+      ("model.n_layer", "1"), ("model.n_embd", "32"), ("model.n_head", "2"), ("model.vocab_size", "128")]))
+  assert flops_per_token(model_cfg, 8) == rows[0]["flops_per_token"] == \
       6 * (n - 1024 * 32) + 6 * 1 * 8 * 32

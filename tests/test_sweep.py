@@ -7,7 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from dispersion_jax import evaluate, sweep, train
+pytestmark = pytest.mark.slow  # trains models: deselect with -m 'not slow'
+
+from dispersion_jax import train
+from dispersion_jax.research import evaluate, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = '''

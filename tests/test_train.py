@@ -11,11 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # trains models: deselect with -m 'not slow'
+
 from dispersion_jax import config as config_lib
 from dispersion_jax import train
 from dispersion_jax.checkpoint import CheckpointError
-from dispersion_jax.models import GPT
-from dispersion_jax.train_step import init_state, lr_schedule, make_optimizer, train_step
+from dispersion_jax import sharding
+from dispersion_jax.checkpoint import Checkpointer
+from dispersion_jax.cli.train import main as train_main
+from dispersion_jax.errors import TrainingError
+from dispersion_jax.models import GPT, build_model
+from dispersion_jax.optim import lr_schedule, make_optimizer
+from dispersion_jax.train_step import init_state, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.n_head=4",
@@ -29,9 +36,14 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_cfg(data_dir: str, *overrides: str):
-  cfg, _ = config_lib.parse_args(["--config", os.path.join(REPO, "configs/gpt2_tiny.py"), "--workdir", "unused",
-                                  *TINY, f"--config.data.data_dir={data_dir}", *overrides])
-  return cfg
+  flags = [*TINY, f"--config.data.data_dir={data_dir}", *overrides]
+  return config_lib.load(os.path.join(REPO, "configs/gpt2_tiny.py"), [f.removeprefix("--config.") for f in flags])
+
+
+def optimizer(cfg):
+  """The run's optimizer and schedule, as train.run builds them."""
+  opt, steps = config_lib.optimizer_config(cfg), config_lib.loop_config(cfg).steps
+  return make_optimizer(opt, steps), lr_schedule(opt, steps)
 
 
 def losses(workdir: str) -> dict[int, float]:
@@ -49,6 +61,46 @@ def test_resume_is_exact_bit_for_bit(tmp_path, data_dir):
   a, b = losses(straight), losses(resumed)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
   assert a == b  # exact float equality: same params, optimizer state, RNG and data order after the restore
+
+
+QWEN3_TINY = ["--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.n_head=4",
+              "--config.model.n_kv_head=2", "--config.model.head_dim=16", "--config.model.n_inner=64",
+              "--config.model.n_positions=32", "--config.seq_len=32", "--config.batch_size=8", "--config.eval_every=0",
+              "--config.log_every=1", "--config.optimizer.lr=3e-3"]
+
+
+def test_qwen3_demo_config_trains_and_resumes_bit_for_bit(tmp_path, data_dir):
+  flags = [*QWEN3_TINY, f"--config.data.data_dir={data_dir}", "--config.steps=6", "--config.checkpoint_every=3",
+           "--config.dispersion.max_tokens=16"]
+  cfg = config_lib.load(os.path.join(REPO, "configs/qwen3_tiny.py"), [f.removeprefix("--config.") for f in flags])
+  assert type(config_lib.model_config(cfg)).__name__ == "Qwen3Config"
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  assert train.run(cfg, straight) == 6
+  assert train.run(cfg, resumed, stop_at=3) == 3
+  assert train.run(cfg, resumed) == 6
+  a, b = losses(straight), losses(resumed)
+  assert sorted(a) == [1, 2, 3, 4, 5, 6] and a == b
+  assert a[6] < a[1]  # it learns
+
+
+def test_mid_training_from_hf_qwen3_starts_at_the_hf_loss(golden_dir, data_dir):
+  path = os.path.join(golden_dir, "qwen3_tiny")
+  ref = dict(np.load(os.path.join(golden_dir, "qwen3_tiny_reference.npz")))
+  flags = [f"--config.init_from={path}", f"--config.data.data_dir={data_dir}", "--config.dispersion.coeff=0.1",
+           "--config.dispersion.clamp_threshold=0.25", "--config.dispersion.max_tokens=None",
+           "--config.dispersion.block_size=None", "--config.grad_accum=1", "--config.model.remat=none"]
+  cfg = config_lib.load(os.path.join(REPO, "configs/midtrain_qwen3.py"), [f.removeprefix("--config.") for f in flags])
+  assert cfg.tokenizer == path  # the recipe's tokenizer follows init_from
+  model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
+  assert (type(model_cfg).__name__, model_cfg.n_layer, model_cfg.vocab_size) == ("Qwen3Config", 3, 512)
+  tx, schedule = optimizer(cfg)
+  state = init_state(model_cfg, tx, cfg.seed, train.pretrained_params(cfg, model_cfg))
+  ids = jnp.asarray(ref["input_ids"], jnp.int32)
+  batch = dict(input_ids=ids, targets=jnp.roll(ids, -1, 1), loss_mask=jnp.ones(ids.shape).at[:, -1].set(0))
+  _, metrics = jax.jit(lambda s, b: train_step(s, b, model=build_model(model_cfg), disp=disp, tx=tx,
+                                               schedule=schedule, grad_accum=1))(state, batch)
+  np.testing.assert_allclose(metrics["ce"], ref["objective/ce"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], ref["objective/total"], rtol=1e-5)
 
 
 def test_one_device_a_4x2_mesh_and_a_resharded_resume_give_the_same_losses(tmp_path, data_dir):
@@ -75,14 +127,14 @@ def test_one_device_a_4x2_mesh_and_a_resharded_resume_give_the_same_losses(tmp_p
 def test_grad_accumulation_keeps_the_meaning_of_coeff(data_dir):
   cfg = tiny_cfg(data_dir, "--config.dispersion.coeff=1.0")
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
-  tx = make_optimizer(cfg)
+  tx, schedule = optimizer(cfg)
   state = init_state(model_cfg, tx, 0)
   ids = jax.random.randint(jax.random.PRNGKey(0), (8, 32), 0, model_cfg.vocab_size)
   batch = dict(input_ids=ids, targets=jnp.roll(ids, -1, 1))
   out = {}
   for k in (1, 2, 4):
     step = jax.jit(lambda s, b, k=k: train_step(s, b, model=GPT(model_cfg), disp=disp, tx=tx,
-                                                schedule=lr_schedule(cfg), grad_accum=k))
+                                                schedule=schedule, grad_accum=k))
     out[k] = step(state, batch)
   for k in (2, 4):
     for key in ("loss", "ce", "dispersion", "grad_norm"):
@@ -98,14 +150,13 @@ def test_mid_training_from_hf_starts_at_the_hf_loss(gpt2_golden, data_dir):
                  "--config.dispersion.clamp_threshold=0.1", "--config.dispersion.loc=all")
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
   assert (model_cfg.n_layer, model_cfg.vocab_size) == (3, 512)
-  mesh = train.sharding.make_mesh(tiny_cfg(data_dir, "--config.mesh.data=1"), jax.devices()[:1])
-  tx = make_optimizer(cfg)
-  _, shard = train.state_shardings(model_cfg, tx, mesh)
-  state = train.initial_state(cfg, model_cfg, tx, shard)
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+  tx, schedule = optimizer(cfg)
+  state = init_state(model_cfg, tx, cfg.seed, train.pretrained_params(cfg, model_cfg))
   ids = jnp.asarray(ref["input_ids"], jnp.int32)
   batch = dict(input_ids=ids, targets=jnp.roll(ids, -1, 1), loss_mask=jnp.ones(ids.shape).at[:, -1].set(0))
   _, metrics = jax.jit(lambda s, b: train_step(s, b, model=GPT(model_cfg), disp=disp, tx=tx,
-                                               schedule=lr_schedule(cfg), grad_accum=1))(state, batch)
+                                               schedule=schedule, grad_accum=1))(state, batch)
   np.testing.assert_allclose(metrics["ce"], ref["objective/ce"], rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], ref["objective/total"], rtol=1e-5)
 
@@ -113,7 +164,7 @@ def test_mid_training_from_hf_starts_at_the_hf_loss(gpt2_golden, data_dir):
 def _main_error(capsys, argv) -> str:
   capsys.readouterr()  # drop what earlier runs printed
   with pytest.raises(SystemExit) as exit_info:
-    train.main(argv)
+    train_main(argv)
   assert exit_info.value.code == 2
   err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   errors = [line for line in err if line.startswith("error: ")]
@@ -131,7 +182,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys, data_dir):
   assert "text_dir" in _main_error(capsys, base + ["--config.data.source=text_dir",
                                                    f"--config.data.text_dir={tmp_path / 'missing'}"])
   # A finished run, then a checkpoint of another model shape in the same workdir.
-  train.main(base)
+  train_main(base)
   assert "another model shape" in _main_error(capsys, base + ["--config.model.n_embd=64", "--config.steps=4"])
   # A corrupt checkpoint: overwrite every file of the latest step with garbage.
   step_dir = tmp_path / "w" / "checkpoints" / "2"
@@ -149,9 +200,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   workdir = str(tmp_path / "nan")
   train.run(cfg, workdir, stop_at=2)
   cfg.optimizer.lr = float("inf")  # the next update makes every parameter non-finite
-  with pytest.raises(train.TrainingError, match=r"non-finite loss .* at step 4; the last good checkpoint is step 2"):
+  with pytest.raises(TrainingError, match=r"non-finite loss .* at step 4; the last good checkpoint is step 2"):
     train.run(cfg, workdir)
-  assert train.Checkpointer(workdir).latest_step() == 2
+  assert Checkpointer(workdir).latest_step() == 2
 
 
 def _spawn(workdir: str, data_dir: str, *extra: str) -> subprocess.Popen:
@@ -181,7 +232,7 @@ def test_kill_9_then_rerun_continues_from_the_last_checkpoint(tmp_path, data_dir
   time.sleep(1.0)  # land somewhere in the middle of later steps and saves
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=30)
-  last = train.Checkpointer(workdir).latest_step()
+  last = Checkpointer(workdir).latest_step()
   assert last is not None and last >= 2
   proc = _spawn(workdir, data_dir, "--config.steps=" + str(last + 2), "--config.checkpoint_every=2")
   out, _ = proc.communicate(timeout=240)
@@ -202,19 +253,20 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
   assert proc.returncode == 0, out
   assert "preempted at step" in out
   step = int(out.split("preempted at step ")[1].split(":")[0])
-  assert train.Checkpointer(workdir).latest_step() == step > 0
+  assert Checkpointer(workdir).latest_step() == step > 0
 
 
-def test_every_shipped_config_loads_and_validates(gpt2_golden):
+def test_every_shipped_config_loads_and_validates(gpt2_golden, golden_dir):
   configs = sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
   assert {"gpt2_tiny.py", "gpt2_small.py", "gpt2_medium.py", "gpt2_large.py", "gpt2_xl.py",
-          "midtrain_gpt2.py"} <= set(configs)
+          "midtrain_gpt2.py", "qwen3_tiny.py", "midtrain_qwen3.py", "pretrain_qwen3.py"} <= set(configs)
+  placeholders = {"gpt2": gpt2_golden[0], "Qwen/Qwen3-0.6B": os.path.join(golden_dir, "qwen3_tiny")}
   for f in configs:
     cfg = config_lib.load_config(os.path.join(REPO, "configs", f))
     if cfg.init_from:
-      with pytest.raises(config_lib.ConfigError, match="init_from=gpt2: no such directory"):
+      with pytest.raises(config_lib.ConfigError, match=f"init_from={cfg.init_from}: no such directory"):
         config_lib.validate(cfg)
-      cfg.init_from = gpt2_golden[0]
+      cfg.init_from = placeholders[cfg.init_from]
     config_lib.validate(cfg)
     config_lib.model_config(cfg)
   midtrain = config_lib.load_config(os.path.join(REPO, "configs", "midtrain_gpt2.py"))
@@ -235,5 +287,31 @@ def test_config_errors_name_the_key():
   with pytest.raises(config_lib.ConfigError, match="batch_size=32 must be divisible by grad_accum=3"):
     config_lib.validate(cfg)
   with pytest.raises(CheckpointError):
-    from dispersion_jax.checkpoint import load_params
-    load_params("/nonexistent-workdir")
+    train.load_params("/nonexistent-workdir")
+
+
+def test_checkpoints_of_the_grain_pipeline_and_a_new_batch_size_resume_at_the_right_row(tmp_path, data_dir):
+  """A checkpoint of the earlier version (a Grain iterator item instead of the data position) resumes at step x
+  its batch; a resumed run with another global batch continues from the rows consumed so far."""
+  import grain
+  import orbax.checkpoint as ocp
+  cfg = tiny_cfg(data_dir, "--config.steps=4", "--config.checkpoint_every=2")
+  model_cfg = config_lib.model_config(cfg)
+  tx, _ = optimizer(cfg)
+  old_cfg = cfg.to_dict()
+  old_cfg["data"].update(worker_count=0, shards=0)       # keys of the old schema
+  old_cfg["dispersion"]["ce_chunk"] = None
+  old = ocp.CheckpointManager(str(tmp_path / "w" / "checkpoints"), item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+      "data": grain.checkpoint.CheckpointHandler()})
+  it = iter(grain.MapDataset.range(100).to_iter_dataset())
+  next(it)
+  old.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(init_state(model_cfg, tx, 0)),
+                                      config=ocp.args.JsonSave(old_cfg), data=grain.checkpoint.CheckpointSave(it)))
+  old.wait_until_finished()
+  old.close()
+  assert train.run(cfg, str(tmp_path / "w")) == 4
+  assert Checkpointer(str(tmp_path / "w")).data_state(4)["rows_consumed"] == 4 * 8   # 2 x 8 (legacy) + 2 x 8
+  bigger = tiny_cfg(data_dir, "--config.steps=6", "--config.checkpoint_every=2", "--config.batch_size=16")
+  assert train.run(bigger, str(tmp_path / "w")) == 6
+  assert Checkpointer(str(tmp_path / "w")).data_state(6)["rows_consumed"] == 4 * 8 + 2 * 16

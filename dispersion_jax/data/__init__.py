@@ -1,5 +1,6 @@
-"""Data layer: embedded corpus / text dirs / TFDS -> pre-tokenized ArrayRecord -> packed Grain batches."""
+"""Data layer: text (parquet / jsonl / txt, a prepared TFDS dataset, the embedded corpus) -> a parallel,
+deterministic build of pre-packed blocks (build.py, packed.py, inputs.py) -> step-indexed global batches that are
+the same on every topology (loader.py). Settings: config.py (DataConfig).
 
-from dispersion_jax.data.pipeline import build_dataset, make_dataset, make_iterator, measure_throughput
-
-__all__ = ["build_dataset", "make_dataset", "make_iterator", "measure_throughput"]
+Nothing is imported here: build workers import only the modules they need.
+"""

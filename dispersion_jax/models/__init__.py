@@ -5,7 +5,8 @@ Every family module (gpt2.py, qwen3.py) defines a frozen config dataclass with t
 a module `__call__(input_ids_BxL, positions_BxL=None, deterministic=True) -> logits_BxLxV` (float32 or wider) that
 sows `intermediates/embed` (embedding output), `h_{i}/hidden` or scanned `h/hidden` (raw block outputs) and
 `intermediates/final` (the last block after the final norm); `lm_head(params, cfg) -> [V, D]` in compute dtype;
-`EMBED_PATH` (the input embedding in the params tree); `flops_per_token(cfg, seq_len)`; and the aliases
+`EMBED_PATH` (the input embedding in the params tree); `lookup_params(cfg)` and `attention_width(cfg)` (for
+`flops_per_token`); and the aliases
 `Config` and `Model` for its config class and module class.
 Shared code goes through the functions here, never through `if family == ...`.
 """
@@ -15,12 +16,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dispersion_jax.models import gpt2
+from dispersion_jax.models import gpt2, qwen3
 from dispersion_jax.models.gpt2 import GPT, GPTConfig
+from dispersion_jax.models.qwen3 import Qwen3, Qwen3Config
 
-FAMILIES: dict[str, types.ModuleType] = {"gpt2": gpt2}  # name (config.json's model_type) -> family module
+FAMILIES: dict[str, types.ModuleType] = {"gpt2": gpt2, "qwen3": qwen3}  # config.json's model_type -> family
 _BY_CONFIG = {f.Config: f for f in FAMILIES.values()}
-ModelConfig = GPTConfig
+ModelConfig = GPTConfig | Qwen3Config
 
 
 def family(cfg) -> types.ModuleType:
@@ -57,8 +59,13 @@ def lm_head(params: dict, cfg) -> jax.Array:
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
-  """Training FLOPs per token, the one convention bench, the dry run and the training log's MFU report."""
-  return family(cfg).flops_per_token(cfg, seq_len)
+  """Training FLOPs per token (forward + backward), the one convention bench, the dry run and the training log's
+  MFU use: 6 x (parameters - position table) + 6 x layers x seq_len x attention width (causal attention scores
+  and values, halved), the convention of the measured H100 anchors (shared/docs/performance-notes.md). The
+  dispersion term's own FLOPs are not counted: its cost shows as lost tokens/s."""
+  f = family(cfg)
+  weights = count_params(param_shapes(cfg)) - f.lookup_params(cfg)
+  return 6.0 * weights + 6.0 * cfg.n_layer * seq_len * f.attention_width(cfg)
 
 
 def _init(cfg, rng: jax.Array) -> dict:
@@ -84,5 +91,6 @@ def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-__all__ = ["FAMILIES", "GPT", "GPTConfig", "ModelConfig", "build_model", "count_params", "family",
-           "flops_per_token", "hidden_states", "init_params", "lm_head", "param_logical_axes", "param_shapes"]
+__all__ = ["FAMILIES", "GPT", "GPTConfig", "ModelConfig", "Qwen3", "Qwen3Config", "build_model", "count_params",
+           "family", "flops_per_token", "hidden_states", "init_params", "lm_head", "param_logical_axes",
+           "param_shapes"]

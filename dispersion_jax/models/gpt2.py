@@ -184,16 +184,13 @@ def lm_head(params: dict, cfg: GPTConfig) -> jax.Array:
 EMBED_PATH = ("wte", "embedding")  # the input token embedding [V, D] (active forgetting re-draws it)
 
 
-def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward), PaLM appendix B: 6 x matmul weights + 12 n_layer d L.
+def lookup_params(cfg: GPTConfig) -> int:
+  """Parameters that do no matmul work per token (the learned position table), left out of FLOP counts."""
+  return cfg.n_positions * cfg.n_embd
 
-  Matmul weights: per block the attention (4 d^2) and MLP (2 d m) kernels, plus the tied head (V d); position
-  embeddings, norms and biases do no matmul work. Attention scores are counted without causal halving, as MaxText
-  and nanoGPT count them, so MFU figures are comparable with theirs.
-  """
-  d, m = cfg.n_embd, cfg.mlp_dim
-  weights = cfg.n_layer * (4 * d * d + 2 * d * m) + cfg.vocab_size * d
-  return 6.0 * weights + 12.0 * cfg.n_layer * d * seq_len
+
+def attention_width(cfg: GPTConfig) -> int:
+  return cfg.n_embd
 
 
 Config, Model = GPTConfig, GPT  # the family interface (models/__init__.py)

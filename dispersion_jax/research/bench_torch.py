@@ -8,21 +8,25 @@ import math
 import time
 from typing import Any, Callable
 
+from dispersion_jax.errors import ConfigError
 
-def _torch():
+
+def require_torch():
+  """(torch, transformers), or a one-line error naming the install command."""
   try:
     import torch
     import transformers
   except ImportError as e:
-    raise SystemExit(f"--torch-baseline needs torch and transformers: pip install -r requirements-bench.txt ({e})")
+    raise ConfigError(f"--torch_baseline needs torch and transformers: pip install -r requirements-bench.txt ({e})") \
+        from None
   return torch, transformers
 
 
 def dispersion_loss(z_BxLxF, variant: str = "angular_spread", *, tau_l2: float = 1.0, tau_cos: float = 1.0,
                     margin: float = 0.5, epsilon: float = 1e-2, clamp_threshold: float = 0.25,
                     max_tokens: int | None = None):
-  """The five variants of docs/dispersion-spec.md, dense per sequence, pairwise part in float32 (or wider)."""
-  torch, _ = _torch()
+  """The five variants of shared/docs/dispersion-spec.md, dense per sequence, pairwise part in float32 (or wider)."""
+  torch, _ = require_torch()
   z = z_BxLxF if z_BxLxF.dtype == torch.float64 else z_BxLxF.float()
   B, L, F = z.shape
   if max_tokens is not None and max_tokens < L:  # one random subset shared by the batch, fresh each call
@@ -72,7 +76,7 @@ def prepare(*, layers: int, dim: int, heads: int, vocab: int, seq: int, batch: i
             clamp_threshold: float = 0.1, seed: int = 0) -> tuple[dict[str, Any], Callable[[], None]]:
   """One HF GPT-2 training step (forward, backward, clip, AdamW) on the same shapes, warmed up; returns
   (row facts, run-one-step-and-wait)."""
-  torch, transformers = _torch()
+  torch, transformers = require_torch()
   torch.manual_seed(seed)
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   model = _model(torch, transformers, layers=layers, dim=dim, heads=heads, vocab=vocab,

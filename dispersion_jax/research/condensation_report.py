@@ -1,9 +1,8 @@
-"""CLI of the condensation diagnostic: `python -m dispersion_jax.condensation ...` (statistics in condensation.py).
+"""The condensation report (statistics in condensation.py; command line: python -m dispersion_jax.condensation).
 
 Writes OUT/condensation.json, OUT/condensation_heatmap.png (layers x cosine, density as colour),
 OUT/condensation_mean.png (m_l vs depth) and, with --compare, OUT/condensation_compare.png.
 """
-import argparse
 import json
 import math
 import os
@@ -12,43 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from dispersion_jax.condensation import NUM_BINS, model_statistics
+from dispersion_jax.data.corpus import default_docs
+from dispersion_jax.tokenizer import get_tokenizer
 
 FILES = {"json": "condensation.json", "heatmap": "condensation_heatmap.png", "mean": "condensation_mean.png",
          "compare": "condensation_compare.png"}
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m dispersion_jax.condensation",
-                              description="Per-layer token-token cosine similarity (embedding condensation).")
-  model = p.add_mutually_exclusive_group(required=True)
-  model.add_argument("--workdir", help="training run directory (its checkpoints)")
-  model.add_argument("--hf-model", help="Hugging Face GPT-2 directory (config.json + model.safetensors)")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir (default: latest)")
-  data = p.add_mutually_exclusive_group(required=True)
-  data.add_argument("--texts", help="UTF-8 text file, one text per line")
-  data.add_argument("--token-ids", help=".npy int array [num_texts, length]; negative ids = trailing padding")
-  data.add_argument("--corpus", choices=["default"], help="the embedded default English corpus")
-  p.add_argument("--num-texts", type=int, default=None, help="with --corpus: texts spread evenly over it")
-  p.add_argument("--max-length", type=int, required=True, help="tokens per text (also capped at n_positions)")
-  p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--num-bins", type=int, default=NUM_BINS)
-  p.add_argument("--tokenizer", default=None, help="override: 'gpt2' or an HF tokenizer directory")
-  p.add_argument("--compare", default=None, help="another run's condensation.json to overlay")
-  p.add_argument("--labels", default=None, help="A,B: legend labels for this run and --compare")
-  args = p.parse_args(argv)
-  if args.step is not None and args.workdir is None:
-    p.error("--step needs --workdir")
-  if (args.corpus is None) != (args.num_texts is None):
-    p.error("--corpus and --num-texts go together")
-  if args.num_texts is not None and args.num_texts < 1:
-    p.error("--num-texts must be >= 1")
-  if args.max_length < 2 or args.batch_size < 1 or args.num_bins < 1:
-    p.error("--max-length must be >= 2, --batch-size and --num-bins >= 1")
-  if args.labels is not None and (args.compare is None or len(args.labels.split(",")) != 2):
-    p.error("--labels takes two comma-separated labels A,B and needs --compare")
-  return args
 
 
 def token_ids_from_npy(path: str) -> list[list[int]]:
@@ -71,13 +38,12 @@ def token_ids_from_npy(path: str) -> list[list[int]]:
 
 def corpus_texts(num_texts: int) -> list[str]:
   """num_texts documents spread evenly over the default corpus (both of its sources), deterministic."""
-  from dispersion_jax.data.corpus import default_docs
   docs = [text for _, text in default_docs() if text.strip()]
   idx = np.unique(np.linspace(0, len(docs) - 1, min(num_texts, len(docs))).round().astype(int))
   return [docs[i] for i in idx]
 
 
-def load_token_lists(args: argparse.Namespace, tokenizer_name: str) -> list[list[int]]:
+def load_token_lists(args, tokenizer_name: str) -> list[list[int]]:
   if args.token_ids:
     return token_ids_from_npy(args.token_ids)
   if args.texts:
@@ -89,7 +55,6 @@ def load_token_lists(args: argparse.Namespace, tokenizer_name: str) -> list[list
     texts = corpus_texts(args.num_texts)
   if not texts:
     raise ValueError(f"no non-empty text in {args.texts}")
-  from dispersion_jax.tokenizer import get_tokenizer
   tok = get_tokenizer(tokenizer_name)
   return [ids[:args.max_length] for ids in tok.encode_batch(texts)]
 
@@ -113,7 +78,7 @@ def _heatmap(ax, summary: dict[str, Any], title: str):
   return im
 
 
-def _fmt(x: float | None) -> str:
+def fmt(x: float | None) -> str:
   return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
 
 
@@ -121,9 +86,9 @@ def _means(ax, summary: dict[str, Any], label: str, color: str | None = None) ->
   from matplotlib.ticker import MaxNLocator
   n = len(summary["mean_cossim_by_layer"])
   ax.plot(range(n), summary["mean_cossim_by_layer"], "o-", color=color,
-          label=f"{label} (spearman {_fmt(summary['spearman'])}, kendall {_fmt(summary['kendall'])})")
+          label=f"{label} (spearman {fmt(summary['spearman'])}, kendall {fmt(summary['kendall'])})")
   ax.plot(range(n), summary["mean_cossim_by_layer_offdiag"], "s--", color=color, alpha=0.6,
-          label=f"{label} off-diagonal (spearman {_fmt(summary['spearman_offdiag'])})")
+          label=f"{label} off-diagonal (spearman {fmt(summary['spearman_offdiag'])})")
   ax.set(xlabel="layer (0 = embeddings)", ylabel="mean cosine similarity")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
@@ -164,7 +129,7 @@ def write_compare(summaries: Sequence[dict[str, Any]], labels: Sequence[str], ou
   return path
 
 
-def _read_summary(path: str) -> dict[str, Any]:
+def read_summary(path: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise ValueError(f"--compare {path} not found")
   try:
@@ -176,40 +141,3 @@ def _read_summary(path: str) -> dict[str, Any]:
   if not isinstance(s, dict) or any(k not in s for k in need):
     raise ValueError(f"--compare {path} is not a condensation.json (needs {', '.join(need)})")
   return s
-
-
-# --------------------------------------------------------------------------------------------------- main
-def run(args: argparse.Namespace) -> dict[str, Any]:
-  from dispersion_jax.evaluate import load_model
-  other = _read_summary(args.compare) if args.compare else None  # fail before the expensive part
-  cfg, params, tok_name = load_model(args.workdir, args.step, args.hf_model)
-  tok_name = args.tokenizer or tok_name
-  token_lists = load_token_lists(args, tok_name)
-  summary = model_statistics(cfg, params, token_lists, max_length=args.max_length, batch_size=args.batch_size,
-                             num_bins=args.num_bins)
-  source = args.texts or args.token_ids or f"corpus:{args.corpus}"
-  model_name = args.hf_model or f"{args.workdir}@{'latest' if args.step is None else args.step}"
-  summary["settings"].update(model=model_name, source=source, tokenizer=None if args.token_ids else tok_name)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, FILES["json"]), "w") as fh:
-    json.dump(summary, fh, indent=1)
-  write_plots(summary, args.out, f"{os.path.basename(os.path.normpath(model_name))}: {summary['num_texts']} texts")
-  print(f"{summary['num_texts']} texts, {summary['num_tokens']} tokens; mean cosine by layer "
-        + " ".join(f"{m:.3f}" for m in summary["mean_cossim_by_layer"])
-        + f"; spearman {_fmt(summary['spearman'])} kendall {_fmt(summary['kendall'])}; wrote {args.out}")
-  if other is not None:
-    labels = args.labels.split(",") if args.labels else [model_name, other.get("settings", {}).get("model", "other")]
-    print(f"wrote {write_compare([summary, other], labels, args.out)}")
-  return summary
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  args = parse_args(argv)
-  try:
-    return run(args)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-  main()

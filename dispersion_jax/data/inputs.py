@@ -1,0 +1,548 @@
+"""Build inputs: what a dataset is made of, the fixed work units of a build, and the documents of each unit.
+
+Inputs (`DataConfig.source`):
+- "text_dir": a directory (searched recursively; hidden files skipped) or a glob of `.parquet` / `.jsonl` /
+  `.txt` files, read in sorted order of their relative paths. The text is the `text_key` column (parquet) or
+  field (jsonl); a `.txt` file is one document. Files named like a split (`validation-00000-of-00001.parquet`,
+  `train/part.jsonl`, ...) give the splits: `validation_split` files are the validation set and `train` files (or,
+  if there are none, every other file) the training set; without validation files, ~2% of documents are held out
+  by a hash of their id (`corpus.doc_hash`).
+- "tfds": a TFDS dataset prepared as ArrayRecord (`tfds build NAME --file_format=array_record`): splits "train"
+  and `validation_split` ("" = hash the train split).
+- "default": the embedded corpus (`corpus.default_docs`), hash split.
+
+Work units are a pure function of the input, never of the worker count: parquet row groups (consecutive ones up to
+`UNIT_BYTES`), byte ranges of `.jsonl` files (and of `.txt` files when their lines are rows), groups of whole
+`.txt` files, index ranges of a TFDS split, the parts of the default corpus. Document ids do not depend on the
+units either (`file:row`, `file@byte_offset`, `file`, `split:index`), and an article of `doc_grouping="wikitext"`
+that crosses a unit boundary is read whole by the unit it starts in, so the documents and their order do not
+depend on `UNIT_BYTES`; it only sets the granularity of the parallel work.
+"""
+import dataclasses
+import functools
+import glob
+import hashlib
+import itertools
+import json
+import os
+import re
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from dispersion_jax import tokenizer as tokenizer_lib
+from dispersion_jax.data import corpus
+from dispersion_jax.data.config import DataConfig
+from dispersion_jax.errors import DataError
+
+FORMATS = (".parquet", ".jsonl", ".txt")
+TRAIN, VALIDATION = "train", "validation"
+SPLITS = (TRAIN, VALIDATION)
+UNIT_BYTES = 64 << 20             # input bytes per work unit (granularity only: the output does not depend on it)
+_SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test")
+_HEAD_TAIL = 1 << 16              # bytes hashed at each end of a file for its fingerprint
+_ENCODE_DOCS, _ENCODE_CHARS = 512, 4 << 20   # documents / characters per tokenizer call
+_HEADING = re.compile(r" = [^=](?:.*[^=])? = ")   # a wikitext level-1 heading row: " = Title = "
+
+Doc = tuple[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+  path: str                       # absolute
+  rel: str                        # relative to the text_dir root (POSIX): the name in document ids
+  size: int
+  split: str | None               # TRAIN / VALIDATION from the file name, None = by document hash
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What a dataset is built from: `identity` (JSON) is hashed into the dataset fingerprint."""
+  source: str
+  label: str                      # short, readable part of the cache directory name
+  identity: dict                  # no absolute paths: moved or copied inputs keep their fingerprint
+  files: tuple[InputFile, ...] = ()
+  ignored: tuple[str, ...] = ()   # files of other splits (e.g. test-*.parquet), not read
+  tfds_dir: str = ""              # source=tfds: the prepared dataset's directory
+  tfds_splits: tuple[tuple[str, str], ...] = ()   # (our split, the TFDS split); no validation entry = hash
+  where: str = ""                 # source=text_dir: data.text_dir as given (for messages)
+
+  def describe(self) -> str:
+    return {"default": "the default corpus", "tfds": f"TFDS dataset {self.identity.get('tfds_name')!r}"}.get(
+        self.source, f"data.text_dir={self.where!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One work unit of stage A (tokenize)."""
+  kind: str                       # parquet | jsonl | lines (txt lines as rows) | txt (whole files) | tfds | default
+  path: str                       # the file, the TFDS dataset dir, or the default-corpus part
+  rel: str                        # the name in document ids (relative path, TFDS split)
+  lo: int = 0                     # parquet: row groups [lo, hi); jsonl / lines: bytes [lo, hi); tfds: examples
+  hi: int = 0
+  split: str | None = None        # the split of every document of the unit; None = by document hash
+  files: tuple[tuple[str, str], ...] = ()   # kind txt: (path, rel) of whole files, one document each
+  nbytes: int = 0                 # input bytes (approximate; for progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding the input and its identity (cheap: file stats and a hash of each file's ends).
+
+def describe_inputs(cfg: DataConfig) -> Inputs:
+  if cfg.source == "default":
+    return Inputs("default", "default", {"source": "default", "corpus": corpus.default_corpus_version()})
+  if cfg.source == "tfds":
+    return _tfds_inputs(cfg)
+  return _text_dir_inputs(cfg)
+
+
+def _has_magic(path: str) -> bool:
+  return re.search(r"[*?[]", path) is not None
+
+
+def _list_files(text_dir: str) -> tuple[str, list[str]]:
+  """(root the relative names start from, the input files under it)."""
+  fix = "set --config.data.text_dir to a directory or glob of .parquet / .jsonl / .txt files"
+  if not text_dir:
+    raise DataError(f"data.source='text_dir' needs data.text_dir; {fix}")
+  pattern = os.path.abspath(os.path.expanduser(text_dir))
+  if _has_magic(pattern):
+    parts = pattern.split(os.sep)
+    cut = next(i for i, p in enumerate(parts) if _has_magic(p))
+    root = os.sep.join(parts[:cut]) or os.sep
+    matches = glob.glob(pattern, recursive=True)
+  elif os.path.isdir(pattern):
+    root, matches = pattern, [pattern]
+  elif os.path.isfile(pattern):
+    root, matches = os.path.dirname(pattern), [pattern]
+  else:
+    raise DataError(f"data.text_dir={text_dir!r} does not exist; {fix}")
+  files = set()
+  for m in matches:
+    if os.path.isdir(m):
+      for dirpath, dirs, names in os.walk(m):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files.update(os.path.join(dirpath, n) for n in names if not n.startswith("."))
+    elif os.path.isfile(m):
+      files.add(m)
+  files = [f for f in files if f.endswith(FORMATS)]
+  if not files:
+    raise DataError(f"data.text_dir={text_dir!r} has no .parquet, .jsonl or .txt files; add some, or {fix}")
+  return root, sorted(files, key=lambda f: _rel(f, root))
+
+
+def _rel(path: str, root: str) -> str:
+  return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def file_split_name(rel: str, names: Iterable[str]) -> str | None:
+  """The split a file's relative path names: a directory called like a split, or a file `<split>[-_.]...`."""
+  names = [n for n in names if n]
+  *dirs, base = rel.split("/")
+  for d in dirs:
+    if d in names:
+      return d
+  for n in sorted(names, key=len, reverse=True):
+    if re.match(rf"{re.escape(n)}(?:[-_.]|$)", base):
+      return n
+  return None
+
+
+def _head_tail_hash(path: str, size: int) -> str:
+  try:
+    with open(path, "rb") as f:
+      h = hashlib.sha1(f.read(_HEAD_TAIL))
+      if size > _HEAD_TAIL:
+        f.seek(max(_HEAD_TAIL, size - _HEAD_TAIL))
+        h.update(f.read())
+  except OSError as e:
+    raise DataError(f"cannot read input file {path} ({e.strerror or e}); fix its permissions or remove it") from None
+  return h.hexdigest()[:16]
+
+
+def _text_dir_inputs(cfg: DataConfig) -> Inputs:
+  root, paths = _list_files(cfg.text_dir)
+  names = (*_SPLIT_NAMES, cfg.validation_split)
+  named = {p: file_split_name(_rel(p, root), names) for p in paths}
+  val = [p for p in paths if cfg.validation_split and named[p] == cfg.validation_split]
+  train_named = [p for p in paths if named[p] == TRAIN]
+  if val:
+    train = train_named or [p for p in paths if named[p] is None]
+    splits = {**{p: VALIDATION for p in val}, **{p: TRAIN for p in train}}
+  else:
+    splits = {p: None for p in (train_named or paths)}
+  files, ignored = [], []
+  for p in paths:
+    if p not in splits:
+      ignored.append(_rel(p, root))
+      continue
+    size = os.path.getsize(p)
+    files.append(InputFile(p, _rel(p, root), size, splits[p]))
+  if not any(f.split != VALIDATION for f in files):
+    raise DataError(f"data.text_dir={cfg.text_dir!r} has validation files but no training files (train-*.parquet, "
+                    "train/..., or files without a split name); add some or set --config.data.validation_split=''")
+  identity = {
+      "source": "text_dir", "text_key": cfg.text_key, "doc_grouping": cfg.doc_grouping,
+      "files": [[f.rel, f.size, f.split, _head_tail_hash(f.path, f.size)] for f in files],
+  }
+  return Inputs("text_dir", "textdir", identity, tuple(files), tuple(ignored), where=cfg.text_dir)
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40] or "x"
+
+
+def _tfds_inputs(cfg: DataConfig) -> Inputs:
+  import tensorflow_datasets as tfds  # noqa: PLC0415 - only for this source (slow import)
+  name, data_dir = cfg.tfds_name, cfg.data_dir
+  fix = (f"run `tfds build {name} --file_format=array_record{' --data_dir=' + data_dir if data_dir else ''}` "
+         "or set --config.data.data_dir")
+  if not name:
+    raise DataError("data.source='tfds' needs a dataset; set --config.data.tfds_name "
+                    "(e.g. wikitext/wikitext-103-raw-v1)")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # noqa: BLE001 - TFDS raises several types (DatasetNotFoundError, ValueError, ...)
+    raise DataError(f"TFDS dataset {name!r} not found in data dir {data_dir or '(TFDS default)'} "
+                    f"({type(e).__name__}); {fix}") from None
+  if not builder.is_prepared():
+    raise DataError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}; {fix}")
+  have = list(builder.info.splits)
+  if TRAIN not in have:
+    raise DataError(f"TFDS dataset {name!r} has no split 'train' (has {have}); use a dataset with a train split")
+  splits = [(TRAIN, TRAIN)]
+  if cfg.validation_split:
+    if cfg.validation_split not in have:
+      raise DataError(f"TFDS dataset {name!r} has no split {cfg.validation_split!r} (has {have}); set "
+                      "--config.data.validation_split to one of them, or '' to hold out 2% of train by hash")
+    splits.append((VALIDATION, cfg.validation_split))
+  info = builder.info
+  if cfg.doc_grouping == "wikitext" and not info.disable_shuffling:
+    raise DataError(f"TFDS dataset {name!r} stores its rows shuffled (disable_shuffling=False), so they cannot be "
+                    "joined into articles; set --config.data.doc_grouping=row or build from the parquet files")
+  identity = {
+      "source": "tfds", "tfds_name": name, "version": str(info.version), "text_key": cfg.text_key,
+      "doc_grouping": cfg.doc_grouping,
+      "splits": {ours: [theirs, list(info.splits[theirs].shard_lengths), int(info.splits[theirs].num_bytes)]
+                 for ours, theirs in splits},
+  }
+  return Inputs("tfds", "tfds-" + _slug(name.replace("/", "-")), identity, tfds_dir=os.fspath(builder.data_dir),
+                tfds_splits=tuple(splits))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Work units (reads parquet footers and TFDS metadata; never the data).
+
+def plan_units(cfg: DataConfig, inputs: Inputs) -> list[Unit]:
+  if inputs.source == "default":
+    return [Unit("default", part, part, nbytes=corpus.default_part_bytes(part)) for part in corpus.default_parts()]
+  if inputs.source == "tfds":
+    return _tfds_units(inputs)
+  units: list[Unit] = []
+  txt_group: list[InputFile] = []
+  group_bytes = 0
+
+  def flush():
+    nonlocal group_bytes
+    if txt_group:
+      units.append(Unit("txt", txt_group[0].path, txt_group[0].rel, split=txt_group[0].split,
+                        files=tuple((f.path, f.rel) for f in txt_group), nbytes=group_bytes))
+      txt_group.clear()
+      group_bytes = 0
+
+  for f in inputs.files:
+    if f.path.endswith(".txt") and cfg.doc_grouping == "row":
+      if txt_group and (txt_group[0].split != f.split or group_bytes + f.size > UNIT_BYTES):
+        flush()
+      txt_group.append(f)
+      group_bytes += f.size
+      continue
+    flush()
+    if f.path.endswith(".parquet"):
+      units.extend(_parquet_units(f, cfg.text_key))
+    else:
+      kind = "jsonl" if f.path.endswith(".jsonl") else "lines"
+      units.extend(Unit(kind, f.path, f.rel, lo, min(lo + UNIT_BYTES, f.size), f.split,
+                        nbytes=min(UNIT_BYTES, f.size - lo)) for lo in range(0, f.size, UNIT_BYTES))
+  flush()
+  return units
+
+
+def _open_parquet(path: str):
+  import pyarrow.parquet as pq  # noqa: PLC0415
+  try:
+    return pq.ParquetFile(path)
+  except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError, ...
+    raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}: {_one_line(e)}); "
+                    "fix or remove it") from None
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split())[:200]
+
+
+def _parquet_units(f: InputFile, text_key: str) -> list[Unit]:
+  pf = _open_parquet(f.path)
+  columns = pf.schema_arrow.names
+  if text_key not in columns:
+    raise DataError(f"{f.path} has no column {text_key!r} (columns: {', '.join(columns[:12])}); "
+                    "set --config.data.text_key")
+  md, units, lo, nbytes = pf.metadata, [], 0, 0
+  for g in range(md.num_row_groups):
+    nbytes += md.row_group(g).total_byte_size
+    if nbytes >= UNIT_BYTES or g == md.num_row_groups - 1:
+      units.append(Unit("parquet", f.path, f.rel, lo, g + 1, f.split, nbytes=nbytes))
+      lo, nbytes = g + 1, 0
+  return units
+
+
+def _tfds_units(inputs: Inputs) -> list[Unit]:
+  units = []
+  for ours, theirs in inputs.tfds_splits:
+    lengths, nbytes = inputs.identity["splits"][ours][1:]
+    n = sum(lengths)
+    per = max(1, int(UNIT_BYTES * n / max(nbytes, 1)))
+    split = ours if len(inputs.tfds_splits) > 1 else None
+    units.extend(Unit("tfds", inputs.tfds_dir, theirs, lo, min(lo + per, n), split,
+                      nbytes=int(nbytes * (min(lo + per, n) - lo) / max(n, 1))) for lo in range(0, n, per))
+  return units
+
+
+def unit_key(unit: Unit) -> list:
+  """A unit's identity without absolute paths (for the key of the stage-A token files)."""
+  return [unit.kind, unit.rel, unit.lo, unit.hi, unit.split, [rel for _, rel in unit.files]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a unit: rows -> documents.
+
+def _decode(data: bytes, path: str, offset: int) -> str:
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path} is not UTF-8 text (bad byte at offset {offset + e.start}); re-encode it as UTF-8 "
+                    "(e.g. iconv -f latin1 -t utf-8) or remove it") from None
+
+
+def _lines(path: str, lo: int, hi: int | None = None) -> Iterator[tuple[int, bytes]]:
+  """(byte offset, line) of the lines that start in [lo, hi) (hi None = to the end)."""
+  try:
+    with open(path, "rb") as f:
+      if lo > 0:
+        f.seek(lo - 1)
+        if f.read(1) != b"\n":
+          f.readline()            # the line in progress at lo belongs to the previous range
+      pos = f.tell()
+      while hi is None or pos < hi:
+        line = f.readline()
+        if not line:
+          return
+        yield pos, line
+        pos += len(line)
+  except OSError as e:
+    raise DataError(f"cannot read input file {path} ({e.strerror or e}); fix its permissions or remove it") from None
+
+
+def _jsonl_rows(path: str, rel: str, text_key: str, lo: int, hi: int | None = None) -> Iterator[Doc]:
+  for pos, raw in _lines(path, lo, hi):
+    line = _decode(raw, path, pos)
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+      text = obj[text_key]
+      if text is None:
+        text = ""
+      if not isinstance(text, str):
+        raise TypeError(f"{text_key!r} is a {type(text).__name__}")
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+      raise DataError(f"{path}: the line at byte {pos} is not a JSON object with a {text_key!r} string "
+                      f"({type(e).__name__}: {_one_line(e)}); fix the line or set --config.data.text_key") from None
+    yield f"{rel}@{pos}", text
+
+
+def _text_lines(path: str, rel: str, lo: int, hi: int | None = None) -> Iterator[Doc]:
+  for pos, raw in _lines(path, lo, hi):
+    yield f"{rel}@{pos}", _decode(raw, path, pos)
+
+
+def _parquet_rows(path: str, rel: str, text_key: str, lo: int, hi: int | None = None) -> Iterator[Doc]:
+  pf = _open_parquet(path)
+  md = pf.metadata
+  row = sum(md.row_group(g).num_rows for g in range(lo))
+  for g in range(lo, md.num_row_groups if hi is None else hi):
+    try:
+      values = pf.read_row_group(g, columns=[text_key]).column(0).to_pylist()
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path} (row group {g}) is not UTF-8 text ({_one_line(e)}); re-encode it or remove it") from None
+    except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError, ...
+      raise DataError(f"{path} (row group {g}) is not readable ({type(e).__name__}: {_one_line(e)}); "
+                      "fix or remove it") from None
+    for i, v in enumerate(values):
+      if isinstance(v, bytes):
+        v = _decode(v, f"{path} (row {row + i})", 0)
+      elif v is None:
+        v = ""
+      elif not isinstance(v, str):
+        raise DataError(f"{path}: column {text_key!r} holds {type(v).__name__} values, not text; "
+                        "set --config.data.text_key")
+      yield f"{rel}:{row + i}", v
+    row += len(values)
+
+
+@functools.lru_cache(maxsize=4)
+def _tfds_source(dataset_dir: str, split: str):
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  return tfds.builder_from_directory(dataset_dir).as_data_source(split)
+
+
+def _tfds_rows(dataset_dir: str, split: str, text_key: str, lo: int, hi: int | None = None) -> Iterator[Doc]:
+  src = _tfds_source(dataset_dir, split)
+  hi = len(src) if hi is None else hi
+  for a in range(lo, hi, 256):
+    for i, ex in enumerate(src.__getitems__(list(range(a, min(a + 256, hi)))), a):
+      if text_key not in ex:
+        raise DataError(f"TFDS dataset in {dataset_dir} has no feature {text_key!r} (features: "
+                        f"{', '.join(ex)}); set --config.data.text_key")
+      v = ex[text_key]
+      if isinstance(v, (bytes, np.bytes_)):
+        v = _decode(bytes(v), f"TFDS dataset {dataset_dir} split {split} example {i}", 0)
+      yield f"{split}:{i}", str(v)
+
+
+def is_heading(text: str) -> bool:
+  """A wikitext level-1 heading (" = Title = "), which starts an article; " = = Section = = " does not."""
+  return _HEADING.fullmatch(text.rstrip("\r\n")) is not None
+
+
+def _article(doc_id: str | None, parts: list[str]) -> Iterator[Doc]:
+  text = "".join(p if not p or p.endswith("\n") else p + "\n" for p in parts)
+  if doc_id is not None and text.strip():
+    yield doc_id, text
+
+
+def group_rows(rows: Iterable[Doc], after: Callable[[], Iterable[Doc]], *, first: bool, grouping: str
+               ) -> Iterator[Doc]:
+  """Documents from rows. "row": every non-blank row. "wikitext": an article per level-1 heading; rows before the
+  first heading of a unit that does not start its file belong to the previous unit's article (which reads on
+  through `after`, the rows past the unit's end, up to the next heading)."""
+  if grouping == "row":
+    yield from ((i, t) for i, t in rows if t.strip())
+    return
+  doc_id, parts, started = None, [], first
+  for row_id, text in rows:
+    if is_heading(text):
+      yield from _article(doc_id, parts)
+      doc_id, parts, started = row_id, [text], True
+    elif started:
+      doc_id = row_id if doc_id is None else doc_id
+      parts.append(text)
+  if started:
+    for row_id, text in after():
+      if is_heading(text):
+        break
+      doc_id = row_id if doc_id is None else doc_id
+      parts.append(text)
+    yield from _article(doc_id, parts)
+
+
+def unit_docs(unit: Unit, text_key: str, grouping: str) -> Iterator[Doc]:
+  """The documents of a unit, in order."""
+  if unit.kind == "default":
+    yield from ((i, t) for i, t in corpus.default_part_docs(unit.path) if t.strip())
+    return
+  if unit.kind == "txt":
+    for path, rel in unit.files:
+      try:
+        with open(path, "rb") as f:
+          data = f.read()
+      except OSError as e:
+        raise DataError(f"cannot read input file {path} ({e.strerror or e}); fix its permissions or remove "
+                        "it") from None
+      text = _decode(data, path, 0)
+      if text.strip():
+        yield rel, text
+    return
+  reader = {"parquet": functools.partial(_parquet_rows, unit.path, unit.rel, text_key),
+            "jsonl": functools.partial(_jsonl_rows, unit.path, unit.rel, text_key),
+            "lines": functools.partial(_text_lines, unit.path, unit.rel),
+            "tfds": functools.partial(_tfds_rows, unit.path, unit.rel, text_key)}[unit.kind]
+  yield from group_rows(reader(unit.lo, unit.hi), lambda: reader(unit.hi, None), first=unit.lo == 0,
+                        grouping=grouping)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage A worker: one unit -> token files (tokens with EOS after each document, and document lengths) per split.
+
+def unit_file(token_dir: str, index: int, split: str, what: str) -> str:
+  """`what`: "tok" (token ids) or "len" (document lengths, EOS included)."""
+  return os.path.join(token_dir, f"u{index:06d}.{split}.{what}.npy")
+
+
+def unit_stats_file(token_dir: str, index: int) -> str:
+  return os.path.join(token_dir, f"u{index:06d}.json")
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+  tmp = f"{path}.tmp{os.getpid()}.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)
+
+
+def tokenize_unit(task: dict) -> dict:
+  """Tokenizes one unit into its token files; returns (and writes, last) its stats. Runs in a worker process."""
+  unit: Unit = task["unit"]
+  index, token_dir, dtype = task["index"], task["token_dir"], np.dtype(task["dtype"])
+  tok = tokenizer_lib.get_tokenizer(task["tokenizer"])
+  eos = tok.eos_id
+  out = {s: {"tokens": [], "lens": []} for s in SPLITS}
+  extreme = {TRAIN: None, VALIDATION: None}   # hash-split units: (hash, index) of the min train / max val doc
+  count = {s: 0 for s in SPLITS}
+
+  def encode(chunk: list[tuple[str, str, float]]):
+    texts = [t for _, t, _ in chunk]
+    ids = tok.encode_batch(texts) if task["threads"] else [tok.encode(t) for t in texts]
+    for (split, _, h), doc in zip(chunk, ids):
+      flat = out[split]
+      flat["tokens"].append(np.asarray(doc + [eos], dtype=dtype))
+      flat["lens"].append(len(doc) + 1)
+      if h is not None:
+        best = extreme[split]
+        if best is None or (h < best[0] if split == TRAIN else h > best[0]):
+          extreme[split] = (h, count[split])
+      count[split] += 1
+
+  docs = unit_docs(unit, task["text_key"], task["grouping"])
+  chunk, chars = [], 0
+  for doc_id, text in docs:
+    if unit.split is None:
+      h = corpus.doc_hash(doc_id)
+      split = VALIDATION if h < corpus.VALIDATION_FRACTION else TRAIN
+    else:
+      h, split = None, unit.split
+    chunk.append((split, text, h))
+    chars += len(text)
+    if len(chunk) >= _ENCODE_DOCS or chars >= _ENCODE_CHARS:
+      encode(chunk)
+      chunk, chars = [], 0
+  if chunk:
+    encode(chunk)
+  stats = {"unit": index, "hashed": unit.split is None, "docs": {}, "tokens": {},
+           "min_train": extreme[TRAIN], "max_validation": extreme[VALIDATION]}
+  for split in SPLITS:
+    tokens = np.concatenate(out[split]["tokens"]) if out[split]["tokens"] else np.zeros(0, dtype)
+    _save_npy(unit_file(token_dir, index, split, "tok"), tokens)
+    _save_npy(unit_file(token_dir, index, split, "len"), np.asarray(out[split]["lens"], dtype=np.int64))
+    stats["docs"][split], stats["tokens"][split] = count[split], int(tokens.size)
+  path = unit_stats_file(token_dir, index)
+  with open(f"{path}.tmp{os.getpid()}", "w") as fh:
+    json.dump(stats, fh)
+  os.replace(f"{path}.tmp{os.getpid()}", path)   # last: its presence marks the unit as done
+  return stats
+
+
+def first_docs(cfg: DataConfig, n: int) -> list[Doc]:
+  """The first `n` documents of the input in build order (for inspection and tests)."""
+  inputs = describe_inputs(cfg)
+  docs = itertools.chain.from_iterable(unit_docs(u, cfg.text_key, cfg.doc_grouping) for u in plan_units(cfg, inputs))
+  return list(itertools.islice(docs, n))
