@@ -1,9 +1,13 @@
 """The five dispersion losses of the paper, as pure jit-able functions.
 
 Every pairwise term lives inside one sequence: an [L, L] matrix per sequence, reduced over its valid pairs, then
-averaged over the sequences that have at least one valid pair. The losses are written as *row statistics*
-(one number per query token, reduced over all key tokens) so that the same code runs densely (one block of L rows)
-or in row blocks under `jax.checkpoint` (memory O(B * block * L) instead of several O(B * L * L) residuals).
+averaged over the sequences that have at least one valid pair. Two implementations of the same
+values and gradients (`impl`, decided in `resolve_impl`):
+- the default, an exact reformulation that forms the gradient in the forward pass (`dispersion_fused`: the backward
+  pass is a per-sequence scale of a [B, L, F] residual, no pairwise recompute and no [B, L, L] residual), with a
+  Mosaic GPU kernel for the angular variants (`dispersion_pallas`, opt-in);
+- impl="reference", the previous path: *row statistics* (one number per query token, reduced over all key tokens),
+  run densely or in row blocks under `jax.checkpoint`, differentiated by plain autodiff.
 
 Defined where the reference yields NaN (documented behaviour):
 - a sequence with no valid pair (L = 1, max_tokens = 1, everything masked) contributes nothing and is left out of
@@ -17,6 +21,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from dispersion_jax import dispersion_fused as fused
+from dispersion_jax import dispersion_pallas
+
 Variant = Literal["decorrelation", "l2_repel", "angular_spread", "orthogonalization", "perplexity_entropy"]
 VARIANTS: tuple[str, ...] = ("decorrelation", "l2_repel", "angular_spread", "orthogonalization",
                              "perplexity_entropy")
@@ -24,6 +31,7 @@ _LSE_VARIANTS = ("l2_repel", "angular_spread")        # value = logsumexp over p
 _DIAG_INCLUDED = ("l2_repel",)                         # l2_repel keeps the i == j pairs
 _L2_REPEL_NORM_WEIGHT = 0.1                            # reference: + 0.1 * mean(z ** 2)
 DEFAULT_BLOCK_SIZE = 512  # dense speed up to L = 512, lean beyond (docs/benchmarks.md)
+IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "reference", "pallas_interpret")  # the last: tests only
 
 
 def _masked_lse(x, valid, axis: int):
@@ -133,10 +141,8 @@ def _check(z, variant: str, tau_l2: float, tau_cos: float, max_tokens, key, mask
       raise ValueError(f"{name} must have shape [B, L]={tuple(z.shape[:2])}, got {tuple(m.shape)}")
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "tau_l2", "tau_cos", "margin", "epsilon",
-                                             "clamp_threshold", "max_tokens", "block_size"))
-def _dispersion_loss(z, key, mask, segment_ids, *, variant, tau_l2, tau_cos, margin, epsilon, clamp_threshold,
-                     max_tokens, block_size):
+def _prepare(z, key, mask, segment_ids, variant: str, epsilon: float, max_tokens):
+  """Promotion, masks, token subsampling and the per-variant normalisation, shared by every impl."""
   B, L, _ = z.shape
   # The pairwise part runs in float32 at least: bf16 cosines are too coarse near +-1 for arccos.
   z = z.astype(jnp.promote_types(z.dtype, jnp.float32))
@@ -146,16 +152,29 @@ def _dispersion_loss(z, key, mask, segment_ids, *, variant, tau_l2, tau_cos, mar
     # One subset of positions shared by the whole batch, as in the reference, but from an explicit key.
     keep_K = jnp.sort(jax.random.choice(key, L, (max_tokens,), replace=False))
     z, valid_BxL, seg_BxL = z[:, keep_K], valid_BxL[:, keep_K], seg_BxL[:, keep_K]
-  params = dict(tau_l2=tau_l2, tau_cos=tau_cos, margin=margin, epsilon=epsilon, clamp_threshold=clamp_threshold)
-
   if variant == "decorrelation":
     zp = _standardise(z)
   elif variant in ("angular_spread", "orthogonalization"):
     zp = z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + epsilon)
   else:
     zp = z
-  stats_BxL, has_pair_BxL = _all_row_stats(variant, params, zp, valid_BxL, seg_BxL, block_size)
+  return z, zp, valid_BxL, seg_BxL
 
+
+def _finish(variant: str, per_seq_B, has_B, z, valid_BxL):
+  """Mean over the sequences that have a pair (+ l2_repel's norm term)."""
+  n_seq = jnp.sum(has_B)
+  loss = jnp.sum(jnp.where(has_B, per_seq_B, 0.0)) / jnp.maximum(n_seq, 1).astype(z.dtype)
+  if variant == "l2_repel":
+    w_BxLx1 = valid_BxL[..., None].astype(z.dtype)
+    denom = jnp.maximum(jnp.sum(w_BxLx1) * z.shape[-1], 1.0)
+    loss = loss + _L2_REPEL_NORM_WEIGHT * jnp.sum(w_BxLx1 * z * z) / denom
+  return loss
+
+
+def _reference_loss(variant: str, params: dict, z, zp, valid_BxL, seg_BxL, block_size):
+  """impl="reference": plain autodiff through row statistics (dense, or jax.checkpoint-ed row blocks)."""
+  stats_BxL, has_pair_BxL = _all_row_stats(variant, params, zp, valid_BxL, seg_BxL, block_size)
   n_pairs_B = _count_pairs(variant, valid_BxL, seg_BxL)
   has_B = n_pairs_B > 0
   safe_pairs_B = jnp.where(has_B, n_pairs_B, 1.0).astype(z.dtype)
@@ -166,13 +185,46 @@ def _dispersion_loss(z, key, mask, segment_ids, *, variant, tau_l2, tau_cos, mar
     per_seq_B = -jnp.sum(jnp.where(has_pair_BxL, stats_BxL, 0.0), axis=-1) / n_rows_B
   else:
     per_seq_B = jnp.sum(jnp.where(has_pair_BxL, stats_BxL, 0.0), axis=-1) / safe_pairs_B
-  n_seq = jnp.sum(has_B)
-  loss = jnp.sum(jnp.where(has_B, per_seq_B, 0.0)) / jnp.maximum(n_seq, 1).astype(z.dtype)
-  if variant == "l2_repel":
-    w_BxLx1 = valid_BxL[..., None].astype(z.dtype)
-    denom = jnp.maximum(jnp.sum(w_BxLx1) * z.shape[-1], 1.0)
-    loss = loss + _L2_REPEL_NORM_WEIGHT * jnp.sum(w_BxLx1 * z * z) / denom
-  return loss
+  return per_seq_B, has_B
+
+
+def _fused_loss(variant: str, params: dict, z, zp, valid_BxL, seg_BxL, block_size, one_segment: bool,
+                impl: str):
+  """impl="xla" / "pallas": the gradient-in-forward reformulation (dispersion_fused, dispersion_pallas)."""
+  code_r, code_c, partners_BxL = fused.pair_codes(valid_BxL, None if one_segment else seg_BxL,
+                                                  diag_included=variant in _DIAG_INCLUDED)
+  n_pairs_B = jnp.sum(partners_BxL, axis=-1)
+  has_B = n_pairs_B > 0
+  safe_pairs_B = jnp.where(has_B, n_pairs_B, 1).astype(z.dtype)
+  p = fused.Params(**params)
+  if variant == "decorrelation" and one_segment and block_size is not None and block_size < zp.shape[1]:
+    # The lean path for decorrelation: O(F^2) memory instead of row blocks of the pair matrix.
+    out_B = fused.decorrelation_gram(zp, valid_BxL)
+  elif impl.startswith("pallas") and variant in dispersion_pallas.KERNEL_VARIANTS:
+    out_B = dispersion_pallas.pair_sums(variant, p, zp, code_r, code_c, interpret=impl == "pallas_interpret")
+  else:
+    out_B = fused.pair_sums(variant, p, block_size, zp, code_r, code_c)
+  if variant in _LSE_VARIANTS:
+    per_seq_B = params["epsilon"] + out_B - jnp.log(safe_pairs_B)
+  elif variant == "perplexity_entropy":
+    per_seq_B = -out_B / jnp.maximum(jnp.sum(partners_BxL > 0, axis=-1), 1).astype(z.dtype)
+  else:
+    per_seq_B = out_B / safe_pairs_B
+  return per_seq_B, has_B
+
+
+@functools.partial(jax.jit, static_argnames=("variant", "tau_l2", "tau_cos", "margin", "epsilon",
+                                             "clamp_threshold", "max_tokens", "block_size", "impl"))
+def _dispersion_loss(z, key, mask, segment_ids, *, variant, tau_l2, tau_cos, margin, epsilon, clamp_threshold,
+                     max_tokens, block_size, impl):
+  z, zp, valid_BxL, seg_BxL = _prepare(z, key, mask, segment_ids, variant, epsilon, max_tokens)
+  params = dict(tau_l2=tau_l2, tau_cos=tau_cos, margin=margin, epsilon=epsilon, clamp_threshold=clamp_threshold)
+  if impl == "reference":
+    per_seq_B, has_B = _reference_loss(variant, params, z, zp, valid_BxL, seg_BxL, block_size)
+  else:
+    per_seq_B, has_B = _fused_loss(variant, params, z, zp, valid_BxL, seg_BxL, block_size,
+                                   one_segment=segment_ids is None, impl=impl)
+  return _finish(variant, per_seq_B, has_B, z, valid_BxL)
 
 
 def _count_pairs(variant: str, valid_BxL, seg_BxL):
@@ -183,16 +235,42 @@ def _count_pairs(variant: str, valid_BxL, seg_BxL):
   return n
 
 
+def resolve_impl(impl: str, variant: str, backend: str | None = None) -> str:
+  """What `impl` runs: THE one place where impl="auto" is decided.
+
+  - "xla": the exact gradient-in-forward reformulation in plain JAX (dispersion_fused), on every backend.
+  - "pallas": the Mosaic GPU kernel (dispersion_pallas) for angular_spread / orthogonalization on a GPU; the
+    other variants run "xla". Needs a CUDA GPU (tests run the kernel in GPU interpret mode: "pallas_interpret").
+  - "reference": the previous plain-autodiff path (row statistics, jax.checkpoint-ed row blocks), for comparison.
+  - "auto": "xla" everywhere. The kernel is chosen only where it was measured faster than "xla" on that GPU; no
+    such measurement exists yet (bench: python -m dispersion_jax.research.bench_dispersion), so auto never picks
+    it. Change it here, and only here, once the H100/H200 numbers are in.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"unknown dispersion impl {impl!r}; use one of {', '.join(IMPLS)}")
+  if impl == "auto":
+    return "xla"
+  if impl == "pallas" and variant in dispersion_pallas.KERNEL_VARIANTS:
+    backend = backend or jax.default_backend()
+    if backend != "gpu":
+      raise ValueError(f"impl='pallas' needs a CUDA GPU (the Mosaic GPU kernel); the backend is {backend!r}: "
+                       "use impl='xla' or 'auto'")
+  return impl
+
+
 def dispersion_loss(z, variant: Variant = "angular_spread", *, tau_l2: float = 1.0, tau_cos: float = 1.0,
                     margin: float = 0.5, epsilon: float = 1e-2, clamp_threshold: float = 0.25,
                     max_tokens: int | None = None, key: jax.Array | None = None, mask: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None, block_size: int | None = DEFAULT_BLOCK_SIZE):
+                    segment_ids: jax.Array | None = None, block_size: int | None = DEFAULT_BLOCK_SIZE,
+                    impl: str = "auto"):
   """Dispersion loss of hidden states `z` [B, L, F] (lower = more dispersed).
 
   mask [B, L] bool: False positions join no pair and get zero gradient.
   segment_ids [B, L] int: only pairs within the same segment (document) count.
   max_tokens + key: keep one random subset of max_tokens positions, shared by the batch (None = all tokens).
-  block_size: rows per checkpointed block (memory O(B * block_size * L)); None = one dense block.
+  block_size: rows per block (memory O(B * block_size * L)); None = one dense block. Not used by the kernel;
+    decorrelation without segment_ids and block_size < L takes the O(F^2) Gram identity instead of row blocks.
+  impl: "auto" | "xla" | "pallas" | "reference" (see `resolve_impl`; auto = the XLA reformulation).
   Returns a scalar in float32 (float64 for float64 input).
   """
   _check(z, variant, tau_l2, tau_cos, max_tokens, key, mask, segment_ids)
@@ -200,4 +278,5 @@ def dispersion_loss(z, variant: Variant = "angular_spread", *, tau_l2: float = 1
     max_tokens = None
   return _dispersion_loss(z, key, mask, segment_ids, variant=variant, tau_l2=float(tau_l2),
                           tau_cos=float(tau_cos), margin=float(margin), epsilon=float(epsilon),
-                          clamp_threshold=float(clamp_threshold), max_tokens=max_tokens, block_size=block_size)
+                          clamp_threshold=float(clamp_threshold), max_tokens=max_tokens, block_size=block_size,
+                          impl=resolve_impl(impl, variant))

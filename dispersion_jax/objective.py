@@ -5,7 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dispersion_jax.dispersion import DEFAULT_BLOCK_SIZE, VARIANTS, dispersion_loss
+from dispersion_jax.dispersion import DEFAULT_BLOCK_SIZE, IMPLS, VARIANTS, dispersion_loss
 from dispersion_jax.fused_ce import fused_cross_entropy
 from dispersion_jax.models import hidden_states, lm_head
 
@@ -26,6 +26,7 @@ class DispersionConfig:
   doc_mask: bool = False              # exclude pairs across documents (needs batch["segment_ids"])
   block_size: int | None = DEFAULT_BLOCK_SIZE  # rows per checkpointed block (dense up to L=512); None = dense
   final_norm: bool = True             # last layer after the final norm (Hugging Face); False: raw block output
+  impl: str = "auto"                  # auto | xla (the exact reformulation) | pallas (Mosaic GPU kernel) | reference
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -34,13 +35,15 @@ class DispersionConfig:
       raise ValueError(f"dispersion.loc={self.loc!r}: use one of {', '.join(LOCS)}")
     if self.tau_cos <= 0 or self.tau_l2 <= 0:
       raise ValueError("dispersion.tau_cos and dispersion.tau_l2 must be > 0")
+    if self.impl not in IMPLS:
+      raise ValueError(f"dispersion.impl={self.impl!r}: use one of {', '.join(IMPLS[:4])}")
     if self.max_tokens is not None and self.max_tokens < 2:
       raise ValueError(f"dispersion.max_tokens={self.max_tokens} must be >= 2 or None (all tokens)")
 
   def loss_kwargs(self) -> dict[str, Any]:
     return dict(variant=self.variant, tau_l2=self.tau_l2, tau_cos=self.tau_cos, margin=self.margin,
                 epsilon=self.epsilon, clamp_threshold=self.clamp_threshold, max_tokens=self.max_tokens,
-                block_size=self.block_size)
+                block_size=self.block_size, impl=self.impl)
 
 
 def select_layers(loc: str, n_layer: int) -> tuple[int, ...]:

@@ -283,7 +283,7 @@ def test_launch_flags(capsys):
   assert distributed.Launch(args.coordinator, args.num_processes, args.process_id) == distributed.Launch("h:1234", 4, 3)
   with pytest.raises(SystemExit) as e:
     parser().parse_args(["--config", "c.py", "--workdir", "w", "--num_processes=two"])
-  assert e.value.code == 2 and "integer" in capsys.readouterr().err
+  assert e.value.code == 2 and "invalid int value" in capsys.readouterr().err
 
 
 def test_initialize_reads_flags_then_environment(monkeypatch):

@@ -53,7 +53,11 @@ def parser() -> Parser:
 
 
 def overrides_of(args) -> list[tuple[str, str]]:
+  """The aliases as config overrides (then the --config.KEY=VALUE ones, which win). `--preset` means the preset's
+  shape, as it did: it clears the config file's n_layer / n_embd / n_head (explicit aliases still apply)."""
   out = []
+  if args.alias_preset is not None:
+    out += [("model.n_layer", "None"), ("model.n_embd", "None"), ("model.n_head", "None")]
   for flag, key in ALIASES.items():
     value = getattr(args, f"alias_{flag}")
     if value is None:

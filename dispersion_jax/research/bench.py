@@ -36,7 +36,7 @@ from dispersion_jax.train_step import init_state, jit_train_step, logical_contex
 FIELDS = {"preset": "model.preset", "family": "model.family", "layers": "model.n_layer", "dim": "model.n_embd",
           "heads": "model.n_head", "vocab": "model.vocab_size", "seq": "seq_len", "batch": "batch_size",
           "variant": "dispersion.variant", "coeff": "dispersion.coeff", "max_tokens": "dispersion.max_tokens",
-          "block_size": "dispersion.block_size", "ce_chunk": "ce_chunk", "remat": "model.remat",
+          "block_size": "dispersion.block_size", "impl": "dispersion.impl", "ce_chunk": "ce_chunk", "remat": "model.remat",
           "scan": "model.scan_layers", "dtype": "model.dtype", "attention": "model.attention"}
 
 
@@ -75,6 +75,7 @@ def baseline(cfg: ConfigDict) -> ConfigDict:
   c = ConfigDict(cfg.to_dict())
   c.dispersion.coeff = 0.0
   c.dispersion.variant, c.dispersion.max_tokens, c.dispersion.block_size = "angular_spread", None, None
+  c.dispersion.impl = "auto"
   return c
 
 
@@ -83,7 +84,7 @@ def describe(cfg: ConfigDict) -> dict[str, Any]:
   row = {name: cfg[key.split(".")[0]][key.split(".")[1]] if "." in key else cfg[key] for name, key in FIELDS.items()}
   row.update(layers=model_cfg.n_layer, dim=model_cfg.n_embd, vocab=model_cfg.vocab_size, compute_dtype=model_cfg.dtype)
   if row["coeff"] == 0.0:
-    row.update(variant="-", max_tokens=None, block_size=None)
+    row.update(variant="-", max_tokens=None, block_size=None, impl=None)
   return row
 
 
@@ -193,11 +194,15 @@ def run(config_path: str, overrides: Sequence[tuple[str, str]], opts: Options) -
   cfgs = points(config_path, overrides)
   frameworks = ["jax"] + (["torch-compile" if opts.torch_compile else "torch-eager"]
                           if opts.torch_baseline and not opts.compile_only else [])
-  entries = []   # (framework, config, row, step)
+  entries, seen = [], set()   # (framework, config, row, step); the torch points once per distinct setting
   for cfg in cfgs:
     for fw in frameworks:
-      row, fn = (prepare_jax if fw == "jax" else prepare_torch)(cfg, opts)
-      entries.append((fw, cfg, {"framework": fw, **describe(cfg), **row}, fn))
+      point = cfg if fw == "jax" else torch_point(cfg)
+      if (fw, point.to_json()) in seen:
+        continue
+      seen.add((fw, point.to_json()))
+      row, fn = (prepare_jax if fw == "jax" else prepare_torch)(point, opts)
+      entries.append((fw, point, {"framework": fw, **describe(point), **row}, fn))
   if not opts.compile_only:
     secs = time_interleaved([fn for *_, fn in entries], opts.repeats, opts.steps_per_repeat)
     for (fw, cfg, row, _), samples in zip(entries, secs):
@@ -217,7 +222,7 @@ def run(config_path: str, overrides: Sequence[tuple[str, str]], opts: Options) -
     row.update(common)
     rows.append(row)
     if fw != "jax":
-      row.update(block_size=None, ce_chunk=None, remat=None, scan=None, attention="sdpa")
+      row.update(block_size=None, impl=None, ce_chunk=None, remat=None, scan=None, attention="sdpa")
     if opts.compile_only:
       continue
     row["dispersion_overhead"] = 1 - row["tokens_per_s"] / by_key[(fw, baseline(cfg).to_json())]["tokens_per_s"]
@@ -226,16 +231,24 @@ def run(config_path: str, overrides: Sequence[tuple[str, str]], opts: Options) -
       if key not in pipe:
         pipe[key] = measure_pipeline(cfg, opts.data_batches)
       row.update(pipeline_tokens_per_s=pipe[key], pipeline_keeps_up=pipe[key] >= row["tokens_per_s"])
-    if fw != "jax":
-      jax_row = by_key[("jax", cfg.to_json())]
-      jax_row["jax_over_torch"] = jax_row["tokens_per_s"] / row["tokens_per_s"]
+    torch_row = next((by_key.get((f, torch_point(cfg).to_json())) for f in frameworks[1:]), None)
+    if fw == "jax" and torch_row is not None:
+      row["jax_over_torch"] = row["tokens_per_s"] / torch_row["tokens_per_s"]
   return rows
+
+
+def torch_point(cfg: ConfigDict) -> ConfigDict:
+  """The PyTorch baseline's point: the JAX-only settings (impl, blocks, fused CE, remat, scan, attention) left out."""
+  c = ConfigDict(cfg.to_dict())
+  c.dispersion.impl, c.dispersion.block_size, c.ce_chunk = "auto", None, None
+  c.model.remat, c.model.scan_layers, c.model.attention = "none", False, "auto"
+  return c
 
 
 _GIB = lambda b: f"{b / 2**30:.2f} GiB"
 COLUMNS = (("framework", "{}"), ("preset", "{}"), ("compute_dtype", "{}"), ("layers", "{}"), ("dim", "{}"),
            ("batch", "{}"), ("seq", "{}"), ("variant", "{}"), ("coeff", "{:g}"), ("max_tokens", "{}"),
-           ("block_size", "{}"), ("ce_chunk", "{}"), ("remat", "{}"), ("scan", "{:d}"),
+           ("block_size", "{}"), ("impl", "{}"), ("ce_chunk", "{}"), ("remat", "{}"), ("scan", "{:d}"),
            ("tokens_per_s", "{:,.0f}"), ("step_ms", "{:.1f}"), ("compile_s", "{:.1f}"), ("peak_memory_bytes", _GIB),
            ("temp_bytes", _GIB), ("mfu", "{:.1%}"), ("dispersion_overhead", "{:.1%}"), ("jax_over_torch", "{:.2f}"),
            ("pipeline_tokens_per_s", "{:,.0f}"))
