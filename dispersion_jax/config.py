@@ -19,6 +19,7 @@ from flax import traverse_util
 from ml_collections import ConfigDict, FieldReference
 
 from dispersion_jax import models
+from dispersion_jax.baselines import BaselineConfig
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.errors import ConfigError
 from dispersion_jax.loop import LoopConfig
@@ -80,6 +81,7 @@ def default_config() -> ConfigDict:
   c.optimizer = _section(OptimizerConfig)
   c.mesh = _section(MeshConfig)       # sizes; -1 = all remaining devices
   c.data = _section(DataConfig)
+  c.baseline = _section(BaselineConfig)  # the paper's other counter-condensation methods (baselines.py)
   return c
 
 
@@ -175,6 +177,10 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
   need(cfg.init_from is None or os.path.isdir(cfg.init_from),
        f"init_from={cfg.init_from}: no such directory (a Hugging Face model directory)")
   loop_config(cfg), optimizer_config(cfg), dispersion_config(cfg), data_config(cfg), model_config(cfg)
+  base = baseline_config(cfg)
+  need(base.method == "none" or cfg.dispersion.coeff == 0 or base.with_dispersion,
+       f"baseline.method={base.method!r} with dispersion.coeff={cfg.dispersion.coeff}: the authors' baselines are CE "
+       "only; set dispersion.coeff=0, or baseline.with_dispersion=True to combine them on purpose")
   mesh = mesh_config(cfg)
   if num_devices is not None:
     shape = mesh.shape(num_devices)
@@ -241,6 +247,10 @@ def mesh_config(cfg: ConfigDict) -> MeshConfig:
 
 def data_config(cfg: ConfigDict) -> DataConfig:
   return _typed(DataConfig, cfg.data, "data")
+
+
+def baseline_config(cfg: ConfigDict) -> BaselineConfig:
+  return _typed(BaselineConfig, cfg.baseline, "baseline")
 
 
 def loop_config(cfg: ConfigDict) -> LoopConfig:

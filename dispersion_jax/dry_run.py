@@ -14,10 +14,9 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import sharding
+from dispersion_jax import sharding, train
 from dispersion_jax.errors import ConfigError
 from dispersion_jax.models import build_model, flops_per_token
-from dispersion_jax.optim import lr_schedule, make_optimizer
 from dispersion_jax.train_step import jit_train_step, logical_context, state_shardings, train_step
 
 # The batch of data/loader.py: int32[batch, seq_len] each.
@@ -36,11 +35,10 @@ def abstract_inputs(cfg: ConfigDict, model_cfg, tx, mesh):
 def compile_train_step(cfg: ConfigDict, mesh):
   """The compiled train step of `cfg` on `mesh`, the abstract state, and the compile time in seconds."""
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
-  opt_cfg, steps = config_lib.optimizer_config(cfg), config_lib.loop_config(cfg).steps
-  tx = make_optimizer(opt_cfg, steps)
+  tx, schedule, baseline_kw = train.optimizer_and_step(cfg, model_cfg)
   state, batch, shard = abstract_inputs(cfg, model_cfg, tx, mesh)
-  fn = functools.partial(train_step, model=build_model(model_cfg), disp=disp, tx=tx,
-                         schedule=lr_schedule(opt_cfg, steps), grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk)
+  fn = functools.partial(train_step, model=build_model(model_cfg), disp=disp, tx=tx, schedule=schedule,
+                         grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk, **baseline_kw)
   start = time.perf_counter()
   with logical_context(mesh):
     compiled = jit_train_step(fn, mesh, shard).lower(state, batch).compile()

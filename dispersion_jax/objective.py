@@ -10,6 +10,7 @@ from dispersion_jax.fused_ce import fused_cross_entropy
 from dispersion_jax.models import hidden_states, lm_head
 
 LOCS = ("all", "last", "early_half", "late_half")
+_NOISE_STREAM = 0x6E6F6973  # fold_in constant of the embedding-noise stream ("nois")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,20 +84,28 @@ def dispersion_term(states: tuple[jax.Array, ...], disp: DispersionConfig, n_lay
 
 
 def objective(params, batch: dict, *, model, disp: DispersionConfig, rng: jax.Array | None = None,
-              deterministic: bool = True, coeff: jax.Array | None = None, ce_chunk: int | None = None):
+              deterministic: bool = True, coeff: jax.Array | None = None, ce_chunk: int | None = None,
+              embed_noise_alpha: float = 0.0):
   """Returns (total, metrics). batch: input_ids, targets [B, L]; optional loss_mask, segment_ids, positions.
 
   rng: folded into a `dropout` and a `dispersion` stream (token subsampling); None where neither is used.
   coeff: a traced coefficient replacing disp.coeff (vmapped sweeps); the term is then always computed.
   ce_chunk: fused output head + CE in chunks of this many tokens (fused_ce.py); None = plain logits + CE.
+  embed_noise_alpha: NEFTune-style noise on the embedding output (baselines.py; training steps only), drawn from a
+  `noise` stream of rng (folded in, so the dropout and dispersion streams are the same as without it).
   metrics["dispersion"] is 0 where the coefficient is 0 (the term is off); validation always measures it.
   """
   rngs = {}
   disp_rng = None
   if rng is not None:
     rngs["dropout"], disp_rng = jax.random.split(rng)
+  if embed_noise_alpha:
+    if rng is None:
+      raise ValueError("embed_noise_alpha > 0 needs an rng")
+    rngs["noise"] = jax.random.fold_in(rng, _NOISE_STREAM)
   logits, variables = model.apply({"params": params}, batch["input_ids"], batch.get("positions"),
-                                  deterministic=deterministic, rngs=rngs, mutable=["intermediates"])
+                                  deterministic=deterministic, embed_noise_alpha=embed_noise_alpha, rngs=rngs,
+                                  mutable=["intermediates"])
   if ce_chunk:  # fused head + CE (fused_ce.py): under jit the model's unused logits are dead code
     ce = fused_cross_entropy(hidden_states(variables)[-1], lm_head(params, model.cfg), batch["targets"],
                              batch.get("loss_mask"), chunk=ce_chunk)

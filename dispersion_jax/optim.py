@@ -1,9 +1,12 @@
-"""The Optax optimizer of a run: AdamW with warm-up + cosine decay, global-norm clipping, a decay mask."""
+"""The Optax optimizer of a run: AdamW with warm-up + cosine decay, global-norm clipping, a decay mask; for active
+forgetting (baselines.py) the input embedding gets its own AdamW branch with its own schedule."""
 import dataclasses
 import functools
 
 import jax
 import optax
+
+from dispersion_jax.baselines import BaselineConfig, embed_labels, forgetting_lr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +51,15 @@ def decay_mask(params, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(opt: OptimizerConfig, steps: int) -> optax.GradientTransformation:
-  adamw = optax.adamw(lr_schedule(opt, steps), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                      mask=functools.partial(decay_mask, decay_embeddings=opt.decay_embeddings))
-  return optax.chain(optax.clip_by_global_norm(opt.clip), adamw) if opt.clip else adamw
+def make_optimizer(opt: OptimizerConfig, steps: int, baseline: BaselineConfig | None = None,
+                   embed_path: tuple[str, ...] | None = None) -> optax.GradientTransformation:
+  """AdamW (+ clipping over all parameters). With baseline.method == "active_forgetting" the leaf at `embed_path`
+  trains in its own branch (`multi_transform`): same AdamW, the forgetting learning-rate schedule."""
+  def adamw(schedule):
+    return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                       mask=functools.partial(decay_mask, decay_embeddings=opt.decay_embeddings))
+  tx = adamw(lr_schedule(opt, steps))
+  if baseline is not None and baseline.method == "active_forgetting":
+    tx = optax.multi_transform({"body": tx, "embed": adamw(forgetting_lr(baseline, steps))},
+                               functools.partial(embed_labels, embed_path=embed_path))
+  return optax.chain(optax.clip_by_global_norm(opt.clip), tx) if opt.clip else tx

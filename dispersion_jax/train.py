@@ -19,7 +19,9 @@ from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.condensation import spearman
 from dispersion_jax.data import build, loader
 from dispersion_jax.data.packed import PackedDataset
-from dispersion_jax.errors import CheckpointError, DataError, TrainingError
+from dispersion_jax import models
+from dispersion_jax.baselines import Forgetting
+from dispersion_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dispersion_jax.loop import Hooks, run_loop
 from dispersion_jax.metrics import MetricsLogger
 from dispersion_jax.models import build_model, flops_per_token
@@ -56,6 +58,29 @@ def resume_row(ckpt: Checkpointer, step: int | None, ds: PackedDataset) -> int:
 def train_batches(cfg: ConfigDict, ds: PackedDataset, mesh, start_row: int) -> loader.TrainBatches:
   return loader.TrainBatches(ds, global_batch=cfg.batch_size, seed=cfg.seed, sharding=sharding.batch_sharding(mesh),
                              start_row=start_row, read_threads=config_lib.data_config(cfg).read_threads)
+
+
+def optimizer_and_step(cfg: ConfigDict, model_cfg):
+  """(optimizer, learning-rate schedule, the baseline's train_step keywords) of a run: one place, for training,
+  restoring, vmapped sweeps and the dry run alike."""
+  opt, steps, base = config_lib.optimizer_config(cfg), config_lib.loop_config(cfg).steps, config_lib.baseline_config(cfg)
+  family = models.family(model_cfg)
+  tx = make_optimizer(opt, steps, base, family.EMBED_PATH)
+  kw = {}
+  if base.method == "neftune":
+    kw["embed_noise_alpha"] = family.NEFTUNE_ALPHA if base.neftune_alpha is None else base.neftune_alpha
+  elif base.method == "active_forgetting":
+    pad = base.pad_id
+    if pad is None:
+      try:
+        pad = get_tokenizer(cfg.tokenizer).eos_id  # the authors' pad id: GPT-2 pad := eos, Qwen3 <|endoftext|>
+      except ValueError as e:
+        raise DataError(f"tokenizer: {e}") from e
+    if not 0 <= pad < model_cfg.vocab_size:
+      raise ConfigError(f"baseline.pad_id={pad} is outside the vocabulary [0, {model_cfg.vocab_size}); set "
+                        "baseline.pad_id")
+    kw["forgetting"] = Forgetting(base.forget_every, base.forget_std, pad, tuple(family.EMBED_PATH))
+  return tx, lr_schedule(opt, steps), kw
 
 
 def check_vocab(cfg: ConfigDict, model_cfg) -> None:
@@ -122,10 +147,11 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
   preempt = distributed.Preemption()  # first: a SIGTERM during set-up still ends in a clean save and exit
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  loop_cfg, opt_cfg = config_lib.loop_config(cfg), config_lib.optimizer_config(cfg)
+  loop_cfg = config_lib.loop_config(cfg)
   mesh = sharding.make_mesh(config_lib.mesh_config(cfg), devices)
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
-  model, tx, schedule = build_model(model_cfg), make_optimizer(opt_cfg, loop_cfg.steps), lr_schedule(opt_cfg, loop_cfg.steps)
+  model = build_model(model_cfg)
+  tx, schedule, baseline_kw = optimizer_and_step(cfg, model_cfg)
   check_vocab(cfg, model_cfg)
   ds = open_data(cfg)
 
@@ -141,13 +167,18 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
     else:
       state = ckpt.restore(start, target)
     step_fn = jit_train_step(functools.partial(train_step, model=model, disp=disp, tx=tx, schedule=schedule,
-                                               grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk), mesh, shardings)
+                                               grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk, **baseline_kw),
+                             mesh, shardings)
     eval_fn = jit_eval_step(model, disp, mesh, shardings.params)
     val_batches = validation_batches(cfg, ds, mesh) if loop_cfg.eval_every else []
   start = start or 0
   logger = MetricsLogger(workdir, loop_cfg.steps, start, enabled=lead)
   logger.write(f"{'resuming from step ' + str(start) if start else 'starting'}: {model_cfg.n_layer} layers, "
                f"width {model_cfg.n_embd}, mesh {dict(mesh.shape)}, {cfg.batch_size}x{cfg.seq_len} tokens/step")
+  base = config_lib.baseline_config(cfg)
+  if base.method == "active_forgetting" and loop_cfg.steps < base.forget_every:
+    logger.write(f"warning: steps={loop_cfg.steps} < baseline.forget_every={base.forget_every}: no reset happens and "
+                 "the authors' embedding schedule is 0 for the whole run (a frozen input embedding)")
   step_flops = flops_per_token(model_cfg, cfg.seq_len)
   peak = peak_flops()
   last_eval = {}
@@ -223,7 +254,7 @@ def load_run(workdir: str, step: int | None = None, mesh=None):
                             "train first or pass an existing --step")
     cfg = config_lib.from_saved(ckpt.saved_config(step))
     model_cfg = config_lib.model_config(cfg)
-    tx = make_optimizer(config_lib.optimizer_config(cfg), cfg.steps)
+    tx, _, _ = optimizer_and_step(cfg, model_cfg)
     if mesh is None:
       mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
     target, _ = state_shardings(model_cfg, tx, mesh)

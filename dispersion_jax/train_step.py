@@ -1,6 +1,7 @@
 """The train state and the jitted, sharded train / eval steps."""
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -11,9 +12,13 @@ import optax
 from jax.sharding import Mesh
 
 from dispersion_jax import sharding
+from dispersion_jax.baselines import Forgetting, reset_embedding
 from dispersion_jax.condensation import condensation_metrics
 from dispersion_jax.models import hidden_states, init_params, param_logical_axes
 from dispersion_jax.objective import DispersionConfig, cross_entropy, dispersion_term, objective
+
+
+_FORGET_STREAM = 0x666F7267  # fold_in constant of the embedding re-draws ("forg")
 
 
 @flax.struct.dataclass
@@ -40,8 +45,10 @@ def state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mesh):
   p_shard = sharding.param_shardings(param_logical_axes(model_cfg), abstract.params, mesh)
   rep = sharding.replicated(mesh)
   # Optax states hold copies of the param tree (mu, nu); anything else (counts) is replicated.
-  opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, p_shard,
-                                    transform_non_params=lambda _: rep)
+  # Masked branches (multi_transform, active forgetting) hold MaskedNode where a parameter is not theirs.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  opt_shard = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, abstract.opt_state, p_shard,
+                                    transform_non_params=lambda _: rep, is_leaf=masked)
   shard = TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
   return abstract, shard
@@ -53,18 +60,22 @@ def _microbatches(batch: dict, n: int) -> dict:
 
 def train_step(state: TrainState, batch: dict, coeff: jax.Array | None = None, *, model: nn.Module,
                disp: DispersionConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
-               ce_chunk: int | None = None):
+               ce_chunk: int | None = None, embed_noise_alpha: float = 0.0, forgetting: Forgetting | None = None):
   """One optimizer step over `grad_accum` equal micro-batches.
 
   Each micro-batch's objective is CE-mean + coeff * dispersion-mean; averaging the micro-batches keeps the
   relative weight of the two terms (the meaning of `coeff`) independent of `grad_accum`. `coeff`: a traced
   coefficient replacing disp.coeff (one compiled step for models that differ only in it, see vmap_train.py).
+  embed_noise_alpha: NEFTune-style noise, fresh per micro-batch (its key folds in the step and the micro-batch).
+  forgetting: active forgetting (baselines.py): after every `every`-th step the input embedding is re-drawn and its
+  optimizer branch's Adam state reset, inside this step, so the state after step K (and a checkpoint of it) already
+  holds the fresh embedding and a resume is exact across a reset.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   deterministic = getattr(model.cfg, "dropout", 0.0) == 0.0
   grad_fn = jax.value_and_grad(
       lambda p, b, r: objective(p, b, model=model, disp=disp, rng=r, deterministic=deterministic, coeff=coeff,
-                          ce_chunk=ce_chunk),
+                          ce_chunk=ce_chunk, embed_noise_alpha=embed_noise_alpha),
       has_aux=True)
 
   def micro(carry, xs):
@@ -81,6 +92,13 @@ def train_step(state: TrainState, batch: dict, coeff: jax.Array | None = None, *
     grads, metrics = jax.tree.map(lambda x: x / grad_accum, (grads, metrics))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if forgetting is not None:
+    step = state.step + 1
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, _FORGET_STREAM), step)
+    reset = functools.partial(reset_embedding, key=key, embed_path=forgetting.embed_path, std=forgetting.std,
+                              pad_id=forgetting.pad_id)
+    params, opt_state = jax.lax.cond(step % forgetting.every == 0, lambda p, o: reset(p, o), lambda p, o: (p, o),
+                                     params, opt_state)
   metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

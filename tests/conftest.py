@@ -58,3 +58,9 @@ def make_run():
     ckpt.close()
     return model_cfg, state.params
   return build
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> str:
+  """One data dir for the built default-corpus caches of the training tests (built once per seq_len)."""
+  return str(tmp_path_factory.mktemp("corpus"))

@@ -11,7 +11,7 @@ import pytest
 PKG = pathlib.Path(__file__).resolve().parent.parent / "dispersion_jax"
 
 # Layer of each module (dotted names without the package prefix); a name ending in "." covers a subpackage.
-CORE = ("__init__", "errors", "dispersion", "dispersion_fused", "dispersion_pallas", "models.", "objective",
+CORE = ("__init__", "errors", "dispersion", "dispersion_fused", "dispersion_pallas", "models.", "objective", "baselines",
         "fused_ce", "hf", "condensation")
 TRAINING = ("config", "sharding", "distributed", "optim", "train_step", "checkpoint", "metrics", "loop", "train",
             "dry_run", "tokenizer", "data.")

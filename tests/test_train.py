@@ -31,8 +31,8 @@ TINY = ["--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+def data_dir(corpus_dir):
+  return corpus_dir
 
 
 def tiny_cfg(data_dir: str, *overrides: str):

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dispersion_jax.baselines import add_embedding_noise
+
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),            # 124M
     "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),    # 355M
@@ -140,7 +142,7 @@ class GPT(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, input_ids_BxL, positions_BxL=None, deterministic: bool = True):
+  def __call__(self, input_ids_BxL, positions_BxL=None, deterministic: bool = True, embed_noise_alpha: float = 0.0):
     cfg = self.cfg
     B, L = input_ids_BxL.shape
     if positions_BxL is None:
@@ -150,6 +152,8 @@ class GPT(nn.Module):
     wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="wpe",
                    embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")))
     x_BxLxD = wte(input_ids_BxL) + wpe(positions_BxL)
+    if embed_noise_alpha:  # NEFTune-style noise (baselines.py); on wte's output or after wpe: the same sum
+      x_BxLxD = add_embedding_noise(x_BxLxD, embed_noise_alpha, self.make_rng("noise"))
     x_BxLxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
     self.sow("intermediates", "embed", x_BxLxD)
@@ -182,6 +186,7 @@ def lm_head(params: dict, cfg: GPTConfig) -> jax.Array:
 
 
 EMBED_PATH = ("wte", "embedding")  # the input token embedding [V, D] (active forgetting re-draws it)
+NEFTUNE_ALPHA = 1.0                # the authors' GPT-2 default
 
 
 def lookup_params(cfg: GPTConfig) -> int:

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dispersion_jax.baselines import add_embedding_noise
 from dispersion_jax.models.gpt2 import ATTENTION_IMPLS, REMAT_POLICIES
 
 _SHAPES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head", "head_dim", "n_inner")
@@ -203,7 +204,7 @@ class Qwen3(nn.Module):
   cfg: Qwen3Config
 
   @nn.compact
-  def __call__(self, input_ids_BxL, positions_BxL=None, deterministic: bool = True):
+  def __call__(self, input_ids_BxL, positions_BxL=None, deterministic: bool = True, embed_noise_alpha: float = 0.0):
     del deterministic  # no dropout in Qwen3; the argument keeps the family interface
     cfg = self.cfg
     B, L = input_ids_BxL.shape
@@ -211,7 +212,10 @@ class Qwen3(nn.Module):
       positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
     embed = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed_tokens",
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
-    x_BxLxD = nn.with_logical_constraint(embed(input_ids_BxL), _ACT)  # no scaling, no position embedding
+    x_BxLxD = embed(input_ids_BxL)  # no scaling, no position embedding
+    if embed_noise_alpha:  # NEFTune-style noise (baselines.py): the whole embedding output
+      x_BxLxD = add_embedding_noise(x_BxLxD, embed_noise_alpha, self.make_rng("noise"))
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACT)
     self.sow("intermediates", "embed", x_BxLxD)
     cos_BxLxK, sin_BxLxK = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta, cfg.dtype)  # once, not per block
 
@@ -248,6 +252,7 @@ def lm_head(params: dict, cfg: Qwen3Config) -> jax.Array:
 
 
 EMBED_PATH = ("embed_tokens", "embedding")  # the input token embedding [V, D] (active forgetting re-draws it)
+NEFTUNE_ALPHA = 5.0                          # the authors' Qwen3 default
 
 
 def lookup_params(cfg: Qwen3Config) -> int:

@@ -49,12 +49,11 @@ def vmapped_step(cfg: ConfigDict, with_dispersion: bool):
   """jit(vmap(step)): (states [K...], batches [S, b, L], member -> data-stream index [K], coeffs [K])."""
   model_cfg = config_lib.model_config(cfg)
   disp = config_lib.dispersion_config(cfg)
-  opt_cfg, steps = config_lib.optimizer_config(cfg), config_lib.loop_config(cfg).steps
+  tx, schedule, baseline_kw = train.optimizer_and_step(cfg, model_cfg)
   # All members at coeff 0: the plain objective, exactly as the individual runs compute it (no dispersion term).
   step = functools.partial(train_step if with_dispersion else _step_without_dispersion, model=build_model(model_cfg),
                            disp=disp if with_dispersion else dataclasses.replace(disp, coeff=0.0),
-                           tx=make_optimizer(opt_cfg, steps), schedule=lr_schedule(opt_cfg, steps),
-                           grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk)
+                           tx=tx, schedule=schedule, grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk, **baseline_kw)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def fn(states, batches_SxBxL, stream_K, coeffs_K):
@@ -92,7 +91,7 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
   base, K = cfgs[0], len(cfgs)
   loop_cfg = config_lib.loop_config(base)
   model_cfg = config_lib.model_config(base)
-  tx = make_optimizer(config_lib.optimizer_config(base), loop_cfg.steps)
+  tx, _, _ = train.optimizer_and_step(base, model_cfg)
   train.check_vocab(base, model_cfg)
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   ds = train.open_data(base)
