@@ -142,3 +142,22 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     test_no_import_of_a_higher_layer("objective")
   with pytest.raises(AssertionError, match="import cycle"):
     test_no_import_cycles()
+
+
+def _console_scripts() -> dict[str, str]:
+  import tomllib
+  with open(PKG.parent / "pyproject.toml", "rb") as fh:
+    return tomllib.load(fh)["project"]["scripts"]
+
+
+@pytest.mark.parametrize("script", sorted(_console_scripts()))
+def test_every_console_script_answers_help(script, capsys):
+  """`pip install .` puts these on PATH (checked in a fresh venv for the release notes); each resolves to a
+  command-line main that prints its flags and exits 0."""
+  import importlib
+  module, _, name = _console_scripts()[script].partition(":")
+  assert module.startswith("dispersion_jax.cli."), "console scripts point into the command-line layer"
+  main = getattr(importlib.import_module(module), name)
+  with pytest.raises(SystemExit) as e:
+    main(["--help"])
+  assert e.value.code == 0 and "usage:" in capsys.readouterr().out

@@ -60,21 +60,30 @@ def load_token_lists(args, tokenizer_name: str) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------- plots
-def _heatmap(ax, summary: dict[str, Any], title: str):
+def density_norm(summaries: Sequence[dict[str, Any]]):
+  """One log colour scale for the density of several heatmaps (condensed layers pile most mass into a few bins
+  near 1); None if no histogram has mass."""
   from matplotlib.colors import LogNorm
+  positive = np.concatenate([np.asarray(s["histograms"]["density"], float).ravel() for s in summaries])
+  positive = positive[positive > 0]
+  return LogNorm(vmin=max(positive.min(), positive.max() * 1e-4), vmax=positive.max()) if positive.size else None
+
+
+def _heatmap(ax, summary: dict[str, Any], title: str, norm=None, legend: bool = True):
+  """Layers x cosine with density as colour, and the per-layer mean; `norm`: a shared colour scale (default: this
+  summary's own)."""
   from matplotlib.ticker import MaxNLocator
   hist = summary["histograms"]
   density_NxK = np.asarray(hist["density"], float)
-  positive = density_NxK[density_NxK > 0]
-  # Log colour scale: condensed layers pile most mass into a few bins near 1.
-  norm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-4), vmax=positive.max()) if positive.size else None
+  norm = density_norm([summary]) if norm is None else norm
   n = density_NxK.shape[0]
   im = ax.imshow(np.ma.masked_equal(density_NxK.T, 0), origin="lower", aspect="auto", norm=norm, cmap="viridis",
                  extent=(-0.5, n - 0.5, hist["bin_edges"][0], hist["bin_edges"][-1]), interpolation="nearest")
   ax.plot(range(n), summary["mean_cossim_by_layer"], ".-", color="tab:red", lw=1, label="mean (with diagonal)")
   ax.set(xlabel="layer (0 = embeddings)", ylabel="token-token cosine similarity", title=title)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.legend(loc="lower left", fontsize=7)
+  if legend:
+    ax.legend(loc="lower left", fontsize=7)
   return im
 
 
