@@ -1,4 +1,5 @@
 """Pre-training GPT-2 medium (355M) from scratch: the gpt2_small.py recipe at this size."""
+
 import os
 
 from dispersion_jax.config import load_config

@@ -1,13 +1,14 @@
 """Pre-training GPT-2 small (124M) from scratch with the dispersion loss (angular_spread on all layers)."""
+
 from dispersion_jax.config import default_config
 
 
 def get_config():
   c = default_config()
   c.model.preset = "gpt2"
-  c.model.scan_layers = True          # one compiled block: fast compiles at depth
+  c.model.scan_layers = True  # one compiled block: fast compiles at depth
   c.seq_len = 1024
-  c.batch_size = 512                   # sequences per step (global)
+  c.batch_size = 512  # sequences per step (global)
   c.steps = 100_000
   c.log_every = 50
   c.eval_every = 2000

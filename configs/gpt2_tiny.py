@@ -1,4 +1,5 @@
 """The demo: a ~7M-parameter GPT-2 (4 layers, width 128) on the embedded English corpus, ~5 minutes on 2 CPU cores."""
+
 from dispersion_jax.config import default_config
 
 

@@ -13,17 +13,18 @@ Trainer SUMS micro-batch gradients, so their clip of 1.0 clips the mean gradient
 (coeff keeps its meaning at any grad_accum) and set clip 0.25, the exact equivalent, whatever our grad_accum.
 lr 5e-5 is for one GPU (they scale it by sqrt(world size)).
 """
+
 from dispersion_jax.config import default_config
 
 
 def get_config():
   c = default_config()
-  c.init_from = "gpt2"                # a directory; override on the command line
+  c.init_from = "gpt2"  # a directory; override on the command line
   for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
-    c.model[key] = None               # the shape comes from init_from/config.json
+    c.model[key] = None  # the shape comes from init_from/config.json
   c.seq_len = 1024
   c.batch_size = 128
-  c.grad_accum = 8                    # 16 sequences per micro-batch; raise batch per device where memory allows
+  c.grad_accum = 8  # 16 sequences per micro-batch; raise batch per device where memory allows
   c.steps = 1526
   c.log_every = 10
   c.eval_every = 200
@@ -35,7 +36,7 @@ def get_config():
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
   c.optimizer.weight_decay = 0.1
-  c.optimizer.clip = 0.25            # = their clip of 1.0 on the sum of their 4 micro-batch gradients
+  c.optimizer.clip = 0.25  # = their clip of 1.0 on the sum of their 4 micro-batch gradients
   c.dispersion.variant = "angular_spread"
   c.dispersion.coeff = 0.1
   c.dispersion.loc = "all"

@@ -6,6 +6,7 @@ steps no reset happens and their schedule keeps the embedding frozen: the run wa
 optimizer also decays the RMSNorm scales in this run only (their ALL_LAYERNORM_LAYERS holds only nn.LayerNorm); ours
 never decays norm scales. See shared/docs/qwen3-and-baselines.md section 4.
 """
+
 import os
 
 from dispersion_jax.config import load_config

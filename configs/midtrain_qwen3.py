@@ -20,6 +20,7 @@ Setting by setting as their script runs it (shared/docs/qwen3-and-baselines.md s
   --config.data.text_dir=DIR_OF_PARQUET --config.data.doc_grouping=wikitext (articles at their = Title = lines;
   we do put EOS between documents, which their concatenation does not).
 """
+
 from dispersion_jax.config import default_config
 
 GRAD_ACCUM = 32
@@ -27,9 +28,9 @@ GRAD_ACCUM = 32
 
 def get_config():
   c = default_config()
-  c.init_from = "Qwen/Qwen3-0.6B"     # a local directory; override on the command line
+  c.init_from = "Qwen/Qwen3-0.6B"  # a local directory; override on the command line
   c.tokenizer = c.get_ref("init_from")  # the checkpoint's own tokenizer files: follows --config.init_from
-  c.model.family = "qwen3"            # informational: with init_from the shape comes from its config.json
+  c.model.family = "qwen3"  # informational: with init_from the shape comes from its config.json
   c.model.remat = "full"
   c.seq_len = 4096
   c.batch_size = 32

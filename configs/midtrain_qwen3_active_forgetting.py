@@ -7,6 +7,7 @@ One difference: for Qwen3 their optimizer also decays the RMSNorm scales in this
 ALL_LAYERNORM_LAYERS holds only nn.LayerNorm); ours never decays norm scales. See shared/docs/qwen3-and-baselines.md
 section 4.
 """
+
 import os
 
 from dispersion_jax.config import load_config

@@ -3,6 +3,7 @@ recipe with CE only (dispersion.coeff 0) and NEFTune-style noise on the token-em
 family's default; uniform in +-alpha / sqrt(seq_len * width), training steps only, fresh per micro-batch). See
 shared/docs/qwen3-and-baselines.md section 4.
 """
+
 import os
 
 from dispersion_jax.config import load_config

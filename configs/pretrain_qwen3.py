@@ -16,6 +16,7 @@ As their fork runs it (shared/docs/qwen3-and-baselines.md sections 2.2 and 3.2),
   python -m dispersion_jax.data.build --config configs/pretrain_qwen3.py [...]. Tokenizer: a Qwen tokenizer
   directory (--config.tokenizer=DIR).
 """
+
 from dispersion_jax.config import default_config
 
 
@@ -24,8 +25,8 @@ def get_config():
   c.model.family = "qwen3"
   c.model.preset = "qwen3-width_256"
   c.model.remat = "dots"
-  c.model.scan_layers = True          # 28 identical blocks: one compiled block
-  c.tokenizer = "Qwen/Qwen3-0.6B"     # a local HF tokenizer directory; override on the command line
+  c.model.scan_layers = True  # 28 identical blocks: one compiled block
+  c.tokenizer = "Qwen/Qwen3-0.6B"  # a local HF tokenizer directory; override on the command line
   c.seq_len = 4096
   c.batch_size = 128
   c.grad_accum = 16

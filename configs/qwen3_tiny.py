@@ -2,6 +2,7 @@
 on the embedded English corpus with the offline GPT-2 BPE, angular_spread on all layers; minutes on 2 CPU cores.
 With a Qwen tokenizer directory set --config.tokenizer=DIR --config.model.vocab_size=151936 (a 151,936-row embedding
 is 19M parameters at this width)."""
+
 from dispersion_jax.config import default_config
 
 

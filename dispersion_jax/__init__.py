@@ -1,9 +1,23 @@
 """dispersion_jax: JAX/Flax training stack for the dispersion loss (embedding condensation regulariser)."""
+
 from dispersion_jax.dispersion import VARIANTS, dispersion_loss
 from dispersion_jax.hf import load_pretrained, save_pretrained
 from dispersion_jax.models import GPT, GPTConfig, Qwen3, Qwen3Config, build_model, hidden_states
 from dispersion_jax.objective import DispersionConfig, objective, select_layers
 
-__all__ = ["VARIANTS", "dispersion_loss", "GPT", "GPTConfig", "Qwen3", "Qwen3Config", "build_model", "hidden_states",
-           "load_pretrained", "save_pretrained", "DispersionConfig", "objective", "select_layers"]
+__all__ = [
+    "VARIANTS",
+    "dispersion_loss",
+    "GPT",
+    "GPTConfig",
+    "Qwen3",
+    "Qwen3Config",
+    "build_model",
+    "hidden_states",
+    "load_pretrained",
+    "save_pretrained",
+    "DispersionConfig",
+    "objective",
+    "select_layers",
+]
 __version__ = "0.2.0"

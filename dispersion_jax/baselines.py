@@ -10,6 +10,7 @@
 
 Exact semantics, with line references to the authors' code: shared/docs/qwen3-and-baselines.md, section 4.
 """
+
 import dataclasses
 
 import jax
@@ -21,14 +22,14 @@ METHODS = ("none", "neftune", "active_forgetting")
 
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
-  method: str = "none"                # none | neftune | active_forgetting
+  method: str = "none"  # none | neftune | active_forgetting
   neftune_alpha: float | None = None  # None = the family's default (GPT-2 1.0, Qwen3 5.0, as the authors' scripts)
-  forget_every: int = 1000            # K: reset after every K-th optimizer step
-  forget_emb_lr: float = 5e-5         # peak learning rate of the embedding branch (not scaled by world size)
-  forget_emb_warmup: float = 0.08     # its warm-up, as a fraction of the run's steps
-  forget_std: float = 0.02            # std of the re-drawn embedding
-  pad_id: int | None = None           # the row zeroed at each reset; None = the tokenizer's EOS (their pad id)
-  with_dispersion: bool = False       # allow dispersion.coeff != 0 beside a baseline (the authors' runs are CE only)
+  forget_every: int = 1000  # K: reset after every K-th optimizer step
+  forget_emb_lr: float = 5e-5  # peak learning rate of the embedding branch (not scaled by world size)
+  forget_emb_warmup: float = 0.08  # its warm-up, as a fraction of the run's steps
+  forget_std: float = 0.02  # std of the re-drawn embedding
+  pad_id: int | None = None  # the row zeroed at each reset; None = the tokenizer's EOS (their pad id)
+  with_dispersion: bool = False  # allow dispersion.coeff != 0 beside a baseline (the authors' runs are CE only)
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -44,6 +45,7 @@ class BaselineConfig:
 @dataclasses.dataclass(frozen=True)
 class Forgetting:
   """What the train step needs to reset the embedding (resolved from BaselineConfig and the model family)."""
+
   every: int
   std: float
   pad_id: int | None
@@ -74,13 +76,16 @@ def forgetting_lr(cfg: BaselineConfig, steps: int) -> optax.Schedule:
     e = ((count + 1) * speed) % T
     mult = jnp.where(e < warm, e / max(1, warm), jnp.maximum(0.0, (T - e) / max(1, T - warm)))
     return cfg.forget_emb_lr * mult
+
   return schedule
 
 
 def embed_labels(params, embed_path: tuple[str, ...]):
   """optax.multi_transform labels: "embed" for the input-embedding leaf, "body" for every other parameter."""
+
   def label(path, _):
     return "embed" if tuple(getattr(p, "key", None) for p in path) == embed_path else "body"
+
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -108,8 +113,11 @@ def reset_embedding(params, opt_state, key: jax.Array, *, embed_path: tuple[str,
 
   def zero_adam(state):
     if isinstance(state, optax.ScaleByAdamState):
-      return state._replace(count=jnp.zeros_like(state.count), mu=jax.tree.map(jnp.zeros_like, state.mu),
-                            nu=jax.tree.map(jnp.zeros_like, state.nu))
+      return state._replace(
+          count=jnp.zeros_like(state.count),
+          mu=jax.tree.map(jnp.zeros_like, state.mu),
+          nu=jax.tree.map(jnp.zeros_like, state.nu),
+      )
     return state
 
   def reset_branch(state):

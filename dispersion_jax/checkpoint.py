@@ -6,6 +6,7 @@ small JSON (`data_state`: rows consumed + the dataset's fingerprint, data/loader
 so a checkpoint resumes on any process count. Checkpoints of earlier versions hold a Grain iterator item (`data`)
 instead; it is not read (`data_state` returns None, and the loop resumes at step x batch).
 """
+
 import os
 from typing import Any
 
@@ -19,10 +20,14 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int | None = 3, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=async_save)
-    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                "data_state": ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save
+    )
+    handlers = {
+        "state": ocp.StandardCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+        "data_state": ocp.JsonCheckpointHandler(),
+    }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -42,8 +47,10 @@ class Checkpointer:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(data_state=ocp.args.JsonRestore()))["data_state"]
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"checkpoint {self.directory}/{step} has no readable data state ({_first_line(e)}); "
-                            "delete that step directory to resume from an earlier one, or use a new --workdir") from e
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} has no readable data state ({_first_line(e)}); "
+          "delete that step directory to resume from an earlier one, or use a new --workdir"
+      ) from e
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restore into `abstract_state` (ShapeDtypeStructs carrying the *current* shardings: any mesh works)."""
@@ -52,8 +59,10 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - Orbax raises many kinds; the user needs one line and a fix
-      raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be restored ({_first_line(e)}); "
-                            "delete that step directory to resume from an earlier one, or use a new --workdir") from e
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} cannot be restored ({_first_line(e)}); "
+          "delete that step directory to resume from an earlier one, or use a new --workdir"
+      ) from e
     return restored["state"]
 
   def saved_config(self, step: int) -> dict:
@@ -66,8 +75,10 @@ class Checkpointer:
     try:
       saved = self.manager.item_metadata(step)["state"]
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable ({_first_line(e)}); "
-                            "delete that step directory or use a new --workdir") from e
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} is unreadable ({_first_line(e)}); "
+          "delete that step directory or use a new --workdir"
+      ) from e
     if saved is None:
       raise CheckpointError(f"checkpoint {self.directory}/{step} has no train state; use a new --workdir")
     want = _shapes(abstract_state)
@@ -77,7 +88,8 @@ class Checkpointer:
         raise CheckpointError(
             f"checkpoint in {self.directory} was written for another model shape ({key}: saved "
             f"{have.get(key, 'absent')}, config wants {want.get(key, 'absent')}); use a new --workdir or the "
-            "run's original model config")
+            "run's original model config"
+        )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -9,6 +9,7 @@ similarity grows with depth = condensation.
 `condensation_metrics` is the cheap jit-able variant for training-time logging on a fixed validation batch.
 CLI: `python -m dispersion_jax.condensation --help` (implemented in condensation_cli.py).
 """
+
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -67,8 +68,9 @@ def histogram_counts(cos_BxLxL: jax.Array, mask_BxL: jax.Array, num_bins: int = 
   return jnp.bincount(idx, weights=pair_BxLxL.reshape(-1).astype(jnp.int32), length=num_bins)
 
 
-def batch_statistics(states: Sequence[jax.Array], mask_BxL: jax.Array | None = None,
-                     num_bins: int = NUM_BINS) -> dict[str, jax.Array]:
+def batch_statistics(
+    states: Sequence[jax.Array], mask_BxL: jax.Array | None = None, num_bins: int = NUM_BINS
+) -> dict[str, jax.Array]:
   """One batch, all layers (N = len(states)): per-text means [N, B], counts [N, K], tokens per text [B]."""
   mask_BxL = _full_mask(states[0], mask_BxL)
   means, offdiags, counts = [], [], []
@@ -78,8 +80,12 @@ def batch_statistics(states: Sequence[jax.Array], mask_BxL: jax.Array | None = N
     means.append(mean_B)
     offdiags.append(offdiag_B)
     counts.append(histogram_counts(cos_BxLxL, mask_BxL, num_bins))
-  return {"mean_NxB": jnp.stack(means), "offdiag_NxB": jnp.stack(offdiags), "counts_NxK": jnp.stack(counts),
-          "num_tokens_B": n_B.astype(jnp.int32)}
+  return {
+      "mean_NxB": jnp.stack(means),
+      "offdiag_NxB": jnp.stack(offdiags),
+      "counts_NxK": jnp.stack(counts),
+      "num_tokens_B": n_B.astype(jnp.int32),
+  }
 
 
 def rank_correlation_jnp(y_N: jax.Array) -> jax.Array:
@@ -124,7 +130,7 @@ def spearman(values: Mapping[str, Any] | Sequence[float]) -> float:
   """
   if isinstance(values, Mapping):
     prefix = "condensation/mean_cos/layer_"
-    layers = sorted((int(k[len(prefix):]), v) for k, v in values.items() if k.startswith(prefix))
+    layers = sorted((int(k[len(prefix) :]), v) for k, v in values.items() if k.startswith(prefix))
     values = [v for _, v in layers]
   y = np.asarray([float(v) for v in values], np.float64)
   if len(y) < 2 or np.all(y == y[0]):
@@ -141,20 +147,28 @@ def kendall(values: Sequence[float]) -> float:
 
 def init_totals(num_layers: int, num_bins: int = NUM_BINS) -> dict[str, Any]:
   """Running sums over texts (host, float64 / int64); no per-text matrix is kept."""
-  return {"sum_mean_N": np.zeros(num_layers), "sum_offdiag_N": np.zeros(num_layers), "num_texts": 0,
-          "num_texts_offdiag": 0, "num_tokens": 0, "counts_NxK": np.zeros((num_layers, num_bins), np.int64)}
+  return {
+      "sum_mean_N": np.zeros(num_layers),
+      "sum_offdiag_N": np.zeros(num_layers),
+      "num_texts": 0,
+      "num_texts_offdiag": 0,
+      "num_tokens": 0,
+      "counts_NxK": np.zeros((num_layers, num_bins), np.int64),
+  }
 
 
 def add_batch(totals: dict[str, Any], stats: Mapping[str, Any]) -> dict[str, Any]:
   """Fold one `batch_statistics` result in; rows with no real token (batch padding) are ignored."""
   n_B = np.asarray(stats["num_tokens_B"])
   valid_B, pairs_B = n_B > 0, n_B > 1
-  return {"sum_mean_N": totals["sum_mean_N"] + np.asarray(stats["mean_NxB"], np.float64)[:, valid_B].sum(-1),
-          "sum_offdiag_N": totals["sum_offdiag_N"] + np.asarray(stats["offdiag_NxB"], np.float64)[:, pairs_B].sum(-1),
-          "num_texts": totals["num_texts"] + int(valid_B.sum()),
-          "num_texts_offdiag": totals["num_texts_offdiag"] + int(pairs_B.sum()),
-          "num_tokens": totals["num_tokens"] + int(n_B.sum()),
-          "counts_NxK": totals["counts_NxK"] + np.asarray(stats["counts_NxK"], np.int64)}
+  return {
+      "sum_mean_N": totals["sum_mean_N"] + np.asarray(stats["mean_NxB"], np.float64)[:, valid_B].sum(-1),
+      "sum_offdiag_N": totals["sum_offdiag_N"] + np.asarray(stats["offdiag_NxB"], np.float64)[:, pairs_B].sum(-1),
+      "num_texts": totals["num_texts"] + int(valid_B.sum()),
+      "num_texts_offdiag": totals["num_texts_offdiag"] + int(pairs_B.sum()),
+      "num_tokens": totals["num_tokens"] + int(n_B.sum()),
+      "counts_NxK": totals["counts_NxK"] + np.asarray(stats["counts_NxK"], np.int64),
+  }
 
 
 def summarize(totals: Mapping[str, Any]) -> dict[str, Any]:
@@ -167,10 +181,15 @@ def summarize(totals: Mapping[str, Any]) -> dict[str, Any]:
   edges = bin_edges(counts_NxK.shape[1])
   density_NxK = counts_NxK / np.maximum(counts_NxK.sum(-1, keepdims=True), 1) / np.diff(edges)
   return {
-      "num_layers": int(len(mean_N)), "num_texts": int(totals["num_texts"]), "num_tokens": int(totals["num_tokens"]),
-      "mean_cossim_by_layer": mean_N.tolist(), "mean_cossim_by_layer_offdiag": offdiag_N.tolist(),
-      "spearman": _nan_to_none(spearman(mean_N)), "kendall": _nan_to_none(kendall(mean_N)),
-      "spearman_offdiag": _nan_to_none(spearman(offdiag_N)), "kendall_offdiag": _nan_to_none(kendall(offdiag_N)),
+      "num_layers": int(len(mean_N)),
+      "num_texts": int(totals["num_texts"]),
+      "num_tokens": int(totals["num_tokens"]),
+      "mean_cossim_by_layer": mean_N.tolist(),
+      "mean_cossim_by_layer_offdiag": offdiag_N.tolist(),
+      "spearman": _nan_to_none(spearman(mean_N)),
+      "kendall": _nan_to_none(kendall(mean_N)),
+      "spearman_offdiag": _nan_to_none(spearman(offdiag_N)),
+      "kendall_offdiag": _nan_to_none(kendall(offdiag_N)),
       "histograms": {"bin_edges": edges.tolist(), "counts": counts_NxK.tolist(), "density": density_NxK.tolist()},
   }
 
@@ -190,6 +209,7 @@ def _stats_fn(cfg, num_bins: int):
     # The LM head is dead code here (only hidden states are used): XLA drops it.
     _, variables = model.apply({"params": params}, ids_BxL, mutable=["intermediates"])
     return batch_statistics(hidden_states(variables), mask_BxL, num_bins)
+
   return fn
 
 
@@ -197,12 +217,21 @@ def check_token_ids(token_lists: Sequence[Sequence[int]], vocab_size: int) -> No
   for i, ids in enumerate(token_lists):
     lo, hi = min(ids, default=0), max(ids, default=0)
     if lo < 0 or hi >= vocab_size:
-      raise ValueError(f"text {i} has token id {hi if hi >= vocab_size else lo} outside the model vocabulary "
-                       f"[0, {vocab_size}): wrong tokenizer for this model?")
+      raise ValueError(
+          f"text {i} has token id {hi if hi >= vocab_size else lo} outside the model vocabulary "
+          f"[0, {vocab_size}): wrong tokenizer for this model?"
+      )
 
 
-def model_statistics(cfg, params: Any, token_lists: Sequence[Sequence[int]], *, max_length: int,
-                     batch_size: int = 8, num_bins: int = NUM_BINS) -> dict[str, Any]:
+def model_statistics(
+    cfg,
+    params: Any,
+    token_lists: Sequence[Sequence[int]],
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    num_bins: int = NUM_BINS,
+) -> dict[str, Any]:
   """Condensation summary of `params` over texts given as token-id lists (truncated to max_length/n_positions)."""
   if max_length < 1 or batch_size < 1:
     raise ValueError(f"max_length={max_length} and batch_size={batch_size} must be >= 1")
@@ -215,20 +244,29 @@ def model_statistics(cfg, params: Any, token_lists: Sequence[Sequence[int]], *, 
   params = jax.device_put(params)  # once, not per batch
   totals = init_totals(cfg.n_layer + 1, num_bins)
   for start in range(0, len(texts), batch_size):
-    chunk = texts[start:start + batch_size]
+    chunk = texts[start : start + batch_size]
     L = length_bucket(len(chunk[-1]), cap)
     ids_BxL = np.zeros((batch_size, L), np.int32)  # fixed batch: padding rows are all-mask-zero
     mask_BxL = np.zeros((batch_size, L), bool)
     for b, ids in enumerate(chunk):
-      ids_BxL[b, :len(ids)], mask_BxL[b, :len(ids)] = ids, True
+      ids_BxL[b, : len(ids)], mask_BxL[b, : len(ids)] = ids, True
     # Right padding: the model is causal, so real tokens never see the padding.
     totals = add_batch(totals, jax.device_get(fn(params, ids_BxL, mask_BxL)))
   out = summarize(totals)
-  out["settings"] = {"max_length": cap, "batch_size": batch_size, "num_bins": num_bins,
-                     "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size}
+  out["settings"] = {
+      "max_length": cap,
+      "batch_size": batch_size,
+      "num_bins": num_bins,
+      "n_layer": cfg.n_layer,
+      "n_embd": cfg.n_embd,
+      "vocab_size": cfg.vocab_size,
+  }
   return out
 
 
-if __name__ == "__main__":  # the command line lives in cli/condensation.py; keeps `python -m dispersion_jax.condensation`
+if (
+    __name__ == "__main__"
+):  # the command line lives in cli/condensation.py; keeps `python -m dispersion_jax.condensation`
   from dispersion_jax.cli.condensation import main
+
   main()

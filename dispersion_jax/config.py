@@ -6,6 +6,7 @@ Every setting has one default, the one of the dataclass that consumes it (`Optim
 module alone turns the ConfigDict into them: functions below it take only the dataclass they read. A bad key,
 value or combination is a ConfigError with one line that names the key, before anything compiles.
 """
+
 import ast
 import dataclasses
 import importlib.util
@@ -27,8 +28,18 @@ from dispersion_jax.objective import DispersionConfig
 from dispersion_jax.optim import OptimizerConfig
 from dispersion_jax.sharding import MeshConfig
 
-_MODEL_SHAPE_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "n_kv_head",
-                     "head_dim", "rope_theta", "tie_embeddings")
+_MODEL_SHAPE_KEYS = (
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "n_kv_head",
+    "head_dim",
+    "rope_theta",
+    "tie_embeddings",
+)
 # Old spellings accepted for one release: key -> its new place.
 ALIASES = {"dispersion.ce_chunk": "ce_chunk"}
 
@@ -55,31 +66,31 @@ def _section(cls, skip: Sequence[str] = ()) -> ConfigDict:
 def default_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0
-  c.batch_size = 32                   # global, in sequences (per optimizer step)
+  c.batch_size = 32  # global, in sequences (per optimizer step)
   c.seq_len = 256
-  c.grad_accum = 1                    # micro-batches per step; batch_size must divide by it
-  c.tokenizer = "gpt2"                # "gpt2" (offline BPE) or a Hugging Face tokenizer directory
-  c.init_from = FieldReference(None, field_type=str)   # a Hugging Face model directory to mid-train from
-  c.ce_chunk = FieldReference(None, field_type=int)    # fused LM head + CE in chunks of this many tokens; None = plain
-  c.dry_run = False                   # compile the step, print memory and FLOPs, exit
+  c.grad_accum = 1  # micro-batches per step; batch_size must divide by it
+  c.tokenizer = "gpt2"  # "gpt2" (offline BPE) or a Hugging Face tokenizer directory
+  c.init_from = FieldReference(None, field_type=str)  # a Hugging Face model directory to mid-train from
+  c.ce_chunk = FieldReference(None, field_type=int)  # fused LM head + CE in chunks of this many tokens; None = plain
+  c.dry_run = False  # compile the step, print memory and FLOPs, exit
   c.dry_run_memory_budget_gb = FieldReference(None, field_type=float)  # dry run: fail above this many GiB/device
   c.update(_section(LoopConfig).to_dict())  # steps, log_every, eval_every, eval_batches, checkpoint_every, ...
 
   c.model = ConfigDict()
-  c.model.family = "gpt2"             # gpt2 | qwen3
+  c.model.family = "gpt2"  # gpt2 | qwen3
   c.model.preset = "tiny"
-  for key in _MODEL_SHAPE_KEYS:       # None = take the preset's (or init_from's) value
+  for key in _MODEL_SHAPE_KEYS:  # None = take the preset's (or init_from's) value
     c.model[key] = FieldReference(None, field_type=_shape_type(key))
   c.model.dropout = 0.0
-  c.model.dtype = "auto"              # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
+  c.model.dtype = "auto"  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
   c.model.param_dtype = "float32"
-  c.model.remat = "none"              # none | full | dots
+  c.model.remat = "none"  # none | full | dots
   c.model.scan_layers = False
-  c.model.attention = "auto"          # auto = cuDNN flash attention on GPU (bf16), XLA elsewhere
+  c.model.attention = "auto"  # auto = cuDNN flash attention on GPU (bf16), XLA elsewhere
 
   c.dispersion = _section(DispersionConfig)
   c.optimizer = _section(OptimizerConfig)
-  c.mesh = _section(MeshConfig)       # sizes; -1 = all remaining devices
+  c.mesh = _section(MeshConfig)  # sizes; -1 = all remaining devices
   c.data = _section(DataConfig)
   c.baseline = _section(BaselineConfig)  # the paper's other counter-condensation methods (baselines.py)
   return c
@@ -164,30 +175,42 @@ def parse_value(text: str, want: type, key: str):
 
 def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
   """Impossible combinations, caught before compiling: every typed config is built once here."""
+
   def need(ok: bool, msg: str):
     if not ok:
       raise ConfigError(msg)
+
   for key in ("batch_size", "seq_len", "grad_accum"):
     need(cfg[key] >= 1, f"{key}={cfg[key]} must be >= 1")
-  need(cfg.batch_size % cfg.grad_accum == 0,
-       f"batch_size={cfg.batch_size} must be divisible by grad_accum={cfg.grad_accum}")
+  need(
+      cfg.batch_size % cfg.grad_accum == 0,
+      f"batch_size={cfg.batch_size} must be divisible by grad_accum={cfg.grad_accum}",
+  )
   need(cfg.ce_chunk is None or cfg.ce_chunk >= 1, f"ce_chunk={cfg.ce_chunk} must be >= 1 or None (plain CE)")
-  need(cfg.dry_run_memory_budget_gb is None or cfg.dry_run_memory_budget_gb >= 0,
-       f"dry_run_memory_budget_gb={cfg.dry_run_memory_budget_gb} must be >= 0 or None (no check)")
-  need(cfg.init_from is None or os.path.isdir(cfg.init_from),
-       f"init_from={cfg.init_from}: no such directory (a Hugging Face model directory)")
+  need(
+      cfg.dry_run_memory_budget_gb is None or cfg.dry_run_memory_budget_gb >= 0,
+      f"dry_run_memory_budget_gb={cfg.dry_run_memory_budget_gb} must be >= 0 or None (no check)",
+  )
+  need(
+      cfg.init_from is None or os.path.isdir(cfg.init_from),
+      f"init_from={cfg.init_from}: no such directory (a Hugging Face model directory)",
+  )
   loop_config(cfg), optimizer_config(cfg), dispersion_config(cfg), data_config(cfg), model_config(cfg)
   base = baseline_config(cfg)
-  need(base.method == "none" or cfg.dispersion.coeff == 0 or base.with_dispersion,
-       f"baseline.method={base.method!r} with dispersion.coeff={cfg.dispersion.coeff}: the authors' baselines are CE "
-       "only; set dispersion.coeff=0, or baseline.with_dispersion=True to combine them on purpose")
+  need(
+      base.method == "none" or cfg.dispersion.coeff == 0 or base.with_dispersion,
+      f"baseline.method={base.method!r} with dispersion.coeff={cfg.dispersion.coeff}: the authors' baselines are CE "
+      "only; set dispersion.coeff=0, or baseline.with_dispersion=True to combine them on purpose",
+  )
   mesh = mesh_config(cfg)
   if num_devices is not None:
     shape = mesh.shape(num_devices)
     dp = shape["data"] * shape["fsdp"]
-    need((cfg.batch_size // cfg.grad_accum) % dp == 0,
-         f"batch_size/grad_accum={cfg.batch_size // cfg.grad_accum} must be divisible by the data-parallel size "
-         f"mesh.data*mesh.fsdp={dp}")
+    need(
+        (cfg.batch_size // cfg.grad_accum) % dp == 0,
+        f"batch_size/grad_accum={cfg.batch_size // cfg.grad_accum} must be divisible by the data-parallel size "
+        f"mesh.data*mesh.fsdp={dp}",
+    )
 
 
 def _typed(cls, section: ConfigDict | dict, where: str):
@@ -209,14 +232,23 @@ def model_config(cfg: ConfigDict):
   m = cfg.model
   if m.family not in models.FAMILIES:
     raise ConfigError(f"model.family={m.family!r}: use one of {', '.join(models.FAMILIES)}")
-  opts = dict(dropout=m.dropout, dtype=compute_dtype(cfg), param_dtype=m.param_dtype, remat=m.remat,
-              scan_layers=m.scan_layers, attention=m.attention)
+  opts = dict(
+      dropout=m.dropout,
+      dtype=compute_dtype(cfg),
+      param_dtype=m.param_dtype,
+      remat=m.remat,
+      scan_layers=m.scan_layers,
+      attention=m.attention,
+  )
   shape = {k: m[k] for k in _MODEL_SHAPE_KEYS if m[k] is not None}
   if cfg.init_from:
     from dispersion_jax import hf  # noqa: PLC0415 - safetensors I/O only when mid-training
+
     if shape:
-      raise ConfigError(f"model.{next(iter(shape))} cannot be set with init_from: the shape comes from "
-                        f"{cfg.init_from}/config.json")
+      raise ConfigError(
+          f"model.{next(iter(shape))} cannot be set with init_from: the shape comes from "
+          f"{cfg.init_from}/config.json"
+      )
     try:
       return hf.config_from_json(cfg.init_from, **opts)
     except ValueError as e:

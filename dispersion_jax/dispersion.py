@@ -14,6 +14,7 @@ Defined where the reference yields NaN (documented behaviour):
   the batch mean; if no sequence has a pair the loss is 0 with zero gradient;
 - `decorrelation` treats a token vector with zero variance as a zero standardised vector (its correlations are 0).
 """
+
 import functools
 import math
 from typing import Literal
@@ -25,11 +26,10 @@ from dispersion_jax import dispersion_fused as fused
 from dispersion_jax import dispersion_pallas
 
 Variant = Literal["decorrelation", "l2_repel", "angular_spread", "orthogonalization", "perplexity_entropy"]
-VARIANTS: tuple[str, ...] = ("decorrelation", "l2_repel", "angular_spread", "orthogonalization",
-                             "perplexity_entropy")
-_LSE_VARIANTS = ("l2_repel", "angular_spread")        # value = logsumexp over pairs - log(#pairs)
-_DIAG_INCLUDED = ("l2_repel",)                         # l2_repel keeps the i == j pairs
-_L2_REPEL_NORM_WEIGHT = 0.1                            # reference: + 0.1 * mean(z ** 2)
+VARIANTS: tuple[str, ...] = ("decorrelation", "l2_repel", "angular_spread", "orthogonalization", "perplexity_entropy")
+_LSE_VARIANTS = ("l2_repel", "angular_spread")  # value = logsumexp over pairs - log(#pairs)
+_DIAG_INCLUDED = ("l2_repel",)  # l2_repel keeps the i == j pairs
+_L2_REPEL_NORM_WEIGHT = 0.1  # reference: + 0.1 * mean(z ** 2)
 DEFAULT_BLOCK_SIZE = 512  # dense speed up to L = 512, lean beyond (docs/benchmarks.md)
 IMPLS: tuple[str, ...] = ("auto", "xla", "pallas", "reference", "pallas_interpret")  # the last: tests only
 
@@ -188,11 +188,11 @@ def _reference_loss(variant: str, params: dict, z, zp, valid_BxL, seg_BxL, block
   return per_seq_B, has_B
 
 
-def _fused_loss(variant: str, params: dict, z, zp, valid_BxL, seg_BxL, block_size, one_segment: bool,
-                impl: str):
+def _fused_loss(variant: str, params: dict, z, zp, valid_BxL, seg_BxL, block_size, one_segment: bool, impl: str):
   """impl="xla" / "pallas": the gradient-in-forward reformulation (dispersion_fused, dispersion_pallas)."""
-  code_r, code_c, partners_BxL = fused.pair_codes(valid_BxL, None if one_segment else seg_BxL,
-                                                  diag_included=variant in _DIAG_INCLUDED)
+  code_r, code_c, partners_BxL = fused.pair_codes(
+      valid_BxL, None if one_segment else seg_BxL, diag_included=variant in _DIAG_INCLUDED
+  )
   n_pairs_B = jnp.sum(partners_BxL, axis=-1)
   has_B = n_pairs_B > 0
   safe_pairs_B = jnp.where(has_B, n_pairs_B, 1).astype(z.dtype)
@@ -213,17 +213,44 @@ def _fused_loss(variant: str, params: dict, z, zp, valid_BxL, seg_BxL, block_siz
   return per_seq_B, has_B
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "tau_l2", "tau_cos", "margin", "epsilon",
-                                             "clamp_threshold", "max_tokens", "block_size", "impl"))
-def _dispersion_loss(z, key, mask, segment_ids, *, variant, tau_l2, tau_cos, margin, epsilon, clamp_threshold,
-                     max_tokens, block_size, impl):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "variant",
+        "tau_l2",
+        "tau_cos",
+        "margin",
+        "epsilon",
+        "clamp_threshold",
+        "max_tokens",
+        "block_size",
+        "impl",
+    ),
+)
+def _dispersion_loss(
+    z,
+    key,
+    mask,
+    segment_ids,
+    *,
+    variant,
+    tau_l2,
+    tau_cos,
+    margin,
+    epsilon,
+    clamp_threshold,
+    max_tokens,
+    block_size,
+    impl,
+):
   z, zp, valid_BxL, seg_BxL = _prepare(z, key, mask, segment_ids, variant, epsilon, max_tokens)
   params = dict(tau_l2=tau_l2, tau_cos=tau_cos, margin=margin, epsilon=epsilon, clamp_threshold=clamp_threshold)
   if impl == "reference":
     per_seq_B, has_B = _reference_loss(variant, params, z, zp, valid_BxL, seg_BxL, block_size)
   else:
-    per_seq_B, has_B = _fused_loss(variant, params, z, zp, valid_BxL, seg_BxL, block_size,
-                                   one_segment=segment_ids is None, impl=impl)
+    per_seq_B, has_B = _fused_loss(
+        variant, params, z, zp, valid_BxL, seg_BxL, block_size, one_segment=segment_ids is None, impl=impl
+    )
   return _finish(variant, per_seq_B, has_B, z, valid_BxL)
 
 
@@ -253,16 +280,29 @@ def resolve_impl(impl: str, variant: str, backend: str | None = None) -> str:
   if impl == "pallas" and variant in dispersion_pallas.KERNEL_VARIANTS:
     backend = backend or jax.default_backend()
     if backend != "gpu":
-      raise ValueError(f"impl='pallas' needs a CUDA GPU (the Mosaic GPU kernel); the backend is {backend!r}: "
-                       "use impl='xla' or 'auto'")
+      raise ValueError(
+          f"impl='pallas' needs a CUDA GPU (the Mosaic GPU kernel); the backend is {backend!r}: "
+          "use impl='xla' or 'auto'"
+      )
   return impl
 
 
-def dispersion_loss(z, variant: Variant = "angular_spread", *, tau_l2: float = 1.0, tau_cos: float = 1.0,
-                    margin: float = 0.5, epsilon: float = 1e-2, clamp_threshold: float = 0.25,
-                    max_tokens: int | None = None, key: jax.Array | None = None, mask: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None, block_size: int | None = DEFAULT_BLOCK_SIZE,
-                    impl: str = "auto"):
+def dispersion_loss(
+    z,
+    variant: Variant = "angular_spread",
+    *,
+    tau_l2: float = 1.0,
+    tau_cos: float = 1.0,
+    margin: float = 0.5,
+    epsilon: float = 1e-2,
+    clamp_threshold: float = 0.25,
+    max_tokens: int | None = None,
+    key: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+    impl: str = "auto",
+):
   """Dispersion loss of hidden states `z` [B, L, F] (lower = more dispersed).
 
   mask [B, L] bool: False positions join no pair and get zero gradient.
@@ -276,7 +316,18 @@ def dispersion_loss(z, variant: Variant = "angular_spread", *, tau_l2: float = 1
   _check(z, variant, tau_l2, tau_cos, max_tokens, key, mask, segment_ids)
   if max_tokens is not None and max_tokens >= z.shape[1]:
     max_tokens = None
-  return _dispersion_loss(z, key, mask, segment_ids, variant=variant, tau_l2=float(tau_l2),
-                          tau_cos=float(tau_cos), margin=float(margin), epsilon=float(epsilon),
-                          clamp_threshold=float(clamp_threshold), max_tokens=max_tokens, block_size=block_size,
-                          impl=resolve_impl(impl, variant))
+  return _dispersion_loss(
+      z,
+      key,
+      mask,
+      segment_ids,
+      variant=variant,
+      tau_l2=float(tau_l2),
+      tau_cos=float(tau_cos),
+      margin=float(margin),
+      epsilon=float(epsilon),
+      clamp_threshold=float(clamp_threshold),
+      max_tokens=max_tokens,
+      block_size=block_size,
+      impl=resolve_impl(impl, variant),
+  )

@@ -21,6 +21,7 @@ Masks enter as two canonical segment codes per token (see `pair_codes`): pair_ij
 `decorrelation_gram`: the Gram identity sum_{i!=j} (z_i.z_j)^2 = |Z^T Z|_F^2 - sum_i |z_i|^4 for one segment per
 sequence (O(F^2) memory, no L x L term at all), the lean path of decorrelation.
 """
+
 import functools
 import math
 from typing import NamedTuple
@@ -32,8 +33,16 @@ _SYMMETRIC_LSE = ("angular_spread", "l2_repel")
 
 
 # Abramowitz & Stegun 4.4.46, highest degree first: acos(a) = sqrt(1 - a) * sum_k c_k a^k on [0, 1], |err| <= 2e-8.
-_ACOS_COEFFS = (-0.0012624911, 0.0066700901, -0.0170881256, 0.0308918810, -0.0501743046, 0.0889789874,
-                -0.2145988016, 1.5707963050)
+_ACOS_COEFFS = (
+    -0.0012624911,
+    0.0066700901,
+    -0.0170881256,
+    0.0308918810,
+    -0.0501743046,
+    0.0889789874,
+    -0.2145988016,
+    1.5707963050,
+)
 
 
 def acos_poly(x):
@@ -69,8 +78,7 @@ def pair_codes(valid_BxL, seg_BxL, diag_included: bool = False):
   if seg_BxL is None:  # one segment per sequence: O(L), and nothing for XLA to constant-fold at [L, L]
     partners = jnp.sum(valid_BxL, axis=-1, keepdims=True, dtype=jnp.int32) - (0 if diag_included else 1)
     code = jnp.zeros(valid_BxL.shape, jnp.int32)
-    return (jnp.where(valid_BxL, code, -1), jnp.where(valid_BxL, code, -2),
-            jnp.where(valid_BxL, partners, 0))
+    return (jnp.where(valid_BxL, code, -1), jnp.where(valid_BxL, code, -2), jnp.where(valid_BxL, partners, 0))
   same = seg_BxL[:, :, None] == seg_BxL[:, None, :]
   code = jnp.argmax(same, axis=-1).astype(jnp.int32)
   partners = jnp.sum(same & valid_BxL[:, None, :], axis=-1, dtype=jnp.int32) - (0 if diag_included else 1)
@@ -246,5 +254,6 @@ def decorrelation_gram(zs_BxLxF, valid_BxL):
   return _gram(zs_BxLxF, valid_BxL, grad=False)[0]
 
 
-decorrelation_gram.defvjp(lambda zs, valid: _gram(zs, valid, grad=True),
-                          lambda res, g_B: (g_B[:, None, None].astype(res.dtype) * res, None))
+decorrelation_gram.defvjp(
+    lambda zs, valid: _gram(zs, valid, grad=True), lambda res, g_B: (g_B[:, None, None].astype(res.dtype) * res, None)
+)

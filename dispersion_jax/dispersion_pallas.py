@@ -26,6 +26,7 @@ supports neither register layouts nor transposed SMEM operands, so that mode rea
 SMEM loads and the key operand from a pre-transposed copy). End to end in interpret mode (L 70..256, masks,
 segments, tau 0.5): loss rel. error <= 4.7e-5 and |dgrad|/|grad| <= 1.7e-3 against float64.
 """
+
 import functools
 import math
 
@@ -43,9 +44,22 @@ def _d_min(t: float) -> float:
   return math.acos(1.0 - t) / math.pi
 
 
-def _gram_epilogue(zb, code_r, code_c, *, variant: str, tau: float, t: float, margin: float, store_w: bool,
-                   tile_m: int = TILE_M, tile_n: int = TILE_N, interpret: bool = False,
-                   transpose_in_kernel: bool = TRANSPOSE_IN_KERNEL, semantics=None):
+def _gram_epilogue(
+    zb,
+    code_r,
+    code_c,
+    *,
+    variant: str,
+    tau: float,
+    t: float,
+    margin: float,
+    store_w: bool,
+    tile_m: int = TILE_M,
+    tile_n: int = TILE_N,
+    interpret: bool = False,
+    transpose_in_kernel: bool = TRANSPOSE_IN_KERNEL,
+    semantics=None,
+):
   """K1: zb [B, L, F] bf16 (L % tile == 0, F % 64 == 0), codes [B, L] int32 -> (W [B, L, L] bf16 | None, rs).
 
   rs [B, L // tile_n, L] f32: per key tile J, the row sums over that tile (sum over axis 1 gives the row sums).
@@ -74,11 +88,16 @@ def _gram_epilogue(zb, code_r, code_c, *, variant: str, tau: float, t: float, ma
       def step(_, q_smem, k_smem):
         plgpu.wgmma(acc, q_smem, plgpu.transpose_ref(k_smem, (1, 0)) if transpose_in_kernel else k_smem)
         plgpu.wgmma_wait(1)
-      k_spec = (plgpu.BlockSpec((tile_n, tile_k), lambda k: (j, k), transforms=tr, delay_release=1)
-                if transpose_in_kernel else
-                plgpu.BlockSpec((tile_k, tile_n), lambda k: (k, j), transforms=tr, delay_release=1))
+
+      k_spec = (
+          plgpu.BlockSpec((tile_n, tile_k), lambda k: (j, k), transforms=tr, delay_release=1)
+          if transpose_in_kernel
+          else plgpu.BlockSpec((tile_k, tile_n), lambda k: (k, j), transforms=tr, delay_release=1)
+      )
       plgpu.emit_pipeline(
-          step, grid=(n_k,), max_concurrent_steps=2,
+          step,
+          grid=(n_k,),
+          max_concurrent_steps=2,
           in_specs=[plgpu.BlockSpec((tile_m, tile_k), lambda k: (i, k), transforms=tr, delay_release=1), k_spec],
       )(zq_g.at[b], zk_g.at[b])
       return acc[...]
@@ -96,8 +115,9 @@ def _gram_epilogue(zb, code_r, code_c, *, variant: str, tau: float, t: float, ma
       cc = plgpu.load(cc_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
       ii = plgpu.broadcasted_iota(jnp.int32, (tile_m, tile_n), 0, layout=plgpu.Layout.WGMMA)
       jj = plgpu.broadcasted_iota(jnp.int32, (tile_m, tile_n), 1, layout=plgpu.Layout.WGMMA)
-    pair = ((lax.broadcast_in_dim(cr, (tile_m, tile_n), [0]) == lax.broadcast_in_dim(cc, (tile_m, tile_n), [1]))
-            & (ii + i * tile_m != jj + j * tile_n))
+    pair = (lax.broadcast_in_dim(cr, (tile_m, tile_n), [0]) == lax.broadcast_in_dim(cc, (tile_m, tile_n), [1])) & (
+        ii + i * tile_m != jj + j * tile_n
+    )
     if variant == "angular_spread":
       v = jnp.where(pair, jnp.exp((d_min - dist) * (1.0 / tau)), 0.0)
       rs_smem[...] = jnp.sum(v, axis=1)
@@ -113,8 +133,12 @@ def _gram_epilogue(zb, code_r, code_c, *, variant: str, tau: float, t: float, ma
     plgpu.wait_smem_to_gmem(0)
 
   rs_type = jax.ShapeDtypeStruct((B, n_j, L), jnp.float32)
-  scratch = dict(rs_smem=plgpu.SMEM((tile_m,), jnp.float32), cr_smem=plgpu.SMEM((tile_m,), jnp.int32),
-                 cc_smem=plgpu.SMEM((tile_n,), jnp.int32), bar=plgpu.Barrier(num_barriers=2))
+  scratch = dict(
+      rs_smem=plgpu.SMEM((tile_m,), jnp.float32),
+      cr_smem=plgpu.SMEM((tile_m,), jnp.int32),
+      cc_smem=plgpu.SMEM((tile_n,), jnp.int32),
+      bar=plgpu.Barrier(num_barriers=2),
+  )
   out_type = rs_type
   if store_w:
     out_type = (jax.ShapeDtypeStruct((B, L, L), jnp.bfloat16), rs_type)
@@ -123,10 +147,18 @@ def _gram_epilogue(zb, code_r, code_c, *, variant: str, tau: float, t: float, ma
   kwargs = {}
   if interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private: tests on CPU only
+
     kwargs["interpret"] = InterpretGPUParams()
   params = plgpu.CompilerParams(**({} if semantics is None else dict(lowering_semantics=semantics)))
-  kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(B, n_i, n_j),
-                        grid_names=("b", "i", "j"), compiler_params=params, **kwargs)
+  kernel = plgpu.kernel(
+      body,
+      out_type=out_type,
+      scratch_types=scratch,
+      grid=(B, n_i, n_j),
+      grid_names=("b", "i", "j"),
+      compiler_params=params,
+      **kwargs,
+  )
   keys = zb if transpose_in_kernel else zb.swapaxes(1, 2)
   out = kernel(zb, keys, code_r, code_c)
   return out if store_w else (None, out)
@@ -136,25 +168,38 @@ def _pad(zp, code_r, code_c, tile: int, tile_k: int):
   B, L, F = zp.shape
   pl_, pf = -L % tile, -F % tile_k  # padded tokens pair with nothing; zero features change no cosine
   zb = jnp.pad(zp, ((0, 0), (0, pl_), (0, pf))).astype(jnp.bfloat16)
-  return zb, jnp.pad(code_r, ((0, 0), (0, pl_)), constant_values=-1), jnp.pad(code_c, ((0, 0), (0, pl_)),
-                                                                                constant_values=-2)
+  return (
+      zb,
+      jnp.pad(code_r, ((0, 0), (0, pl_)), constant_values=-1),
+      jnp.pad(code_c, ((0, 0), (0, pl_)), constant_values=-2),
+  )
 
 
 def _kernel_terms(variant, p, interpret, zp, code_r, code_c, grad: bool):
   L = zp.shape[1]
   zb, cr, cc = _pad(zp, code_r, code_c, max(TILE_M, TILE_N), 64)
-  w, rs = _gram_epilogue(zb, cr, cc, variant=variant, tau=p.tau_cos, t=p.clamp_threshold, margin=p.margin,
-                         store_w=grad, tile_m=TILE_M, tile_n=TILE_N, interpret=interpret)
+  w, rs = _gram_epilogue(
+      zb,
+      cr,
+      cc,
+      variant=variant,
+      tau=p.tau_cos,
+      t=p.clamp_threshold,
+      margin=p.margin,
+      store_w=grad,
+      tile_m=TILE_M,
+      tile_n=TILE_N,
+      interpret=interpret,
+  )
   total = jnp.sum(rs, axis=(1, 2))
   if variant == "angular_spread":
-    val = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) - _d_min(p.clamp_threshold) / p.tau_cos,
-                    0.0)
+    val = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) - _d_min(p.clamp_threshold) / p.tau_cos, 0.0)
   else:
     val = total
   val = val.astype(zp.dtype)
   if not grad:
     return val, None
-  u = jnp.einsum("blm,bmf->blf", w, zb, preferred_element_type=jnp.float32)[:, :L, :zp.shape[2]]
+  u = jnp.einsum("blm,bmf->blf", w, zb, preferred_element_type=jnp.float32)[:, :L, : zp.shape[2]]
   if variant == "angular_spread":
     coef = 2.0 / (math.pi * p.tau_cos)
     res = (coef / jnp.where(total > 0, total, 1.0))[:, None, None] * u
@@ -185,6 +230,7 @@ def pair_sums(variant: str, p, zp, code_r, code_c, *, interpret: bool = False):
   if variant not in KERNEL_VARIANTS:
     raise ValueError(f"no dispersion kernel for {variant!r}; kernels exist for {', '.join(KERNEL_VARIANTS)}")
   if variant == "angular_spread" and (1.0 - 2.0 * _d_min(p.clamp_threshold)) / p.tau_cos > 80.0:
-    raise ValueError(f"tau_cos={p.tau_cos} is too small for the kernel's static shift (exp underflows in float32): "
-                     "use impl='xla'")
+    raise ValueError(
+        f"tau_cos={p.tau_cos} is too small for the kernel's static shift (exp underflows in float32): " "use impl='xla'"
+    )
   return _pair_sums(variant, p, zp, code_r, code_c, interpret)

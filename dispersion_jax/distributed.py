@@ -3,6 +3,7 @@
 Every process runs the same program on its own devices; `jax.distributed.initialize` joins them into one set of
 global devices. It must run before anything touches the backend (device lists, arrays, jit).
 """
+
 import dataclasses
 import hashlib
 import json
@@ -15,10 +16,12 @@ import numpy as np
 
 from dispersion_jax.errors import ConfigError
 
+
 @dataclasses.dataclass
 class Launch:
   """How this process joins the run (None = take it from the environment or cluster auto-detection)."""
-  coordinator: str | None = None      # host:port of process 0's coordination service
+
+  coordinator: str | None = None  # host:port of process 0's coordination service
   num_processes: int | None = None
   process_id: int | None = None
 
@@ -29,10 +32,11 @@ def _env_int(name: str, default: int) -> int:
 
 def _on_tpu_vm() -> bool:
   """A Cloud TPU VM (no backend needed); jax then finds the slice's workers from the VM metadata."""
-  if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:   # GKE
+  if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:  # GKE
     return True
   try:
     from jax._src import cloud_tpu_init  # private, hence the guard; set by `import jax` (libtpu + TPU chips)
+
     return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
   except (ImportError, AttributeError):
     return False
@@ -41,6 +45,7 @@ def _on_tpu_vm() -> bool:
 def _backend_started() -> bool:
   try:
     from jax._src import xla_bridge
+
     return xla_bridge.backends_are_initialized()
   except (ImportError, AttributeError):
     return False
@@ -61,25 +66,37 @@ def initialize(launch: Launch | None = None) -> bool:
   pid = launch.process_id if launch.process_id is not None else _opt_int(env.get("JAX_PROCESS_ID"))
   explicit = coordinator is not None or num is not None or pid is not None
   # Inside an `srun` step of several tasks (the variables jax's SLURM detection reads).
-  slurm = all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")) and \
-      int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1
+  slurm = (
+      all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"))
+      and int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1
+  )
   if not (explicit or slurm or _on_tpu_vm()):
     return False
   if explicit and num == 1:
-    return False                      # a one-process "cluster" is a plain run
+    return False  # a one-process "cluster" is a plain run
   if _backend_started():
-    raise RuntimeError("jax.distributed.initialize must run before anything touches the JAX backend (devices, "
-                       "arrays, jit); call distributed.initialize() first in main()")
+    raise RuntimeError(
+        "jax.distributed.initialize must run before anything touches the JAX backend (devices, "
+        "arrays, jit); call distributed.initialize() first in main()"
+    )
   # Gloo for cross-process collectives on CPU (jax's default; set explicitly so CPU tests do not depend on it).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   heartbeat = _env_int("DISPERSION_HEARTBEAT_TIMEOUT_S", 100)
-  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid,
-                             initialization_timeout=_env_int("DISPERSION_INIT_TIMEOUT_S", 300),
-                             heartbeat_timeout_seconds=heartbeat,
-                             shutdown_timeout_seconds=_env_int("DISPERSION_SHUTDOWN_TIMEOUT_S", 300))
-  print(f"distributed: process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} of "
-        f"{jax.device_count()} devices here; if a process dies the others stop within ~{heartbeat} s (re-run the "
-        "same command to resume from the last checkpoint)", file=sys.stderr, flush=True)
+  jax.distributed.initialize(
+      coordinator_address=coordinator,
+      num_processes=num,
+      process_id=pid,
+      initialization_timeout=_env_int("DISPERSION_INIT_TIMEOUT_S", 300),
+      heartbeat_timeout_seconds=heartbeat,
+      shutdown_timeout_seconds=_env_int("DISPERSION_SHUTDOWN_TIMEOUT_S", 300),
+  )
+  print(
+      f"distributed: process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} of "
+      f"{jax.device_count()} devices here; if a process dies the others stop within ~{heartbeat} s (re-run the "
+      "same command to resume from the last checkpoint)",
+      file=sys.stderr,
+      flush=True,
+  )
   return True
 
 
@@ -100,6 +117,7 @@ def exit_now(code: int) -> None:
 def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -113,7 +131,7 @@ def _code_fingerprint() -> str:
   h = hashlib.sha256()
   root = os.path.dirname(__file__)
   for dirpath, dirs, files in os.walk(root):
-    dirs.sort()                       # a stable walk order on every host
+    dirs.sort()  # a stable walk order on every host
     for f in sorted(files):
       if f.endswith(".py"):
         with open(os.path.join(dirpath, f), "rb") as fh:
@@ -126,14 +144,17 @@ def check_same_config(cfg: dict) -> None:
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils
+
   mine = config_hash(cfg)
   every = np.asarray(multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(mine), np.uint8)))
   hashes = [bytes(h).hex() for h in every]
   groups = {h: [i for i, x in enumerate(hashes) if x == h] for h in dict.fromkeys(hashes)}
   if len(groups) > 1:
     detail = "; ".join(f"processes {ids} have {h}" for h, ids in groups.items())
-    raise ConfigError(f"processes run different configs or code versions (config+code hash: {detail}); launch "
-                      "every process with the same command line and the same checkout")
+    raise ConfigError(
+        f"processes run different configs or code versions (config+code hash: {detail}); launch "
+        "every process with the same command line and the same checkout"
+    )
 
 
 class Preemption:
@@ -142,7 +163,7 @@ class Preemption:
 
   def __init__(self):
     self.requested = False
-    if jax.process_count() == 1:      # multi-process: jax's preemption service owns SIGTERM (see below)
+    if jax.process_count() == 1:  # multi-process: jax's preemption service owns SIGTERM (see below)
       signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, *_):

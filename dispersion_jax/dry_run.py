@@ -5,6 +5,7 @@ shardings only: no parameter is materialised, no data is read), then prints XLA'
 FLOP count. With `dry_run_memory_budget_gb > 0` it fails (ConfigError, one line) when a device needs more.
 Simulate a big mesh on one CPU machine with XLA_FLAGS=--xla_force_host_platform_device_count=64.
 """
+
 import functools
 import math
 import time
@@ -21,12 +22,12 @@ from dispersion_jax.train_step import jit_train_step, logical_context, state_sha
 
 # The batch of data/loader.py: int32[batch, seq_len] each.
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions")
-_GIB = 1024 ** 3
+_GIB = 1024**3
 
 
 def abstract_inputs(cfg: ConfigDict, model_cfg, tx, mesh):
   """(state, batch) as ShapeDtypeStructs carrying their shardings, and the state's shardings."""
-  state, shard = state_shardings(model_cfg, tx, mesh)      # jax.eval_shape: nothing allocated
+  state, shard = state_shardings(model_cfg, tx, mesh)  # jax.eval_shape: nothing allocated
   rows = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=rows) for k in BATCH_KEYS}
   return state, batch, shard
@@ -37,8 +38,16 @@ def compile_train_step(cfg: ConfigDict, mesh):
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
   tx, schedule, baseline_kw = train.optimizer_and_step(cfg, model_cfg)
   state, batch, shard = abstract_inputs(cfg, model_cfg, tx, mesh)
-  fn = functools.partial(train_step, model=build_model(model_cfg), disp=disp, tx=tx, schedule=schedule,
-                         grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk, **baseline_kw)
+  fn = functools.partial(
+      train_step,
+      model=build_model(model_cfg),
+      disp=disp,
+      tx=tx,
+      schedule=schedule,
+      grad_accum=cfg.grad_accum,
+      ce_chunk=cfg.ce_chunk,
+      **baseline_kw,
+  )
   start = time.perf_counter()
   with logical_context(mesh):
     compiled = jit_train_step(fn, mesh, shard).lower(state, batch).compile()
@@ -48,9 +57,13 @@ def compile_train_step(cfg: ConfigDict, mesh):
 def memory_per_device(compiled) -> dict[str, int]:
   """Bytes per device from XLA's buffer assignment; `total` = what must fit at once."""
   m = compiled.memory_analysis()
-  out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-         "aliased": -m.alias_size_in_bytes,  # donated state: outputs reuse the argument buffers
-         "temp": m.temp_size_in_bytes, "generated code": m.generated_code_size_in_bytes}
+  out = {
+      "arguments": m.argument_size_in_bytes,
+      "outputs": m.output_size_in_bytes,
+      "aliased": -m.alias_size_in_bytes,  # donated state: outputs reuse the argument buffers
+      "temp": m.temp_size_in_bytes,
+      "generated code": m.generated_code_size_in_bytes,
+  }
   out["total"] = sum(out.values())
   return out
 
@@ -66,7 +79,8 @@ def check_memory_budget(total_bytes: int, budget_gb: float | None) -> None:
   if budget_gb and total_bytes > budget_gb * _GIB:
     raise ConfigError(
         f"dry run: a device needs {total_bytes / _GIB:.2f} GiB > dry_run_memory_budget_gb={budget_gb:g}; shard more "
-        "(mesh.fsdp, mesh.tensor), set model.remat=full, or lower batch_size / raise grad_accum")
+        "(mesh.fsdp, mesh.tensor), set model.remat=full, or lower batch_size / raise grad_accum"
+    )
 
 
 def dry_run(cfg: ConfigDict) -> dict[str, float]:
@@ -80,13 +94,21 @@ def dry_run(cfg: ConfigDict) -> dict[str, float]:
   est = flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
   flops = xla_flops(compiled)
   if jax.process_index() == 0:
-    print(f"dry run: {n_params / 1e6:,.1f}M params ({model_cfg.n_layer} layers, width {model_cfg.n_embd}, "
-          f"{model_cfg.dtype} compute), mesh {dict(mesh.shape)} = {n_dev} {jax.devices()[0].platform} devices, "
-          f"batch {cfg.batch_size}x{cfg.seq_len}, grad_accum {cfg.grad_accum}, remat {model_cfg.remat}; "
-          f"compiled in {seconds:.1f} s")
+    print(
+        f"dry run: {n_params / 1e6:,.1f}M params ({model_cfg.n_layer} layers, width {model_cfg.n_embd}, "
+        f"{model_cfg.dtype} compute), mesh {dict(mesh.shape)} = {n_dev} {jax.devices()[0].platform} devices, "
+        f"batch {cfg.batch_size}x{cfg.seq_len}, grad_accum {cfg.grad_accum}, remat {model_cfg.remat}; "
+        f"compiled in {seconds:.1f} s"
+    )
     print("memory per device (GiB): " + ", ".join(f"{k} {v / _GIB:.3f}" for k, v in mem.items()))
-    print(f"FLOPs per step per device: XLA {flops:.3e} (a scanned layer loop is counted once), model estimate "
-          f"{est / n_dev:.3e} (models.flops_per_token; {est:.3e} for all devices)")
+    print(
+        f"FLOPs per step per device: XLA {flops:.3e} (a scanned layer loop is counted once), model estimate "
+        f"{est / n_dev:.3e} (models.flops_per_token; {est:.3e} for all devices)"
+    )
   check_memory_budget(mem["total"], cfg.dry_run_memory_budget_gb)
-  return {**{f"memory/{k}": float(v) for k, v in mem.items()}, "xla_flops_per_device": flops,
-          "model_flops_per_device": est / n_dev, "model_flops": est}
+  return {
+      **{f"memory/{k}": float(v) for k, v in mem.items()},
+      "xla_flops_per_device": flops,
+      "model_flops_per_device": est / n_dev,
+      "model_flops": est,
+  }

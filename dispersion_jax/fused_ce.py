@@ -8,6 +8,7 @@ linear cross-entropy does), so backward only scales them: no head matmul is reco
 `jax.checkpoint`-ed scan, which would redo one N x V x D matmul (~10% of a GPT-2 124M step's FLOPs).
 Not twice differentiable (custom_vjp).
 """
+
 import functools
 
 import jax
@@ -26,8 +27,9 @@ def fused_cross_entropy(x_BxLxD, emb_VxD, targets_BxL, weights_BxL=None, *, chun
   B, L, D = x_BxLxD.shape
   acc = jnp.promote_types(x_BxLxD.dtype, jnp.float32)
   w_N = jnp.ones((B * L,), acc) if weights_BxL is None else weights_BxL.reshape(B * L).astype(acc)
-  nll_sum = _weighted_nll_sum(x_BxLxD.reshape(B * L, D), emb_VxD, targets_BxL.reshape(B * L).astype(jnp.int32),
-                              w_N, min(chunk, B * L))
+  nll_sum = _weighted_nll_sum(
+      x_BxLxD.reshape(B * L, D), emb_VxD, targets_BxL.reshape(B * L).astype(jnp.int32), w_N, min(chunk, B * L)
+  )
   return nll_sum / jnp.maximum(jnp.sum(w_N), 1.0)
 
 

@@ -6,6 +6,7 @@ GPT-2's Conv1D weights are [in, out] like flax kernels; Qwen3's nn.Linear weight
 transposed. The expected tensors and shapes come from the model itself (`models.param_shapes`, no compute).
 Reads single-file and sharded (`model.safetensors.index.json`) checkpoints in any float dtype (bf16 included).
 """
+
 import dataclasses
 import json
 import os
@@ -28,24 +29,46 @@ _WEIGHTS, _INDEX = "model.safetensors", "model.safetensors.index.json"
 # ---------------------------------------------------------------------------------------------------------------
 # config.json <-> config
 
+
 def _gpt2_config(hf: dict, **overrides: Any) -> GPTConfig:
   act = hf.get("activation_function", "gelu_new")
   if act not in ("gelu_new", "gelu_pytorch_tanh"):
     raise ValueError(f"unsupported activation_function {act!r} in config.json (GPT-2 uses gelu_new)")
   if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
     raise ValueError("config.json asks for a non-standard attention scaling; only GPT-2's 1/sqrt(d) is supported")
-  return GPTConfig(vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"],
-                   n_layer=hf["n_layer"], n_head=hf["n_head"], n_inner=hf.get("n_inner"),
-                   layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), **overrides)
+  return GPTConfig(
+      vocab_size=hf["vocab_size"],
+      n_positions=hf["n_positions"],
+      n_embd=hf["n_embd"],
+      n_layer=hf["n_layer"],
+      n_head=hf["n_head"],
+      n_inner=hf.get("n_inner"),
+      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+      **overrides,
+  )
 
 
 def _gpt2_to_hf(cfg: GPTConfig) -> dict:
-  return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-          "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_embd": cfg.n_embd,
-          "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.n_inner,
-          "layer_norm_epsilon": cfg.layer_norm_epsilon, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
-          "attn_pdrop": 0.0, "initializer_range": 0.02, "scale_attn_weights": True,
-          "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256}
+  return {
+      "architectures": ["GPT2LMHeadModel"],
+      "model_type": "gpt2",
+      "activation_function": "gelu_new",
+      "vocab_size": cfg.vocab_size,
+      "n_positions": cfg.n_positions,
+      "n_embd": cfg.n_embd,
+      "n_layer": cfg.n_layer,
+      "n_head": cfg.n_head,
+      "n_inner": cfg.n_inner,
+      "layer_norm_epsilon": cfg.layer_norm_epsilon,
+      "resid_pdrop": cfg.dropout,
+      "embd_pdrop": cfg.dropout,
+      "attn_pdrop": 0.0,
+      "initializer_range": 0.02,
+      "scale_attn_weights": True,
+      "tie_word_embeddings": True,
+      "bos_token_id": 50256,
+      "eos_token_id": 50256,
+  }
 
 
 def _rope_theta(hf: dict) -> float:
@@ -57,8 +80,9 @@ def _rope_theta(hf: dict) -> float:
   kind = rope.get("rope_type", rope.get("type", "default"))
   extra = sorted(set(rope) - {"rope_type", "type", "rope_theta"})
   if kind != "default" or extra:
-    raise ValueError(f"config.json rope_type={kind!r} {extra or ''}: only the default RoPE (no scaling) is "
-                     "supported")
+    raise ValueError(
+        f"config.json rope_type={kind!r} {extra or ''}: only the default RoPE (no scaling) is " "supported"
+    )
   return float(rope["rope_theta"])
 
 
@@ -77,49 +101,88 @@ def _qwen3_config(hf: dict, **overrides: Any) -> Qwen3Config:
   if get("attention_dropout", 0.0):
     raise ValueError(f"config.json attention_dropout={hf['attention_dropout']}: only 0 is supported")
   heads = get("num_attention_heads", 32)
-  return Qwen3Config(vocab_size=get("vocab_size", 151936), n_positions=get("max_position_embeddings", 32768),
-                     n_embd=get("hidden_size", 4096), n_layer=get("num_hidden_layers", 32), n_head=heads,
-                     n_kv_head=get("num_key_value_heads", heads), head_dim=get("head_dim", 128),
-                     n_inner=get("intermediate_size", 22016), rope_theta=_rope_theta(hf),
-                     rms_norm_eps=get("rms_norm_eps", 1e-6), tie_embeddings=get("tie_word_embeddings", False),
-                     **overrides)
+  return Qwen3Config(
+      vocab_size=get("vocab_size", 151936),
+      n_positions=get("max_position_embeddings", 32768),
+      n_embd=get("hidden_size", 4096),
+      n_layer=get("num_hidden_layers", 32),
+      n_head=heads,
+      n_kv_head=get("num_key_value_heads", heads),
+      head_dim=get("head_dim", 128),
+      n_inner=get("intermediate_size", 22016),
+      rope_theta=_rope_theta(hf),
+      rms_norm_eps=get("rms_norm_eps", 1e-6),
+      tie_embeddings=get("tie_word_embeddings", False),
+      **overrides,
+  )
 
 
 def _qwen3_to_hf(cfg: Qwen3Config) -> dict:
   # Legacy rope keys: transformers 4.51-4.57 read them as is and 5.x converts them to rope_parameters.
-  return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": cfg.vocab_size,
-          "hidden_size": cfg.n_embd, "intermediate_size": cfg.n_inner, "num_hidden_layers": cfg.n_layer,
-          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-          "max_position_embeddings": cfg.n_positions, "rms_norm_eps": cfg.rms_norm_eps,
-          "rope_theta": cfg.rope_theta, "rope_scaling": None, "tie_word_embeddings": cfg.tie_embeddings,
-          "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False,
-          "sliding_window": None, "max_window_layers": cfg.n_layer, "initializer_range": 0.02,
-          "bos_token_id": None, "eos_token_id": None}
+  return {
+      "architectures": ["Qwen3ForCausalLM"],
+      "model_type": "qwen3",
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.n_embd,
+      "intermediate_size": cfg.n_inner,
+      "num_hidden_layers": cfg.n_layer,
+      "num_attention_heads": cfg.n_head,
+      "num_key_value_heads": cfg.n_kv_head,
+      "head_dim": cfg.head_dim,
+      "max_position_embeddings": cfg.n_positions,
+      "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": None,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "hidden_act": "silu",
+      "attention_bias": False,
+      "attention_dropout": 0.0,
+      "use_sliding_window": False,
+      "sliding_window": None,
+      "max_window_layers": cfg.n_layer,
+      "initializer_range": 0.02,
+      "bos_token_id": None,
+      "eos_token_id": None,
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Per-family naming
 
+
 @dataclasses.dataclass(frozen=True)
 class _Family:
   config_from_hf: Callable[..., Any]
   config_to_hf: Callable[[Any], dict]
-  prefix: str                   # of every name except `unprefixed` ones
-  layers: str                   # HF's name of the block list
-  transpose: bool               # kernels are torch nn.Linear [out, in]
-  unprefixed: tuple[str, ...]   # top-level modules outside the prefix
+  prefix: str  # of every name except `unprefixed` ones
+  layers: str  # HF's name of the block list
+  transpose: bool  # kernels are torch nn.Linear [out, in]
+  unprefixed: tuple[str, ...]  # top-level modules outside the prefix
   ignored: Callable[[Any, str], bool]  # checkpoint entries that are not parameters of this config
 
 
 _FAMILIES = {
-    "gpt2": _Family(_gpt2_config, _gpt2_to_hf, "transformer.", "h", False, (),
-                    # causal-mask buffers of old checkpoints; the head is always tied to wte
-                    lambda cfg, k: k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))),
-    "qwen3": _Family(_qwen3_config, _qwen3_to_hf, "model.", "layers", True, ("lm_head",),
-                     # old Qwen-family checkpoints keep RoPE buffers; a tied checkpoint may also carry the head
-                     # (HF then ties it to embed_tokens and ignores it)
-                     lambda cfg, k: k.endswith(".rotary_emb.inv_freq")
-                     or (cfg.tie_embeddings and k == "lm_head.weight")),
+    "gpt2": _Family(
+        _gpt2_config,
+        _gpt2_to_hf,
+        "transformer.",
+        "h",
+        False,
+        (),
+        # causal-mask buffers of old checkpoints; the head is always tied to wte
+        lambda cfg, k: k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight")),
+    ),
+    "qwen3": _Family(
+        _qwen3_config,
+        _qwen3_to_hf,
+        "model.",
+        "layers",
+        True,
+        ("lm_head",),
+        # old Qwen-family checkpoints keep RoPE buffers; a tied checkpoint may also carry the head
+        # (HF then ties it to embed_tokens and ignores it)
+        lambda cfg, k: k.endswith(".rotary_emb.inv_freq") or (cfg.tie_embeddings and k == "lm_head.weight"),
+    ),
 }
 
 
@@ -165,9 +228,11 @@ def _expected(cfg) -> dict[tuple, jax.ShapeDtypeStruct]:
 # ---------------------------------------------------------------------------------------------------------------
 # state dicts
 
+
 def to_hf_state_dict(cfg, params: dict) -> dict[str, np.ndarray]:
   """Hugging Face names and layouts of `params` (or of gradients shaped like them), scanned or not."""
   import flax.linen as nn
+
   fam = _FAMILIES[_family_name(cfg)]
   flat = _per_layer(cfg, traverse_util.flatten_dict(nn.meta.unbox(params)))
   return {_hf_name(fam, p): np.asarray(v).T if _transposed(fam, p) else np.asarray(v) for p, v in flat.items()}
@@ -179,8 +244,10 @@ def from_hf_state_dict(cfg, state: dict[str, np.ndarray]) -> dict:
   name = _family_name(cfg)
   fam = _FAMILIES[name]
   # Accept names with and without the prefix (the original `gpt2` checkpoints have none).
-  state = {k if k.startswith(fam.prefix) or k.split(".")[0] in fam.unprefixed else fam.prefix + k: v
-           for k, v in state.items()}
+  state = {
+      k if k.startswith(fam.prefix) or k.split(".")[0] in fam.unprefixed else fam.prefix + k: v
+      for k, v in state.items()
+  }
   state = {k: v for k, v in state.items() if not fam.ignored(cfg, k)}
   want = {_hf_name(fam, p): (p, s) for p, s in _expected(cfg).items()}
   missing = sorted(set(want) - set(state))
@@ -189,16 +256,19 @@ def from_hf_state_dict(cfg, state: dict[str, np.ndarray]) -> dict:
     raise ValueError(f"checkpoint lacks {len(missing)} {name} tensors (e.g. {missing[0]}); {hint}")
   extra = sorted(set(state) - set(want))
   if extra:
-    raise ValueError(f"checkpoint has {len(extra)} tensors this {name} config does not use (e.g. {extra[0]}): "
-                     "config and weights disagree")
+    raise ValueError(
+        f"checkpoint has {len(extra)} tensors this {name} config does not use (e.g. {extra[0]}): "
+        "config and weights disagree"
+    )
   dtype = jnp.dtype(cfg.param_dtype)
   flat = {}
   for hf_name, (path, abstract) in want.items():
     arr, t = np.asarray(state[hf_name]), _transposed(fam, path)
     hf_shape = abstract.shape[::-1] if t else abstract.shape
     if arr.shape != hf_shape:
-      raise ValueError(f"{hf_name} has shape {arr.shape}, config.json implies {hf_shape}: config and weights "
-                       "disagree")
+      raise ValueError(
+          f"{hf_name} has shape {arr.shape}, config.json implies {hf_shape}: config and weights " "disagree"
+      )
     flat[path] = np.ascontiguousarray(arr.T if t else arr, dtype=dtype)
   if cfg.scan_layers:  # stack h_0..h_{n-1} leaf by leaf on a leading `layers` axis
     for path in [p for p in flat if p[0] == "h_0"]:
@@ -209,9 +279,12 @@ def from_hf_state_dict(cfg, state: dict[str, np.ndarray]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # directories
 
+
 def _missing(path: str, what: str) -> ValueError:
-  return ValueError(f"{os.path.join(path, what)} not found: init_from / --hf-model must be a Hugging Face GPT-2 or "
-                    f"Qwen3 directory with config.json and model.safetensors (or {_INDEX})")
+  return ValueError(
+      f"{os.path.join(path, what)} not found: init_from / --hf-model must be a Hugging Face GPT-2 or "
+      f"Qwen3 directory with config.json and model.safetensors (or {_INDEX})"
+  )
 
 
 def _read_config(path: str) -> dict:

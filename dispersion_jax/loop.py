@@ -2,6 +2,7 @@
 loss, checkpoint, evaluate, stop cleanly on preemption. What differs between runs comes in as the step function
 and the hooks (a vmapped run steps stacked states and saves each member into its own workdir).
 """
+
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
@@ -15,12 +16,12 @@ from dispersion_jax.errors import TrainingError
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-  steps: int = 1000                   # optimizer steps of the whole run (a resumed run continues to it)
+  steps: int = 1000  # optimizer steps of the whole run (a resumed run continues to it)
   log_every: int = 10
-  eval_every: int | None = 200        # None (or 0) = never
+  eval_every: int | None = 200  # None (or 0) = never
   eval_batches: int = 8
   checkpoint_every: int = 200
-  max_to_keep: int | None = 3         # checkpoints kept; None = all
+  max_to_keep: int | None = 3  # checkpoints kept; None = all
 
   def __post_init__(self):
     for key in ("steps", "log_every", "checkpoint_every", "eval_batches"):
@@ -31,43 +32,50 @@ class LoopConfig:
 @dataclasses.dataclass
 class Hooks:
   """What the loop calls; every hook runs on every process (only the lead one writes)."""
-  log: Callable[[int, dict, float], None]                 # (step, host metrics, tokens/s), every log_every steps
-  save: Callable[[int, Any], None]                        # (step, state): a checkpoint
-  last_checkpoint: Callable[[], int | None]               # the newest finished checkpoint step, None if none
-  evaluate: Callable[[int, Any], None] | None = None      # (step, state), every eval_every steps and at the end
+
+  log: Callable[[int, dict, float], None]  # (step, host metrics, tokens/s), every log_every steps
+  save: Callable[[int, Any], None]  # (step, state): a checkpoint
+  last_checkpoint: Callable[[], int | None]  # the newest finished checkpoint step, None if none
+  evaluate: Callable[[int, Any], None] | None = None  # (step, state), every eval_every steps and at the end
   should_stop: Callable[[int], bool] = lambda step: False  # preemption: checked before each step
-  advance: Callable[[], None] = lambda: None              # the progress bar
-  name_member: Callable[[int], str] = lambda k: ""        # vmapped runs: " in WORKDIR" of the k-th member
+  advance: Callable[[], None] = lambda: None  # the progress bar
+  name_member: Callable[[int], str] = lambda k: ""  # vmapped runs: " in WORKDIR" of the k-th member
 
 
 @dataclasses.dataclass
 class Outcome:
-  step: int                           # the last completed step
+  step: int  # the last completed step
   state: Any
   preempted: bool
-  last_metrics: dict | None           # host metrics of the last logged step
+  last_metrics: dict | None  # host metrics of the last logged step
 
 
-def run_loop(step_fn: Callable, state: Any, batches: Iterator, *, start: int, cfg: LoopConfig, hooks: Hooks,
-             tokens_per_step: int) -> Outcome:
+def run_loop(
+    step_fn: Callable, state: Any, batches: Iterator, *, start: int, cfg: LoopConfig, hooks: Hooks, tokens_per_step: int
+) -> Outcome:
   """Runs steps start+1..cfg.steps. `batches` is pulled once per step, right before it (so an iterator's state
   at a checkpoint is exactly the data consumed so far). Metrics arrive one step late: the host never waits for
   the device except at checkpoints (a non-finite state is never saved) and at the end."""
   window = (start, time.perf_counter())
-  pending = None                      # (step, device metrics) of the previous step
+  pending = None  # (step, device metrics) of the previous step
   last = None
 
   def finish(step_and_metrics, force_log=False):
     nonlocal window, last
     s, m = step_and_metrics
-    loss = np.atleast_1d(np.asarray(jax.device_get(m["loss"])))   # [K] for K vmapped members
+    loss = np.atleast_1d(np.asarray(jax.device_get(m["loss"])))  # [K] for K vmapped members
     bad = np.flatnonzero(~np.isfinite(loss))
     if bad.size:
       good = hooks.last_checkpoint()
-      resume = ("the last good checkpoint is step {}; ".format(good) if good is not None else
-                "no checkpoint was saved yet, so a re-run starts from scratch; ")
-      raise TrainingError(f"non-finite loss ({loss[bad[0]]}) at step {s}{hooks.name_member(int(bad[0]))}; {resume}"
-                          "lower optimizer.lr (or dispersion.coeff) or check the data, then re-run")
+      resume = (
+          "the last good checkpoint is step {}; ".format(good)
+          if good is not None
+          else "no checkpoint was saved yet, so a re-run starts from scratch; "
+      )
+      raise TrainingError(
+          f"non-finite loss ({loss[bad[0]]}) at step {s}{hooks.name_member(int(bad[0]))}; {resume}"
+          "lower optimizer.lr (or dispersion.coeff) or check the data, then re-run"
+      )
     if s % cfg.log_every == 0 or force_log:
       now = time.perf_counter()
       tps = (s - window[0]) * tokens_per_step / max(now - window[1], 1e-9)
@@ -94,6 +102,6 @@ def run_loop(step_fn: Callable, state: Any, batches: Iterator, *, start: int, cf
   if pending is not None:
     finish(pending)
   preempted = step < cfg.steps
-  if preempted and hooks.last_checkpoint() != step:   # save where we are, then exit cleanly
+  if preempted and hooks.last_checkpoint() != step:  # save where we are, then exit cleanly
     hooks.save(step, state)
   return Outcome(step=step, state=state, preempted=preempted, last_metrics=last)

@@ -1,4 +1,5 @@
 """Where metrics go: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per logged step) and a tqdm bar."""
+
 import json
 import math
 import os
@@ -11,14 +12,20 @@ import tqdm
 class MetricsLogger:
   """Host-side sink; only the lead process writes (`enabled`)."""
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True,
-               progress: bool = True):
+  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True, progress: bool = True):
     self.enabled = enabled
-    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                          disable=not (enabled and progress), mininterval=1.0)
+    self._bar = tqdm.tqdm(
+        total=total_steps,
+        initial=start_step,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (enabled and progress),
+        mininterval=1.0,
+    )
     if not enabled:
       return
     from tensorboardX import SummaryWriter
+
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
 

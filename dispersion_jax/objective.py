@@ -1,4 +1,5 @@
 """The training objective: next-token cross-entropy + coeff * mean over selected layers of the dispersion loss."""
+
 import dataclasses
 from typing import Any
 
@@ -16,18 +17,18 @@ _NOISE_STREAM = 0x6E6F6973  # fold_in constant of the embedding-noise stream ("n
 @dataclasses.dataclass(frozen=True)
 class DispersionConfig:
   variant: str = "angular_spread"
-  coeff: float = 0.0                  # 0 = off (the term is not computed); the paper uses 0.1
+  coeff: float = 0.0  # 0 = off (the term is not computed); the paper uses 0.1
   loc: str = "all"
   tau_l2: float = 1.0
   tau_cos: float = 1.0
   margin: float = 0.5
   epsilon: float = 1e-2
   clamp_threshold: float = 0.25
-  max_tokens: int | None = None       # None = all tokens
-  doc_mask: bool = False              # exclude pairs across documents (needs batch["segment_ids"])
+  max_tokens: int | None = None  # None = all tokens
+  doc_mask: bool = False  # exclude pairs across documents (needs batch["segment_ids"])
   block_size: int | None = DEFAULT_BLOCK_SIZE  # rows per checkpointed block (dense up to L=512); None = dense
-  final_norm: bool = True             # last layer after the final norm (Hugging Face); False: raw block output
-  impl: str = "auto"                  # auto | xla (the exact reformulation) | pallas (Mosaic GPU kernel) | reference
+  final_norm: bool = True  # last layer after the final norm (Hugging Face); False: raw block output
+  impl: str = "auto"  # auto | xla (the exact reformulation) | pallas (Mosaic GPU kernel) | reference
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -42,9 +43,17 @@ class DispersionConfig:
       raise ValueError(f"dispersion.max_tokens={self.max_tokens} must be >= 2 or None (all tokens)")
 
   def loss_kwargs(self) -> dict[str, Any]:
-    return dict(variant=self.variant, tau_l2=self.tau_l2, tau_cos=self.tau_cos, margin=self.margin,
-                epsilon=self.epsilon, clamp_threshold=self.clamp_threshold, max_tokens=self.max_tokens,
-                block_size=self.block_size, impl=self.impl)
+    return dict(
+        variant=self.variant,
+        tau_l2=self.tau_l2,
+        tau_cos=self.tau_cos,
+        margin=self.margin,
+        epsilon=self.epsilon,
+        clamp_threshold=self.clamp_threshold,
+        max_tokens=self.max_tokens,
+        block_size=self.block_size,
+        impl=self.impl,
+    )
 
 
 def select_layers(loc: str, n_layer: int) -> tuple[int, ...]:
@@ -72,20 +81,37 @@ def cross_entropy(logits_BxLxV, targets_BxL, weights_BxL=None):
   return jnp.sum(nll_BxL * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def dispersion_term(states: tuple[jax.Array, ...], disp: DispersionConfig, n_layer: int, *,
-                    rng: jax.Array | None = None, mask=None, segment_ids=None):
+def dispersion_term(
+    states: tuple[jax.Array, ...],
+    disp: DispersionConfig,
+    n_layer: int,
+    *,
+    rng: jax.Array | None = None,
+    mask=None,
+    segment_ids=None,
+):
   """Mean over the selected layers of the dispersion loss, and the per-layer values."""
   per_layer = {}
   for i in select_layers(disp.loc, n_layer):
     key = None if rng is None else jax.random.fold_in(rng, i)  # reproducible per-layer token subsets
-    per_layer[i] = dispersion_loss(states[i], key=key, mask=mask,
-                                   segment_ids=segment_ids if disp.doc_mask else None, **disp.loss_kwargs())
+    per_layer[i] = dispersion_loss(
+        states[i], key=key, mask=mask, segment_ids=segment_ids if disp.doc_mask else None, **disp.loss_kwargs()
+    )
   return sum(per_layer.values()) / len(per_layer), per_layer
 
 
-def objective(params, batch: dict, *, model, disp: DispersionConfig, rng: jax.Array | None = None,
-              deterministic: bool = True, coeff: jax.Array | None = None, ce_chunk: int | None = None,
-              embed_noise_alpha: float = 0.0):
+def objective(
+    params,
+    batch: dict,
+    *,
+    model,
+    disp: DispersionConfig,
+    rng: jax.Array | None = None,
+    deterministic: bool = True,
+    coeff: jax.Array | None = None,
+    ce_chunk: int | None = None,
+    embed_noise_alpha: float = 0.0,
+):
   """Returns (total, metrics). batch: input_ids, targets [B, L]; optional loss_mask, segment_ids, positions.
 
   rng: folded into a `dropout` and a `dispersion` stream (token subsampling); None where neither is used.
@@ -103,20 +129,37 @@ def objective(params, batch: dict, *, model, disp: DispersionConfig, rng: jax.Ar
     if rng is None:
       raise ValueError("embed_noise_alpha > 0 needs an rng")
     rngs["noise"] = jax.random.fold_in(rng, _NOISE_STREAM)
-  logits, variables = model.apply({"params": params}, batch["input_ids"], batch.get("positions"),
-                                  deterministic=deterministic, embed_noise_alpha=embed_noise_alpha, rngs=rngs,
-                                  mutable=["intermediates"])
+  logits, variables = model.apply(
+      {"params": params},
+      batch["input_ids"],
+      batch.get("positions"),
+      deterministic=deterministic,
+      embed_noise_alpha=embed_noise_alpha,
+      rngs=rngs,
+      mutable=["intermediates"],
+  )
   if ce_chunk:  # fused head + CE (fused_ce.py): under jit the model's unused logits are dead code
-    ce = fused_cross_entropy(hidden_states(variables)[-1], lm_head(params, model.cfg), batch["targets"],
-                             batch.get("loss_mask"), chunk=ce_chunk)
+    ce = fused_cross_entropy(
+        hidden_states(variables)[-1],
+        lm_head(params, model.cfg),
+        batch["targets"],
+        batch.get("loss_mask"),
+        chunk=ce_chunk,
+    )
   else:
     ce = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
   metrics = {"ce": ce}
   total = ce
   if coeff is not None or disp.coeff != 0.0:
     states = hidden_states(variables, disp.final_norm)
-    disp_val, per_layer = dispersion_term(states, disp, model.cfg.n_layer, rng=disp_rng,
-                                          mask=batch.get("dispersion_mask"), segment_ids=batch.get("segment_ids"))
+    disp_val, per_layer = dispersion_term(
+        states,
+        disp,
+        model.cfg.n_layer,
+        rng=disp_rng,
+        mask=batch.get("dispersion_mask"),
+        segment_ids=batch.get("segment_ids"),
+    )
     c = disp.coeff if coeff is None else coeff
     total = ce + c * disp_val
     metrics["dispersion"] = disp_val if coeff is None else jnp.where(coeff != 0, disp_val, 0.0)

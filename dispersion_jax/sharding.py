@@ -1,5 +1,6 @@
 """The device mesh (data, fsdp, tensor), host-aware over several hosts, and the logical-axis rules that place
 parameters and batches on it."""
+
 import dataclasses
 import math
 import socket
@@ -34,6 +35,7 @@ LOGICAL_RULES = (
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Axis sizes of the (data, fsdp, tensor) mesh; one of them may be -1: all remaining devices."""
+
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
@@ -52,8 +54,10 @@ class MeshConfig:
         raise ConfigError(f"{num_devices} devices do not divide into mesh {sizes}; change mesh.* sizes")
       sizes[fill[0]] = num_devices // known
     if math.prod(sizes.values()) != num_devices:
-      raise ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are present; "
-                        "set one mesh.* size to -1")
+      raise ConfigError(
+          f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are present; "
+          "set one mesh.* size to -1"
+      )
     return sizes
 
 
@@ -82,8 +86,12 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
 def param_shardings(logical_specs, abstract_params, mesh: Mesh):
   """NamedSharding per parameter from its logical PartitionSpec."""
   mesh_specs = nn.logical_to_mesh(logical_specs, LOGICAL_RULES)
-  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)), mesh_specs, abstract_params,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+      lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+      mesh_specs,
+      abstract_params,
+      is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -97,9 +105,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # ---------------------------------------------------------------------------------------------------------------
 # Host-aware meshes: fast-interconnect groups ("granules") hold fsdp and tensor; only data parallelism crosses them.
 
+
 def _process_hosts() -> list[int]:
   """Per process index: an id of its host (processes that share a machine share NVLink / PCIe)."""
   from jax.experimental import multihost_utils
+
   mine = np.uint32(zlib.crc32(socket.gethostname().encode()))
   return [int(h) for h in np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)]
 
@@ -122,14 +132,17 @@ def dcn_split(shape: tuple[int, int, int], n_granules: int) -> tuple[tuple[int, 
   dcn_data = math.gcd(data, n_granules)
   dcn_fsdp = n_granules // dcn_data
   if fsdp % dcn_fsdp:
-    raise ConfigError(f"mesh data={data} x fsdp={fsdp} cannot be split over {n_granules} hosts/slices with tensor "
-                     f"({tensor}) inside each: make mesh.data a multiple of {n_granules}")
+    raise ConfigError(
+        f"mesh data={data} x fsdp={fsdp} cannot be split over {n_granules} hosts/slices with tensor "
+        f"({tensor}) inside each: make mesh.data a multiple of {n_granules}"
+    )
   return (data // dcn_data, fsdp // dcn_fsdp, tensor), (dcn_data, dcn_fsdp, 1)
 
 
 def _group_mesh(shape: tuple[int, ...], devices: list) -> np.ndarray:
   from jax.experimental import mesh_utils
-  if devices[0].platform == "tpu":      # follow the physical ICI torus
+
+  if devices[0].platform == "tpu":  # follow the physical ICI torus
     return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   return np.asarray(devices, dtype=object).reshape(shape)
 
@@ -145,11 +158,14 @@ def hybrid_device_mesh(shape: tuple[int, int, int], devices: list, granules: lis
     return _group_mesh(shape, devices)
   sizes = {len(g) for g in groups.values()}
   if len(sizes) > 1:
-      raise ConfigError(f"hosts/slices have different device counts {sorted(sizes)}; use the same number on each")
+    raise ConfigError(f"hosts/slices have different device counts {sorted(sizes)}; use the same number on each")
   ici, dcn = dcn_split(shape, len(groups))
   if dcn[1] > 1 and jax.process_index() == 0:
-    print(f"mesh: fsdp crosses hosts ({dcn[1]} ways) because mesh.data={shape[0]} is not a multiple of the "
-          f"{len(groups)} hosts; change it to keep FSDP traffic inside a host", file=sys.stderr)
+    print(
+        f"mesh: fsdp crosses hosts ({dcn[1]} ways) because mesh.data={shape[0]} is not a multiple of the "
+        f"{len(groups)} hosts; change it to keep FSDP traffic inside a host",
+        file=sys.stderr,
+    )
   blocks = np.empty(dcn, dtype=object)
   for i, group in enumerate(groups.values()):
     blocks[np.unravel_index(i, dcn)] = _group_mesh(ici, group)

@@ -28,9 +28,14 @@ class Tokenizer(Protocol):
   eos_id: int
   vocab_size: int
 
-  def encode(self, text: str) -> list[int]: ...
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
-  def decode(self, ids: Sequence[int]) -> str: ...
+  def encode(self, text: str) -> list[int]:
+    ...
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ...
 
 
 class TiktokenTokenizer:
@@ -113,7 +118,7 @@ def _hf(path: pathlib.Path) -> HFTokenizer:
 
 
 def get_tokenizer(name: str = "gpt2") -> Tokenizer:
-  """"gpt2" (offline GPT-2 BPE) or a path to a Hugging Face tokenizer directory."""
+  """ "gpt2" (offline GPT-2 BPE) or a path to a Hugging Face tokenizer directory."""
   if name == "gpt2":
     return _gpt2()
   path = pathlib.Path(name).expanduser()

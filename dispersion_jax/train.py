@@ -4,6 +4,7 @@ Pre-trains (or mid-trains, with init_from) a model with CE + coeff * dispersion.
 workdir resumes exactly from the latest checkpoint (train state + data position), on any process count or mesh. The command line is
 `python -m dispersion_jax.train` (cli/train.py).
 """
+
 import functools
 import math
 import os
@@ -39,6 +40,7 @@ def open_data(cfg: ConfigDict) -> PackedDataset:
 
   def open_():
     return build.open_or_build_default(data_cfg, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, progress=lead)
+
   ds = open_() if lead else None
   distributed.barrier("dataset_built")
   return ds if lead else open_()
@@ -56,14 +58,24 @@ def resume_row(ckpt: Checkpointer, step: int | None, ds: PackedDataset) -> int:
 
 
 def train_batches(cfg: ConfigDict, ds: PackedDataset, mesh, start_row: int) -> loader.TrainBatches:
-  return loader.TrainBatches(ds, global_batch=cfg.batch_size, seed=cfg.seed, sharding=sharding.batch_sharding(mesh),
-                             start_row=start_row, read_threads=config_lib.data_config(cfg).read_threads)
+  return loader.TrainBatches(
+      ds,
+      global_batch=cfg.batch_size,
+      seed=cfg.seed,
+      sharding=sharding.batch_sharding(mesh),
+      start_row=start_row,
+      read_threads=config_lib.data_config(cfg).read_threads,
+  )
 
 
 def optimizer_and_step(cfg: ConfigDict, model_cfg):
   """(optimizer, learning-rate schedule, the baseline's train_step keywords) of a run: one place, for training,
   restoring, vmapped sweeps and the dry run alike."""
-  opt, steps, base = config_lib.optimizer_config(cfg), config_lib.loop_config(cfg).steps, config_lib.baseline_config(cfg)
+  opt, steps, base = (
+      config_lib.optimizer_config(cfg),
+      config_lib.loop_config(cfg).steps,
+      config_lib.baseline_config(cfg),
+  )
   family = models.family(model_cfg)
   tx = make_optimizer(opt, steps, base, family.EMBED_PATH)
   kw = {}
@@ -77,8 +89,9 @@ def optimizer_and_step(cfg: ConfigDict, model_cfg):
       except ValueError as e:
         raise DataError(f"tokenizer: {e}") from e
     if not 0 <= pad < model_cfg.vocab_size:
-      raise ConfigError(f"baseline.pad_id={pad} is outside the vocabulary [0, {model_cfg.vocab_size}); set "
-                        "baseline.pad_id")
+      raise ConfigError(
+          f"baseline.pad_id={pad} is outside the vocabulary [0, {model_cfg.vocab_size}); set " "baseline.pad_id"
+      )
     kw["forgetting"] = Forgetting(base.forget_every, base.forget_std, pad, tuple(family.EMBED_PATH))
   return tx, lr_schedule(opt, steps), kw
 
@@ -89,8 +102,10 @@ def check_vocab(cfg: ConfigDict, model_cfg) -> None:
   except ValueError as e:
     raise DataError(f"tokenizer: {e}") from e
   if vocab > model_cfg.vocab_size:
-    raise DataError(f"tokenizer {cfg.tokenizer!r} has {vocab} tokens but the model only {model_cfg.vocab_size}; "
-                    "set model.vocab_size (or use a matching tokenizer / init_from)")
+    raise DataError(
+        f"tokenizer {cfg.tokenizer!r} has {vocab} tokens but the model only {model_cfg.vocab_size}; "
+        "set model.vocab_size (or use a matching tokenizer / init_from)"
+    )
 
 
 def pretrained_params(cfg: ConfigDict, model_cfg):
@@ -98,6 +113,7 @@ def pretrained_params(cfg: ConfigDict, model_cfg):
   if not cfg.init_from:
     return None
   from dispersion_jax import hf  # noqa: PLC0415 - safetensors only when mid-training
+
   try:
     return hf.load_pretrained(cfg.init_from, param_dtype=model_cfg.param_dtype)[1]
   except (ValueError, OSError) as e:
@@ -106,8 +122,9 @@ def pretrained_params(cfg: ConfigDict, model_cfg):
 
 def validation_batches(cfg: ConfigDict, ds: PackedDataset, mesh) -> list[dict]:
   """The run's fixed validation batches (the same ones at every evaluation and on every topology)."""
-  val = loader.ValidationBatches(ds, global_batch=cfg.batch_size // cfg.grad_accum,
-                                 sharding=sharding.batch_sharding(mesh), read_threads=0)
+  val = loader.ValidationBatches(
+      ds, global_batch=cfg.batch_size // cfg.grad_accum, sharding=sharding.batch_sharding(mesh), read_threads=0
+  )
   return list(val.iter_from(0, cfg.eval_batches))
 
 
@@ -132,8 +149,11 @@ def validation_metrics(eval_fn, params, batches) -> dict[str, float]:
 
 
 def jit_eval_step(model, disp, mesh, param_shardings, with_dispersion: bool = True):
-  return jax.jit(functools.partial(eval_step, model=model, disp=disp, with_dispersion=with_dispersion),
-                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)), out_shardings=sharding.replicated(mesh))
+  return jax.jit(
+      functools.partial(eval_step, model=model, disp=disp, with_dispersion=with_dispersion),
+      in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=sharding.replicated(mesh),
+  )
 
 
 def peak_flops() -> float | None:
@@ -166,19 +186,34 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
       state = jax.jit(lambda p: init_state(model_cfg, tx, cfg.seed, p), out_shardings=shardings)(params)
     else:
       state = ckpt.restore(start, target)
-    step_fn = jit_train_step(functools.partial(train_step, model=model, disp=disp, tx=tx, schedule=schedule,
-                                               grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk, **baseline_kw),
-                             mesh, shardings)
+    step_fn = jit_train_step(
+        functools.partial(
+            train_step,
+            model=model,
+            disp=disp,
+            tx=tx,
+            schedule=schedule,
+            grad_accum=cfg.grad_accum,
+            ce_chunk=cfg.ce_chunk,
+            **baseline_kw,
+        ),
+        mesh,
+        shardings,
+    )
     eval_fn = jit_eval_step(model, disp, mesh, shardings.params)
     val_batches = validation_batches(cfg, ds, mesh) if loop_cfg.eval_every else []
   start = start or 0
   logger = MetricsLogger(workdir, loop_cfg.steps, start, enabled=lead)
-  logger.write(f"{'resuming from step ' + str(start) if start else 'starting'}: {model_cfg.n_layer} layers, "
-               f"width {model_cfg.n_embd}, mesh {dict(mesh.shape)}, {cfg.batch_size}x{cfg.seq_len} tokens/step")
+  logger.write(
+      f"{'resuming from step ' + str(start) if start else 'starting'}: {model_cfg.n_layer} layers, "
+      f"width {model_cfg.n_embd}, mesh {dict(mesh.shape)}, {cfg.batch_size}x{cfg.seq_len} tokens/step"
+  )
   base = config_lib.baseline_config(cfg)
   if base.method == "active_forgetting" and loop_cfg.steps < base.forget_every:
-    logger.write(f"warning: steps={loop_cfg.steps} < baseline.forget_every={base.forget_every}: no reset happens and "
-                 "the authors' embedding schedule is 0 for the whole run (a frozen input embedding)")
+    logger.write(
+        f"warning: steps={loop_cfg.steps} < baseline.forget_every={base.forget_every}: no reset happens and "
+        "the authors' embedding schedule is 0 for the whole run (a frozen input embedding)"
+    )
   step_flops = flops_per_token(model_cfg, cfg.seq_len)
   peak = peak_flops()
   last_eval = {}
@@ -195,13 +230,24 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
     logger.log(step, last_eval)
 
   hooks = Hooks(
-      log=log, evaluate=evaluate, advance=logger.advance, last_checkpoint=ckpt.latest_step,
+      log=log,
+      evaluate=evaluate,
+      advance=logger.advance,
+      last_checkpoint=ckpt.latest_step,
       save=lambda step, state: ckpt.save(step, state, data.state(data.rows_consumed(step - start)), cfg.to_dict()),
-      should_stop=lambda step: distributed.preemption_requested(preempt.requested or step == stop_at, ckpt, step))
+      should_stop=lambda step: distributed.preemption_requested(preempt.requested or step == stop_at, ckpt, step),
+  )
   try:
     with logical_context(mesh):
-      out = run_loop(step_fn, state, data.iter_from(0, loop_cfg.steps - start), start=start, cfg=loop_cfg, hooks=hooks,
-                     tokens_per_step=cfg.batch_size * cfg.seq_len)
+      out = run_loop(
+          step_fn,
+          state,
+          data.iter_from(0, loop_cfg.steps - start),
+          start=start,
+          cfg=loop_cfg,
+          hooks=hooks,
+          tokens_per_step=cfg.batch_size * cfg.seq_len,
+      )
   finally:
     ckpt.close()
     logger.close()
@@ -223,8 +269,10 @@ def summary(workdir: str, out, last_eval: dict, stop_at: int | None = None) -> s
   if "val_loss" in last_eval:
     lines.append(f"  validation loss {last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.1f})")
   lines.append(f"  checkpoints: {os.path.join(workdir, 'checkpoints')}")
-  lines.append(f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}; TensorBoard: tensorboard --logdir "
-               f"{shlex.quote(os.path.join(workdir, 'tensorboard'))}")
+  lines.append(
+      f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}; TensorBoard: tensorboard --logdir "
+      f"{shlex.quote(os.path.join(workdir, 'tensorboard'))}"
+  )
   lines.append(f"  evaluate: python -m dispersion_jax.evaluate --workdir {shlex.quote(workdir)}")
   return "\n".join(lines)
 
@@ -250,8 +298,9 @@ def load_run(workdir: str, step: int | None = None, mesh=None):
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None or step not in ckpt.manager.all_steps():
-      raise CheckpointError(f"no checkpoint {'' if step is None else step} in {ckpt.directory}; "
-                            "train first or pass an existing --step")
+      raise CheckpointError(
+          f"no checkpoint {'' if step is None else step} in {ckpt.directory}; " "train first or pass an existing --step"
+      )
     cfg = config_lib.from_saved(ckpt.saved_config(step))
     model_cfg = config_lib.model_config(cfg)
     tx, _, _ = optimizer_and_step(cfg, model_cfg)
@@ -272,4 +321,5 @@ def load_params(workdir: str, step: int | None = None):
 
 if __name__ == "__main__":  # the command line lives in cli/train.py; this keeps `python -m dispersion_jax.train`
   from dispersion_jax.cli.train import main
+
   main()

@@ -29,6 +29,7 @@ def golden_dir() -> str:
 @pytest.fixture(scope="session")
 def disp_golden(golden_dir):
   import json
+
   with open(os.path.join(golden_dir, "dispersion_reference.json")) as fh:
     meta = json.load(fh)
   return meta, dict(np.load(os.path.join(golden_dir, "dispersion_reference.npz")))
@@ -57,6 +58,7 @@ def make_run():
     ckpt.save(step, state, None, cfg.to_dict())
     ckpt.close()
     return model_cfg, state.params
+
   return build
 
 

@@ -3,6 +3,7 @@
 Read from the source (AST), imports inside functions included; only the bodies of `if __name__ == "__main__":`
 blocks are left out (they run only as programs: `python -m dispersion_jax.train` keeps its name that way).
 """
+
 import ast
 import pathlib
 
@@ -11,12 +12,35 @@ import pytest
 PKG = pathlib.Path(__file__).resolve().parent.parent / "dispersion_jax"
 
 # Layer of each module (dotted names without the package prefix); a name ending in "." covers a subpackage.
-CORE = ("__init__", "errors", "dispersion", "dispersion_fused", "dispersion_pallas", "models.", "objective", "baselines",
-        "fused_ce", "hf", "condensation")
-TRAINING = ("config", "sharding", "distributed", "optim", "train_step", "checkpoint", "metrics", "loop", "train",
-            "dry_run", "tokenizer", "data.")
+CORE = (
+    "__init__",
+    "errors",
+    "dispersion",
+    "dispersion_fused",
+    "dispersion_pallas",
+    "models.",
+    "objective",
+    "baselines",
+    "fused_ce",
+    "hf",
+    "condensation",
+)
+TRAINING = (
+    "config",
+    "sharding",
+    "distributed",
+    "optim",
+    "train_step",
+    "checkpoint",
+    "metrics",
+    "loop",
+    "train",
+    "dry_run",
+    "tokenizer",
+    "data.",
+)
 RESEARCH = ("research.",)
-CLI = ("cli.", "evaluate", "sweep", "bench")   # evaluate / sweep / bench: two-line shims keeping `python -m` names
+CLI = ("cli.", "evaluate", "sweep", "bench")  # evaluate / sweep / bench: two-line shims keeping `python -m` names
 LAYERS = {"core": (0, CORE), "training": (1, TRAINING), "research": (2, RESEARCH), "cli": (3, CLI)}
 # What the numerical core must not depend on: run configs, files and orchestration libraries.
 CORE_FORBIDDEN = ("ml_collections", "orbax", "grain", "tensorflow_datasets", "argparse", "tqdm", "tensorboardX")
@@ -47,8 +71,12 @@ def layer_of(name: str) -> str:
 
 
 def _is_main_guard(node: ast.AST) -> bool:
-  return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and
-          isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+  return (
+      isinstance(node, ast.If)
+      and isinstance(node.test, ast.Compare)
+      and isinstance(node.test.left, ast.Name)
+      and node.test.left.id == "__name__"
+  )
 
 
 def _imports(path: pathlib.Path) -> list[str]:
@@ -66,6 +94,7 @@ def _imports(path: pathlib.Path) -> list[str]:
         found.append(child.module)
         found.extend(f"{child.module}.{a.name}" for a in child.names)  # `from pkg import module`
       visit(child)
+
   visit(tree)
   return found
 
@@ -98,12 +127,14 @@ def test_no_import_of_a_higher_layer(name):
   mine = LAYERS[layer_of(name)][0]
   for target in sorted(GRAPH[name]):
     theirs = LAYERS[layer_of(target)][0]
-    assert theirs <= mine, (f"dispersion_jax.{name} ({layer_of(name)}) imports dispersion_jax.{target} "
-                            f"({layer_of(target)}): imports must point core <- training <- research <- cli")
+    assert theirs <= mine, (
+        f"dispersion_jax.{name} ({layer_of(name)}) imports dispersion_jax.{target} "
+        f"({layer_of(target)}): imports must point core <- training <- research <- cli"
+    )
 
 
 def test_no_import_cycles():
-  state: dict[str, int] = {}   # 1 = on the current path, 2 = done
+  state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
   def dfs(node, path):
     state[node] = 1
@@ -111,7 +142,7 @@ def test_no_import_cycles():
       if nxt.endswith("__init__") and node.startswith(nxt.removesuffix("__init__")):
         continue  # a package's own __init__ runs before its submodules anyway: not a cycle of ours
       if state.get(nxt) == 1:
-        cycle = path[path.index(nxt):] + [nxt]
+        cycle = path[path.index(nxt) :] + [nxt]
         raise AssertionError("import cycle: " + " -> ".join(cycle))
       if state.get(nxt) is None:
         dfs(nxt, path + [nxt])
@@ -146,6 +177,7 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
 
 def _console_scripts() -> dict[str, str]:
   import tomllib
+
   with open(PKG.parent / "pyproject.toml", "rb") as fh:
     return tomllib.load(fh)["project"]["scripts"]
 
@@ -155,6 +187,7 @@ def test_every_console_script_answers_help(script, capsys):
   """`pip install .` puts these on PATH (checked in a fresh venv for the release notes); each resolves to a
   command-line main that prints its flags and exits 0."""
   import importlib
+
   module, _, name = _console_scripts()[script].partition(":")
   assert module.startswith("dispersion_jax.cli."), "console scripts point into the command-line layer"
   main = getattr(importlib.import_module(module), name)

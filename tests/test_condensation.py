@@ -1,4 +1,5 @@
 """Condensation statistics vs a direct NumPy computation from the golden (HF, float64) hidden states; CLI."""
+
 import json
 
 import jax
@@ -167,8 +168,22 @@ def test_cli_end_to_end_and_compare(ids_file, golden, tiny_dir, tmp_path):
   for k in ("histograms", "spearman", "kendall", "spearman_offdiag", "kendall_offdiag", "settings"):
     assert k in s
   assert s["settings"]["max_length"] == 64 and s["settings"]["num_bins"] == BINS
-  main(["--hf-model", TINY, "--token-ids", ids_file, "--max-length", "16", "--out", str(b),
-        "--compare", str(a / "condensation.json"), "--labels", "short,long"])
+  main(
+      [
+          "--hf-model",
+          TINY,
+          "--token-ids",
+          ids_file,
+          "--max-length",
+          "16",
+          "--out",
+          str(b),
+          "--compare",
+          str(a / "condensation.json"),
+          "--labels",
+          "short,long",
+      ]
+  )
   assert (b / "condensation_compare.png").stat().st_size > 0
   assert json.loads((b / "condensation.json").read_text())["num_tokens"] == 32
 
@@ -201,7 +216,11 @@ def test_cli_bad_inputs(ids_file, tiny_dir, tmp_path, capsys):
   _err(["--hf-model", TINY, "--texts", str(tmp_path / "missing.txt"), "--max-length", "8", *out], "not found", capsys)
   _err(["--hf-model", str(tmp_path), "--token-ids", ids_file, "--max-length", "8", *out], "not found", capsys)
   _err(["--hf-model", TINY, "--token-ids", ids_file, "--max-length", "8", "--compare", str(big), *out], "", capsys)
-  _err(["--hf-model", TINY, "--token-ids", ids_file, "--max-length", "8", "--compare", str(texts), *out], "not JSON", capsys)
+  _err(
+      ["--hf-model", TINY, "--token-ids", ids_file, "--max-length", "8", "--compare", str(texts), *out],
+      "not JSON",
+      capsys,
+  )
   _err(["--hf-model", TINY, "--token-ids", ids_file, "--max-length", "8", "--labels", "a,b", *out], None, capsys)
   _err(["--hf-model", TINY, "--token-ids", ids_file, "--texts", str(texts), "--max-length", "8", *out], None, capsys)
   _err(["--hf-model", TINY, "--corpus", "default", "--max-length", "8", *out], None, capsys)
@@ -213,12 +232,38 @@ def test_cli_workdir(tmp_path, make_run, capsys):
   ids = np.random.default_rng(0).integers(0, 128, (3, 40))
   np.save(tmp_path / "ids.npy", ids)
   out = tmp_path / "out"
-  main(["--workdir", str(tmp_path / "run"), "--step", "3", "--token-ids", str(tmp_path / "ids.npy"),
-        "--max-length", "64", "--out", str(out)])
+  main(
+      [
+          "--workdir",
+          str(tmp_path / "run"),
+          "--step",
+          "3",
+          "--token-ids",
+          str(tmp_path / "ids.npy"),
+          "--max-length",
+          "64",
+          "--out",
+          str(out),
+      ]
+  )
   s = json.loads((out / "condensation.json").read_text())
   want = cond.model_statistics(model_cfg, params, ids.tolist(), max_length=64)
   assert s["settings"]["max_length"] == 32 and s["num_tokens"] == 3 * 32  # capped at n_positions
   np.testing.assert_allclose(s["mean_cossim_by_layer"], want["mean_cossim_by_layer"], atol=1e-6)
   assert len(s["mean_cossim_by_layer"]) == model_cfg.n_layer + 1
-  _err(["--workdir", str(tmp_path / "run"), "--step", "9", "--token-ids", str(tmp_path / "ids.npy"),
-        "--max-length", "8", "--out", str(out)], "no checkpoint", capsys)
+  _err(
+      [
+          "--workdir",
+          str(tmp_path / "run"),
+          "--step",
+          "9",
+          "--token-ids",
+          str(tmp_path / "ids.npy"),
+          "--max-length",
+          "8",
+          "--out",
+          str(out),
+      ],
+      "no checkpoint",
+      capsys,
+  )

@@ -1,5 +1,6 @@
 """Condensation over training: every checkpoint's statistics equal model_statistics of that checkpoint, are cached
 per run + step + settings, and are drawn and tabulated; the command line answers --help and one-line errors."""
+
 import csv
 import json
 
@@ -26,6 +27,7 @@ def _checkpoint(workdir, step: int, seed: int):
   from dispersion_jax.checkpoint import Checkpointer
   from dispersion_jax.optim import make_optimizer
   from dispersion_jax.train_step import init_state
+
   cfg = config_lib.default_config()
   cfg.model.preset = "test"
   model_cfg = config_lib.model_config(cfg)
@@ -72,6 +74,7 @@ def test_cache_per_step_and_settings(two_runs, monkeypatch):
 
   def boom(*a, **k):
     raise AssertionError("recomputed instead of read from the cache")
+
   with monkeypatch.context() as m:
     m.setattr(ct, "model_statistics", boom)
     again = ct.over_training([str(tmp / "a")], lambda tok: tokens, max_length=16)
@@ -94,8 +97,21 @@ def test_step_selection():
 def test_cli_figures_and_tables(two_runs, ids_file, tmp_path, capsys):
   tmp, model_cfg, params = two_runs
   out = tmp_path / "out"
-  cli.main(["--workdirs", str(tmp / "a"), str(tmp / "b"), "--labels", "baseline,dispersion", "--token_ids", ids_file,
-            "--max_length", "32", "--out", str(out)])
+  cli.main(
+      [
+          "--workdirs",
+          str(tmp / "a"),
+          str(tmp / "b"),
+          "--labels",
+          "baseline,dispersion",
+          "--token_ids",
+          ids_file,
+          "--max_length",
+          "32",
+          "--out",
+          str(out),
+      ]
+  )
   assert "baseline: spearman by step 1:" in capsys.readouterr().out
   for f in ct.FILES.values():
     assert (out / f).stat().st_size > 0, f
@@ -106,13 +122,24 @@ def test_cli_figures_and_tables(two_runs, ids_file, tmp_path, capsys):
     rows = list(csv.DictReader(fh))
   assert [(r["run"], r["step"]) for r in rows] == [("baseline", "1"), ("baseline", "5"), ("dispersion", "5")]
   want = cond.model_statistics(model_cfg, params[("b", 5)], IDS.tolist(), max_length=32)
-  np.testing.assert_allclose([float(rows[2][f"layer_{i}"]) for i in range(3)], want["mean_cossim_by_layer"],
-                             atol=1e-6)
+  np.testing.assert_allclose([float(rows[2][f"layer_{i}"]) for i in range(3)], want["mean_cossim_by_layer"], atol=1e-6)
   md = (out / ct.FILES["md"]).read_text()
   assert f"| dispersion | 5 | {want['mean_cossim_by_layer'][0]:+.3f} |" in md
   # --steps and --max_checkpoints
-  cli.main(["--workdirs", str(tmp / "a"), "--token_ids", ids_file, "--max_length", "32", "--out", str(tmp_path / "o2"),
-            "--steps", "5"])
+  cli.main(
+      [
+          "--workdirs",
+          str(tmp / "a"),
+          "--token_ids",
+          ids_file,
+          "--max_length",
+          "32",
+          "--out",
+          str(tmp_path / "o2"),
+          "--steps",
+          "5",
+      ]
+  )
   assert json.loads((tmp_path / "o2" / ct.FILES["json"]).read_text())["runs"][0]["steps"] == [5]
 
 
@@ -135,7 +162,6 @@ def test_cli_help_and_one_line_errors(two_runs, ids_file, tmp_path, capsys):
   _err(["--workdirs", str(tmp_path / "empty"), *data], "no checkpoint", capsys)
   _err(["--workdirs", str(tmp / "a"), "--steps", "7", *data], "none of the steps", capsys)
   _err(["--workdirs", str(tmp / "a"), str(tmp / "b"), "--labels", "one", *data], "--labels", capsys)
-  _err(["--workdirs", str(tmp / "a"), "--corpus", "default", "--max_length", "8", "--out", "o"], "--num_texts",
-       capsys)
+  _err(["--workdirs", str(tmp / "a"), "--corpus", "default", "--max_length", "8", "--out", "o"], "--num_texts", capsys)
   _err(["--workdirs", str(tmp / "a"), "--steps", "x", *data], "--steps", capsys)
   assert not (tmp_path / "o").exists()  # nothing written before the inputs were checked

@@ -1,5 +1,6 @@
 """Building pre-packed datasets: inputs (parquet / jsonl / txt / TFDS / default corpus), work units, determinism,
 splits, all-or-nothing builds, re-packing, errors."""
+
 import json
 import os
 import pathlib
@@ -43,9 +44,9 @@ def mixed(tmp_path_factory) -> tuple[pathlib.Path, list[tuple[str, str]]]:
     lines.append(line)
     offset += len(line.encode())
     if i == 100:
-      lines.append("\n")          # a blank line: skipped
+      lines.append("\n")  # a blank line: skipped
       offset += 1
-  lines.append(json.dumps({"text": "   "}) + "\n")   # a blank document: dropped
+  lines.append(json.dumps({"text": "   "}) + "\n")  # a blank document: dropped
   (root / "b.jsonl").write_text("".join(lines))
   (root / "c" / "d").mkdir(parents=True)
   for i in range(140, 170):
@@ -54,8 +55,9 @@ def mixed(tmp_path_factory) -> tuple[pathlib.Path, list[tuple[str, str]]]:
     docs.append((rel, (root / rel).read_text()))
   (root / "notes.md").write_text("not an input")
   (root / ".hidden.txt").write_text("hidden: not an input")
-  order = {rel: k for k, rel in enumerate(sorted(["a/part.parquet", "b.jsonl",
-                                                   *(d for d, _ in docs if d.endswith(".txt"))]))}
+  order = {
+      rel: k for k, rel in enumerate(sorted(["a/part.parquet", "b.jsonl", *(d for d, _ in docs if d.endswith(".txt"))]))
+  }
   ranked = sorted(enumerate(docs), key=lambda kd: (order[kd[1][0].split(":")[0].split("@")[0]], kd[0]))
   return root, [d for _, d in ranked]
 
@@ -104,7 +106,7 @@ def test_one_and_two_workers_write_byte_identical_datasets(built):
   files = sorted(p.relative_to(c1) for p in c1.rglob("*") if p.is_file())
   assert files == sorted(p.relative_to(c2) for p in c2.rglob("*") if p.is_file())
   shards = [f for f in files if ".array_record-" in f.name]
-  assert len([f for f in shards if "-train." in f.name]) > 3     # several shards, written by both workers
+  assert len([f for f in shards if "-train." in f.name]) > 3  # several shards, written by both workers
   for f in files:
     assert (c1 / f).read_bytes() == (c2 / f).read_bytes(), f
   assert not any(p.name.startswith(".tmp") for p in (c1 / packed.DATASET_NAME).iterdir())
@@ -142,13 +144,13 @@ def test_doc_starts_mark_every_document_start(built):
   ds = packed.open_path(built[1][1].path)
   tokens, starts = ds.read("train", range(ds.num_blocks("train")))
   for t, s in zip(tokens, starts):
-    np.testing.assert_array_equal(s, np.flatnonzero(t[:-1] == EOS) + 1)   # after each EOS, never at 0
+    np.testing.assert_array_equal(s, np.flatnonzero(t[:-1] == EOS) + 1)  # after each EOS, never at 0
 
 
 def test_unit_size_does_not_change_the_records(mixed, built, tmp_path, monkeypatch):
   monkeypatch.setattr(inputs, "UNIT_BYTES", 64 << 20)
   report = build_lib.build(_cfg(mixed[0], tmp_path), tokenizer="gpt2", seq_len=L, workers=1, progress=False)
-  assert report.units == 3 and report.fingerprint == built[1][1].fingerprint   # parquet, jsonl, one txt group
+  assert report.units == 3 and report.fingerprint == built[1][1].fingerprint  # parquet, jsonl, one txt group
   a, b = packed.open_path(report.path), packed.open_path(built[1][1].path)
   for split in ("train", "validation"):
     np.testing.assert_array_equal(_all_blocks(a, split), _all_blocks(b, split))
@@ -168,14 +170,14 @@ def test_killed_build_leaves_no_dataset_and_a_rerun_finishes(mixed, built, small
 
   def dies_at_unit_3(unit, *a, **kw):
     if unit == units[3]:
-      raise KeyboardInterrupt     # as a kill would: not an error the build could handle
+      raise KeyboardInterrupt  # as a kill would: not an error the build could handle
     return real(unit, *a, **kw)
 
   monkeypatch.setattr(inputs, "unit_docs", dies_at_unit_3)
   with pytest.raises(KeyboardInterrupt):
     build_lib.build(cfg, tokenizer="gpt2", seq_len=L, workers=1, progress=False)
   root = tmp_path / packed.DATASET_NAME
-  assert sorted(p.name for p in root.iterdir()) == ["tokens"]            # no dataset, no temporary dir
+  assert sorted(p.name for p in root.iterdir()) == ["tokens"]  # no dataset, no temporary dir
   ident = packed.identify(cfg, tokenizer="gpt2", seq_len=L)
   done = sorted(p.name for p in pathlib.Path(ident.token_path(units)).glob("u*.json"))
   assert done == ["u000000.json", "u000001.json", "u000002.json"]
@@ -207,10 +209,11 @@ def test_new_seq_len_repacks_without_tokenizing(mixed, built, small_units, monke
 
 def test_edited_input_gets_a_new_fingerprint(mixed, tmp_path):
   import shutil
+
   copy = shutil.copytree(mixed[0], tmp_path / "copy")
   fp = packed.identify(_cfg(copy, tmp_path), tokenizer="gpt2", seq_len=L).fingerprint
   assert packed.identify(_cfg(mixed[0], tmp_path / "elsewhere"), tokenizer="gpt2", seq_len=L).fingerprint == fp
-  os.utime(copy / "b.jsonl", (0, 0))                                   # touched only: same data, same cache
+  os.utime(copy / "b.jsonl", (0, 0))  # touched only: same data, same cache
   assert packed.identify(_cfg(copy, tmp_path), tokenizer="gpt2", seq_len=L).fingerprint == fp
   (copy / "c" / "140.txt").write_text("edited")
   assert packed.identify(_cfg(copy, tmp_path), tokenizer="gpt2", seq_len=L).fingerprint != fp
@@ -219,12 +222,14 @@ def test_edited_input_gets_a_new_fingerprint(mixed, tmp_path):
 
 # --- splits and grouping ------------------------------------------------------------------------------------
 
+
 def test_split_files_give_the_validation_set(tmp_path):
   src = tmp_path / "wiki"
   src.mkdir()
   rng = np.random.default_rng(1)
-  texts = {s: [f"{s} {i} " + _text(i, rng) for i in range(n)] for s, n in
-           (("train", 60), ("validation", 12), ("test", 5))}
+  texts = {
+      s: [f"{s} {i} " + _text(i, rng) for i in range(n)] for s, n in (("train", 60), ("validation", 12), ("test", 5))
+  }
   for s, t in texts.items():
     pq.write_table(pa.table({"text": t}), src / f"{s}-00000-of-00001.parquet")
   report = build_lib.build(_cfg(src, tmp_path / "c"), tokenizer="gpt2", seq_len=L, workers=1, progress=False)
@@ -235,9 +240,10 @@ def test_split_files_give_the_validation_set(tmp_path):
   want = np.concatenate([tok.encode(t) + [EOS] for t in texts["validation"]])
   got = _all_blocks(ds, "validation").reshape(-1)
   np.testing.assert_array_equal(got, want[: len(got)])
-  hashed = build_lib.build(_cfg(src, tmp_path / "c", validation_split=""), tokenizer="gpt2", seq_len=L,
-                           workers=1, progress=False)
-  assert sum(hashed.documents.values()) == 60 and hashed.fingerprint != report.fingerprint   # train files only
+  hashed = build_lib.build(
+      _cfg(src, tmp_path / "c", validation_split=""), tokenizer="gpt2", seq_len=L, workers=1, progress=False
+  )
+  assert sum(hashed.documents.values()) == 60 and hashed.fingerprint != report.fingerprint  # train files only
 
 
 def test_hash_split_keeps_a_document_in_each_split(tmp_path):
@@ -246,7 +252,7 @@ def test_hash_split_keeps_a_document_in_each_split(tmp_path):
   for i in range(3):
     (src / f"{i}.txt").write_text(" ".join([f"word{i}"] * 40))
   ids = [f"{i}.txt" for i in range(3)]
-  assert all(corpus.doc_hash(i) >= corpus.VALIDATION_FRACTION for i in ids)   # none would be held out
+  assert all(corpus.doc_hash(i) >= corpus.VALIDATION_FRACTION for i in ids)  # none would be held out
   report = build_lib.build(_cfg(src, tmp_path / "c"), tokenizer="gpt2", seq_len=L, workers=1, progress=False)
   assert report.documents == {"train": 2, "validation": 1}
   held = min(ids, key=corpus.doc_hash)
@@ -254,9 +260,25 @@ def test_hash_split_keeps_a_document_in_each_split(tmp_path):
   assert get_tokenizer("gpt2").decode(first).startswith(" ".join([f"word{held[0]}"] * 3))
 
 
-WIKI = ["", " = Alpha = \n", "", " Alpha one . \n", " = = Part = = \n", " Alpha two . \n", "", " = Beta = \n",
-        " Beta one . \n", " = Gamma = \n", "", " Gamma one . \n", " Gamma two . \n", " = = Part = = \n",
-        " Gamma three . \n", " = Delta = \n", " Delta one . \n"]
+WIKI = [
+    "",
+    " = Alpha = \n",
+    "",
+    " Alpha one . \n",
+    " = = Part = = \n",
+    " Alpha two . \n",
+    "",
+    " = Beta = \n",
+    " Beta one . \n",
+    " = Gamma = \n",
+    "",
+    " Gamma one . \n",
+    " Gamma two . \n",
+    " = = Part = = \n",
+    " Gamma three . \n",
+    " = Delta = \n",
+    " Delta one . \n",
+]
 ARTICLES = [("Alpha", 1, 7), ("Beta", 7, 9), ("Gamma", 9, 15), ("Delta", 15, 17)]
 
 
@@ -291,7 +313,7 @@ def test_default_corpus_is_built_on_first_use(tmp_path):
   n_val = sum(corpus.doc_hash(i) < corpus.VALIDATION_FRACTION for i in ids)
   assert ds.meta["documents"] == {"train": len(ids) - n_val, "validation": n_val} and len(ids) == 3414
   assert ds.num_blocks("train") > 7000 and ds.num_blocks("validation") > 100
-  assert build_lib.open_or_build_default(cfg, tokenizer="gpt2", seq_len=256).path == ds.path   # found, not rebuilt
+  assert build_lib.open_or_build_default(cfg, tokenizer="gpt2", seq_len=256).path == ds.path  # found, not rebuilt
 
 
 class PackedInputForTest(tfds.core.GeneratorBasedBuilder):
@@ -301,8 +323,9 @@ class PackedInputForTest(tfds.core.GeneratorBasedBuilder):
   pkg_dir_path = pathlib.Path(__file__).parent
 
   def _info(self):
-    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-                                          disable_shuffling=True)   # rows in order, as wikitext grouping needs
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}), disable_shuffling=True
+    )  # rows in order, as wikitext grouping needs
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(WIKI * 3), "test": self._generate_examples(WIKI[7:15])}
@@ -314,23 +337,32 @@ class PackedInputForTest(tfds.core.GeneratorBasedBuilder):
 
 def test_tfds_input_splits_and_grouping(tmp_path):
   no_stats = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-  PackedInputForTest(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(
-      download_config=no_stats)
-  cfg = DataConfig(source="tfds", tfds_name="packed_input_for_test", data_dir=str(tmp_path),
-                   validation_split="test", doc_grouping="wikitext")
+  PackedInputForTest(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(download_config=no_stats)
+  cfg = DataConfig(
+      source="tfds",
+      tfds_name="packed_input_for_test",
+      data_dir=str(tmp_path),
+      validation_split="test",
+      doc_grouping="wikitext",
+  )
   report = build_lib.build(cfg, tokenizer="gpt2", seq_len=4, workers=1, progress=False)
-  assert report.documents == {"train": 12, "validation": 2}               # Beta + Gamma from "test"
+  assert report.documents == {"train": 12, "validation": 2}  # Beta + Gamma from "test"
   tok = get_tokenizer("gpt2")
   val = _all_blocks(packed.open_path(report.path), "validation").reshape(-1)
   want = np.concatenate([tok.encode("".join(WIKI[a:b])) + [EOS] for _, a, b in ARTICLES[1:3]])
   np.testing.assert_array_equal(val, want[: len(val)])
   with pytest.raises(DataError, match="has no split 'dev'") as e:
-    build_lib.build(DataConfig(source="tfds", tfds_name="packed_input_for_test", data_dir=str(tmp_path),
-                               validation_split="dev"), tokenizer="gpt2", seq_len=4, progress=False)
+    build_lib.build(
+        DataConfig(source="tfds", tfds_name="packed_input_for_test", data_dir=str(tmp_path), validation_split="dev"),
+        tokenizer="gpt2",
+        seq_len=4,
+        progress=False,
+    )
   assert "\n" not in str(e.value)
 
 
 # --- errors: one line, naming the fix -----------------------------------------------------------------------
+
 
 def _one_line_error(cfg, match, seq_len=L):
   with pytest.raises(DataError, match=match) as e:
@@ -359,18 +391,26 @@ def test_wrong_fingerprint_on_disk_is_a_data_error(mixed, built):
     meta_path.write_text(original)
 
 
-@pytest.mark.parametrize("name, content, match", [
-    ("bad.txt", b"ok \xff\xfe not utf-8", r"bad\.txt is not UTF-8 text \(bad byte at offset 3\)"),
-    ("bad.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', r"bad\.jsonl is not UTF-8 text \(bad byte at offset 3"),
-    ("bad.parquet", b"PAR1 this is not parquet", r"bad\.parquet is not a readable parquet file"),
-    ("bad.jsonl", b'{"text": "fine"}\n{"title": "no text"}\n', r"bad\.jsonl: the line at byte 17 .* 'text' string"),
-])
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("bad.txt", b"ok \xff\xfe not utf-8", r"bad\.txt is not UTF-8 text \(bad byte at offset 3\)"),
+        (
+            "bad.jsonl",
+            b'{"text": "fine"}\n{"text": "caf\xe9"}\n',
+            r"bad\.jsonl is not UTF-8 text \(bad byte at offset 3",
+        ),
+        ("bad.parquet", b"PAR1 this is not parquet", r"bad\.parquet is not a readable parquet file"),
+        ("bad.jsonl", b'{"text": "fine"}\n{"title": "no text"}\n', r"bad\.jsonl: the line at byte 17 .* 'text' string"),
+    ],
+)
 def test_unreadable_inputs_name_the_file(tmp_path, name, content, match):
   (tmp_path / "in").mkdir()
   (tmp_path / "in" / name).write_bytes(content)
   _one_line_error(_cfg(tmp_path / "in", tmp_path / "c"), match)
-  assert not (tmp_path / "c" / packed.DATASET_NAME).exists() or \
-      [p.name for p in (tmp_path / "c" / packed.DATASET_NAME).iterdir()] == ["tokens"]
+  assert not (tmp_path / "c" / packed.DATASET_NAME).exists() or [
+      p.name for p in (tmp_path / "c" / packed.DATASET_NAME).iterdir()
+  ] == ["tokens"]
 
 
 def test_empty_and_missing_inputs(tmp_path):
@@ -385,8 +425,9 @@ def test_empty_and_missing_inputs(tmp_path):
   _one_line_error(_cfg(tmp_path / "blank", tmp_path), "has no non-empty documents")
   (tmp_path / "cols").mkdir()
   pq.write_table(pa.table({"body": ["x"]}), tmp_path / "cols" / "x.parquet")
-  _one_line_error(_cfg(tmp_path / "cols", tmp_path),
-                  r"has no column 'text' \(columns: body\); set --config.data.text_key")
+  _one_line_error(
+      _cfg(tmp_path / "cols", tmp_path), r"has no column 'text' \(columns: body\); set --config.data.text_key"
+  )
   (tmp_path / "tiny").mkdir()
   for i in range(60):
     (tmp_path / "tiny" / f"{i}.txt").write_text("a b")
@@ -395,9 +436,13 @@ def test_empty_and_missing_inputs(tmp_path):
 
 
 def test_data_config_checks_its_values():
-  for kw, match in [({"source": "web"}, "data.source='web'"), ({"doc_grouping": "para"}, "data.doc_grouping"),
-                    ({"build_workers": -1}, "data.build_workers"), ({"read_threads": -2}, "data.read_threads"),
-                    ({"doc_grouping": "wikitext"}, "default corpus")]:
+  for kw, match in [
+      ({"source": "web"}, "data.source='web'"),
+      ({"doc_grouping": "para"}, "data.doc_grouping"),
+      ({"build_workers": -1}, "data.build_workers"),
+      ({"read_threads": -2}, "data.read_threads"),
+      ({"doc_grouping": "wikitext"}, "default corpus"),
+  ]:
     with pytest.raises(ConfigError, match=match):
       DataConfig(**kw)
   with pytest.raises(ConfigError, match="data.shards is obsolete"):
@@ -406,6 +451,7 @@ def test_data_config_checks_its_values():
     DataConfig.from_dict({"sorce": "default"})
   assert DataConfig.from_dict({"source": "text_dir", "text_dir": "x"}).text_dir == "x"
   import dataclasses
+
   for f in dataclasses.fields(DataConfig):
     assert f.default is None or type(f.default) in (str, int, float, bool), f.name
 
@@ -414,7 +460,7 @@ def test_glob_and_split_names(mixed):
   root, docs = mixed
   cfg = DataConfig(source="text_dir", text_dir=str(root / "c" / "**" / "*.txt"))
   got = inputs.describe_inputs(cfg)
-  assert [f.rel for f in got.files] == sorted(d[2:] for d, _ in docs if d.endswith(".txt"))   # from the glob's root
+  assert [f.rel for f in got.files] == sorted(d[2:] for d, _ in docs if d.endswith(".txt"))  # from the glob's root
   names = ("train", "validation", "test")
   assert inputs.file_split_name("validation-00000-of-00001.parquet", names) == "validation"
   assert inputs.file_split_name("wikitext-103/train/x.jsonl", names) == "train"

@@ -1,4 +1,5 @@
 """Step-indexed batches: row semantics, per-epoch shuffles, topology-free global batches, resume, state checks."""
+
 import json
 import os
 import socket
@@ -64,11 +65,11 @@ def test_rows_are_shifted_blocks_with_segment_ids_and_positions(ds, one_device):
     b = _np(val[i])
     assert set(b) == {"input_ids", "targets", "segment_ids", "positions"}
     assert all(v.dtype == np.int32 and v.shape == (4, L) for v in b.values())
-    blocks = tokens[np.arange(i * 4, i * 4 + 4) % n]               # unshuffled, wrapping at the end
+    blocks = tokens[np.arange(i * 4, i * 4 + 4) % n]  # unshuffled, wrapping at the end
     np.testing.assert_array_equal(b["input_ids"], blocks[:, :-1])
     np.testing.assert_array_equal(b["targets"], blocks[:, 1:])
     np.testing.assert_array_equal(b["positions"], np.broadcast_to(np.arange(L), (4, L)))
-  assert ds._records("validation") is not None                     # the fast path: raw records, parsed here
+  assert ds._records("validation") is not None  # the fast path: raw records, parsed here
   some = [n - 1, 0, n // 2]
   via_tfds = ds.source("validation").__getitems__(some)
   fast_tokens, fast_starts = ds.read("validation", some)
@@ -82,7 +83,7 @@ def test_rows_are_shifted_blocks_with_segment_ids_and_positions(ds, one_device):
     for ids, seg in zip(b["input_ids"], b["segment_ids"]):
       assert seg[0] == 1
       step = np.diff(seg)
-      np.testing.assert_array_equal(step != 0, ids[:-1] == EOS)    # a new segment right after each EOS
+      np.testing.assert_array_equal(step != 0, ids[:-1] == EOS)  # a new segment right after each EOS
       assert set(step.tolist()) <= {0, 1}
       changes += int(step.sum())
   assert changes > 10
@@ -92,7 +93,7 @@ def test_train_epoch_visits_every_block_once_and_epochs_differ(ds, one_device):
   n = ds.num_blocks("train")
   t = loader.TrainBatches(ds, global_batch=B, seed=3, sharding=one_device)
   stream = np.concatenate([t.blocks(s) for s in range(-(-3 * n // B))])
-  first, second, third = stream[:n], stream[n: 2 * n], stream[2 * n: 3 * n]
+  first, second, third = stream[:n], stream[n : 2 * n], stream[2 * n : 3 * n]
   for epoch in (first, second, third):
     assert sorted(epoch.tolist()) == list(range(n))
   assert not np.array_equal(first, second) and not np.array_equal(second, third)
@@ -101,7 +102,7 @@ def test_train_epoch_visits_every_block_once_and_epochs_differ(ds, one_device):
   assert not np.array_equal(other.blocks(0), t.blocks(0))
   again = loader.TrainBatches(ds, global_batch=B, seed=3, sharding=one_device)
   np.testing.assert_array_equal(again.blocks(7), t.blocks(7))
-  assert loader.epoch_seed(1, 0) != loader.epoch_seed(0, 1)        # not seed + epoch
+  assert loader.epoch_seed(1, 0) != loader.epoch_seed(0, 1)  # not seed + epoch
 
 
 def test_threads_and_indexing_give_the_same_batches(ds, one_device):
@@ -120,14 +121,14 @@ def test_global_batches_do_not_depend_on_the_mesh(ds):
   devices = jax.devices()
   assert len(devices) >= 8
   n = ds.num_blocks("train")
-  boundary = n // B                                                # the epoch ends inside this step
+  boundary = n // B  # the epoch ends inside this step
   layouts = [
       _sharding(_mesh(devices[:1])),
       _sharding(_mesh(devices[:8])),
-      _sharding(_mesh(devices[:8], order=[3, 0, 7, 1, 6, 2, 5, 4])),            # rows on devices out of order
+      _sharding(_mesh(devices[:8], order=[3, 0, 7, 1, 6, 2, 5, 4])),  # rows on devices out of order
       _sharding(_mesh(devices[:8], shape=(2, 4), names=("data", "fsdp")), P(("data", "fsdp"))),
       _sharding(_mesh(devices[:4], shape=(2, 2), names=("data", "seq")), P("data", "seq")),  # columns split too
-      _sharding(_mesh(devices[:4], shape=(2, 2), names=("data", "rep")), P("data")),         # replicated rows
+      _sharding(_mesh(devices[:4], shape=(2, 2), names=("data", "rep")), P("data")),  # replicated rows
   ]
   ref = None
   for sh in layouts:
@@ -163,7 +164,7 @@ def test_a_process_reads_only_its_rows_even_when_not_contiguous(ds, one_device):
     local = part.local_batch(11)
   finally:
     del ds.read
-  assert reads == [full.blocks(11)[[0, 1, 6, 7]].tolist()]          # no other rows are read
+  assert reads == [full.blocks(11)[[0, 1, 6, 7]].tolist()]  # no other rows are read
   want = full.local_batch(11)
   for k in want:
     np.testing.assert_array_equal(local[k], want[k][[0, 1, 6, 7]])
@@ -174,31 +175,43 @@ def test_a_new_global_batch_continues_from_the_right_row(ds, one_device):
   ref = loader.TrainBatches(ds, global_batch=4, seed=5, sharding=one_device)
   stream = np.concatenate([ref.blocks(s) for s in range(-(-2 * n // 4))])
   first = loader.TrainBatches(ds, global_batch=B, seed=5, sharding=one_device)
-  steps = n // B - 1                                               # stop just before the epoch boundary
+  steps = n // B - 1  # stop just before the epoch boundary
   done = first.rows_consumed(steps)
-  state = json.loads(json.dumps(first.state(done)))                # as stored in the checkpoint
-  resumed = loader.TrainBatches(ds, global_batch=12, seed=5, sharding=one_device,
-                                start_row=loader.check_resume(state, ds))
+  state = json.loads(json.dumps(first.state(done)))  # as stored in the checkpoint
+  resumed = loader.TrainBatches(
+      ds, global_batch=12, seed=5, sharding=one_device, start_row=loader.check_resume(state, ds)
+  )
   got = np.concatenate([resumed.blocks(s) for s in range(4)])
-  np.testing.assert_array_equal(got, stream[done: done + 48])      # crosses into epoch 1
+  np.testing.assert_array_equal(got, stream[done : done + 48])  # crosses into epoch 1
   b = _np(resumed[1])
-  tokens, _ = ds.read("train", stream[done + 12: done + 24])
+  tokens, _ = ds.read("train", stream[done + 12 : done + 24])
   np.testing.assert_array_equal(b["targets"], tokens[:, 1:])
   legacy = loader.legacy_rows_consumed(step=7, global_batch=B)
-  np.testing.assert_array_equal(loader.TrainBatches(ds, global_batch=B, seed=5, sharding=one_device,
-                                                    start_row=legacy).blocks(0), first.blocks(7))
+  np.testing.assert_array_equal(
+      loader.TrainBatches(ds, global_batch=B, seed=5, sharding=one_device, start_row=legacy).blocks(0), first.blocks(7)
+  )
 
 
 def test_state_and_resume_checks(ds, one_device):
   t = loader.TrainBatches(ds, global_batch=B, seed=0, sharding=one_device, start_row=24)
   state = t.state(t.rows_consumed(3))
-  assert state == {"format": 1, "rows_consumed": 48, "fingerprint": ds.fingerprint, "seq_len": L, "seed": 0,
-                   "global_batch": B, "num_blocks": ds.num_blocks("train"), "epoch": 48 // ds.num_blocks("train")}
+  assert state == {
+      "format": 1,
+      "rows_consumed": 48,
+      "fingerprint": ds.fingerprint,
+      "seq_len": L,
+      "seed": 0,
+      "global_batch": B,
+      "num_blocks": ds.num_blocks("train"),
+      "epoch": 48 // ds.num_blocks("train"),
+  }
   assert json.loads(json.dumps(state)) == state
   assert loader.check_resume(state, ds) == 48
-  for bad, match in [({**state, "fingerprint": "f" * 16}, "trained on dataset ffffffffffffffff"),
-                     ({**state, "seq_len": 32}, r"seq_len=32, this run has seq_len=16; set --config.seq_len=32"),
-                     ({"step": 3}, "not one this version wrote")]:
+  for bad, match in [
+      ({**state, "fingerprint": "f" * 16}, "trained on dataset ffffffffffffffff"),
+      ({**state, "seq_len": 32}, r"seq_len=32, this run has seq_len=16; set --config.seq_len=32"),
+      ({"step": 3}, "not one this version wrote"),
+  ]:
     with pytest.raises(CheckpointError, match=match) as e:
       loader.check_resume(bad, ds)
     assert "\n" not in str(e.value)
@@ -247,16 +260,27 @@ def _free_port() -> int:
 def _env(devices: int) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_"))}
   kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-             XLA_FLAGS=" ".join([*kept, f"--xla_force_host_platform_device_count={devices}"]))
+  env.update(
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=str(ROOT),
+      XLA_FLAGS=" ".join([*kept, f"--xla_force_host_platform_device_count={devices}"]),
+  )
   return env
 
 
 def _run_processes(n: int, path: str, tmp: Path) -> list[SimpleNamespace]:
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(n), str(i), path, str(tmp / f"{n}_{i}.npz")],
-                            cwd=ROOT, env=_env(4 // n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(n)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-c", _WORKER, str(port), str(n), str(i), path, str(tmp / f"{n}_{i}.npz")],
+          cwd=ROOT,
+          env=_env(4 // n),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(n)
+  ]
   try:
     outs = [p.communicate(timeout=120)[0] for p in procs]
   finally:
@@ -276,8 +300,8 @@ def _assemble(results, name: str, batch: int) -> dict:
         continue
       _, s, k, row = key.split("/")
       arr = full.setdefault((int(s), k), np.full((batch, L), -1, np.int64))
-      arr[int(row): int(row) + len(value)] = value
-  assert all((a >= 0).all() for a in full.values())                  # every row came from some process
+      arr[int(row) : int(row) + len(value)] = value
+  assert all((a >= 0).all() for a in full.values())  # every row came from some process
   return full
 
 
@@ -285,7 +309,7 @@ def _assemble(results, name: str, batch: int) -> dict:
 @pytest.mark.slow
 def test_global_batches_are_identical_on_1_2_and_4_processes(ds, tmp_path):
   runs = {n: _run_processes(n, ds.path, tmp_path) for n in (1, 2, 4)}
-  assert [r.data["rows"].tolist() for r in runs[2]] == [[0, 1, 4, 5], [2, 3, 6, 7]]   # not contiguous
+  assert [r.data["rows"].tolist() for r in runs[2]] == [[0, 1, 4, 5], [2, 3, 6, 7]]  # not contiguous
   assert "ok 3 4 1" in runs[4][3].out
   first = ds.num_blocks("train") // 8 - 1
   one = loader.TrainBatches(ds, global_batch=8, seed=7, sharding=_sharding(_mesh(jax.devices()[:1])))
@@ -296,7 +320,7 @@ def test_global_batches_are_identical_on_1_2_and_4_processes(ds, tmp_path):
       assert got.keys() == ref.keys()
       for key in ref:
         np.testing.assert_array_equal(got[key], ref[key], err_msg=f"{n} processes, {name} {key}")
-  for s in range(3):                                                 # and equal to this process's loader
+  for s in range(3):  # and equal to this process's loader
     want = _np(one[first + s])
     for k in want:
       np.testing.assert_array_equal(_assemble(runs[4], "b8", 8)[(s, k)], want[k])
@@ -304,7 +328,7 @@ def test_global_batches_are_identical_on_1_2_and_4_processes(ds, tmp_path):
   b8, b4 = _assemble(runs[1], "b8", 8), _assemble(runs[1], "b4", 4)
   stream8 = np.concatenate([b8[(s, "input_ids")] for s in range(3)])
   stream4 = np.concatenate([b4[(s, "input_ids")] for s in range(3)])
-  np.testing.assert_array_equal(stream4, stream8[4: 16])
-  val_tokens, _ = ds.read("validation", np.arange(8, 32) % ds.num_blocks("validation"))   # batches 1, 2, 3
+  np.testing.assert_array_equal(stream4, stream8[4:16])
+  val_tokens, _ = ds.read("validation", np.arange(8, 32) % ds.num_blocks("validation"))  # batches 1, 2, 3
   val = np.concatenate([_assemble(runs[2], "val", 8)[(s, "targets")] for s in range(3)])
   np.testing.assert_array_equal(val, val_tokens[:, 1:])

@@ -1,4 +1,5 @@
 """The dispersion losses against the authors' float64 goldens, and the behaviour the reference lacks."""
+
 import math
 
 import chex
@@ -67,11 +68,11 @@ def test_mask_all_true_equals_unmasked_and_masked_tokens_get_no_gradient(x64, va
   mask = np.arange(10)[None] < np.array(lengths)[:, None]
   value, grad = jax.value_and_grad(lambda z: dispersion_loss(z, variant, mask=mask))(z)
   if variant == "l2_repel":  # its 0.1 * mean(z^2) term is over the whole (masked) batch, not per sequence
-    norm = lambda zz: 0.1 * np.mean(zz ** 2)
-    per_seq = [float(dispersion_loss(z[b:b + 1, :n], variant)) - norm(z[b, :n]) for b, n in enumerate(lengths)]
+    norm = lambda zz: 0.1 * np.mean(zz**2)
+    per_seq = [float(dispersion_loss(z[b : b + 1, :n], variant)) - norm(z[b, :n]) for b, n in enumerate(lengths)]
     expected = np.mean(per_seq) + 0.1 * np.sum(z[mask] ** 2) / (mask.sum() * z.shape[-1])
   else:
-    expected = np.mean([float(dispersion_loss(z[b:b + 1, :n], variant)) for b, n in enumerate(lengths)])
+    expected = np.mean([float(dispersion_loss(z[b : b + 1, :n], variant)) for b, n in enumerate(lengths)])
   np.testing.assert_allclose(value, expected, rtol=1e-10)
   assert np.all(grad[~mask] == 0) and np.any(grad[mask])
 
@@ -83,7 +84,7 @@ def test_segments_combine_like_separate_documents(x64, variant):
   seg = np.array([[1] * 6 + [2] * 5])
   value = float(dispersion_loss(z, variant, segment_ids=seg))
   parts = [z[:, :6], z[:, 6:]]
-  norm = lambda zz: 0.1 * np.mean(zz ** 2) if variant == "l2_repel" else 0.0
+  norm = lambda zz: 0.1 * np.mean(zz**2) if variant == "l2_repel" else 0.0
   v = [float(dispersion_loss(p, variant)) - norm(p) for p in parts]
   n = [6, 5]
   if variant in ("decorrelation", "orthogonalization"):
@@ -136,14 +137,17 @@ def test_reference_nan_cases_are_defined(x64):
   np.testing.assert_allclose(value, float(dispersion_loss(np.delete(z, 2, 1), "decorrelation")) * 20 / 30)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(z=np.zeros((4, 3))), "shape \\[B, L, F\\]"),
-    (dict(z=np.zeros((1, 4, 1))), "F >= 2"),
-    (dict(variant="spread"), "unknown dispersion variant"),
-    (dict(tau_cos=-1.0), "temperatures must be positive"),
-    (dict(max_tokens=2), "pass key="),
-    (dict(mask=np.ones((1, 3), bool)), "mask must have shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(z=np.zeros((4, 3))), "shape \\[B, L, F\\]"),
+        (dict(z=np.zeros((1, 4, 1))), "F >= 2"),
+        (dict(variant="spread"), "unknown dispersion variant"),
+        (dict(tau_cos=-1.0), "temperatures must be positive"),
+        (dict(max_tokens=2), "pass key="),
+        (dict(mask=np.ones((1, 3), bool)), "mask must have shape"),
+    ],
+)
 def test_bad_inputs_raise_one_line_errors(kwargs, message):
   args = dict(z=np.zeros((1, 4, 3), np.float32), variant="angular_spread")
   args.update(kwargs)
@@ -155,10 +159,12 @@ def test_bad_inputs_raise_one_line_errors(kwargs, message):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_blocked_path_needs_less_memory_than_dense(variant):
   """Peak temporary memory of value+grad from XLA's memory analysis (compiled, not run)."""
+
   def temp_bytes(shape, block_size):
     z = jax.ShapeDtypeStruct(shape, jnp.float32)
     fn = jax.jit(jax.value_and_grad(lambda z: dispersion_loss(z, variant, block_size=block_size)))
     return fn.lower(z).compile().memory_analysis().temp_size_in_bytes
+
   assert temp_bytes((8, 1024, 768), 128) <= temp_bytes((8, 1024, 768), None)
   # Where L x L dominates (long sequences, narrow models) the dense path is several times larger.
   assert 4 * temp_bytes((8, 4096, 256), 128) <= temp_bytes((8, 4096, 256), None)

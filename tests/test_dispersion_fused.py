@@ -1,5 +1,6 @@
 """The gradient-in-forward reformulation (impl="xla") and the Mosaic GPU kernel (impl="pallas") against the
 previous plain-autodiff path (impl="reference", itself checked against the authors' float64 goldens)."""
+
 import functools
 
 import jax
@@ -21,7 +22,7 @@ def _rand(shape, seed=0):
 
 def _masks(B, L):
   mask = np.ones((B, L), bool)
-  mask[1, L - 7:] = False
+  mask[1, L - 7 :] = False
   mask[min(2, B - 1), 1:] = False  # a sequence with one token: no pair
   seg = ((np.arange(L) // 7) % 3 * 1000 - 5)[None].repeat(B, 0)  # runs of 7 tokens, ids -5, 995, 1995 cycling
   return mask, seg
@@ -53,8 +54,10 @@ def test_xla_equals_reference_float64(x64, variant):
   cos = np.einsum("blf,bmf->blm", *(zc / np.linalg.norm(zc, axis=-1, keepdims=True),) * 2)
   assert np.mean(cos > 0.75) > 0.5
   sub = dict(max_tokens=19, key=jax.random.PRNGKey(4), clamp_threshold=0.25)
-  _assert_close(_value_and_grad(zc, variant, "xla", block_size=8, **sub),
-                _value_and_grad(zc, variant, "reference", block_size=None, **sub))
+  _assert_close(
+      _value_and_grad(zc, variant, "xla", block_size=8, **sub),
+      _value_and_grad(zc, variant, "reference", block_size=None, **sub),
+  )
 
 
 def test_auto_is_the_xla_reformulation_and_bad_impls_raise():
@@ -78,8 +81,12 @@ def test_no_pair_gives_zero_and_half_precision_is_promoted(variant):
   v_ref, g_ref = _value_and_grad(zh, variant, "reference", block_size=None)
   assert v.dtype == jnp.float32 and g.dtype == jnp.bfloat16
   np.testing.assert_allclose(v, v_ref, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=2e-2,
-                             atol=2e-2 * float(jnp.abs(g_ref.astype(jnp.float32)).max()))
+  np.testing.assert_allclose(
+      np.asarray(g, np.float32),
+      np.asarray(g_ref, np.float32),
+      rtol=2e-2,
+      atol=2e-2 * float(jnp.abs(g_ref.astype(jnp.float32)).max()),
+  )
 
 
 @pytest.mark.parametrize("variant", ["angular_spread", "l2_repel", "perplexity_entropy"])
@@ -102,22 +109,30 @@ def _temp_bytes(shape, variant, impl, block_size):
   return fn.lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("variant, block_size, ratio", [
-    ("angular_spread", None, 1.0), ("angular_spread", 128, 0.6), ("l2_repel", 128, 0.6),
-    ("perplexity_entropy", None, 0.75)])
+@pytest.mark.parametrize(
+    "variant, block_size, ratio",
+    [
+        ("angular_spread", None, 1.0),
+        ("angular_spread", 128, 0.6),
+        ("l2_repel", 128, 0.6),
+        ("perplexity_entropy", None, 0.75),
+    ],
+)
 def test_xla_needs_less_memory_than_reference(variant, block_size, ratio):
   """XLA's temp bytes of value+grad (compiled, not run) where L x L dominates."""
   shape = (2, 512, 32)
-  assert _temp_bytes(shape, variant, "xla", block_size) <= ratio * _temp_bytes(shape, variant, "reference",
-                                                                                 block_size)
+  assert _temp_bytes(shape, variant, "xla", block_size) <= ratio * _temp_bytes(shape, variant, "reference", block_size)
 
 
 def test_vmap_and_batch_sharding_give_the_same_numbers():
   z = jnp.asarray(_rand((2, 8, 20, 6), seed=7), jnp.float32)
   mask, seg = _masks(8, 20)
   for variant in ("angular_spread", "perplexity_entropy"):
-    f = jax.jit(jax.value_and_grad(functools.partial(
-        lambda z, v: dispersion_loss(z, v, mask=mask, segment_ids=seg, block_size=8), v=variant)))
+    f = jax.jit(
+        jax.value_and_grad(
+            functools.partial(lambda z, v: dispersion_loss(z, v, mask=mask, segment_ids=seg, block_size=8), v=variant)
+        )
+    )
     want = [f(z[i]) for i in range(2)]
     got = jax.vmap(f)(z)
     for i in range(2):
@@ -142,6 +157,7 @@ def test_pair_codes_match_the_pair_mask():
 
 
 # ---- the Mosaic GPU kernel ------------------------------------------------------------------------------------
+
 
 def test_acos_poly_accuracy():
   x = jnp.linspace(-0.99, 0.99, 200_001, dtype=jnp.float32)
@@ -173,8 +189,7 @@ def test_kernel_in_gpu_interpret_mode_matches_jnp(variant):
   assert rs.shape == (B, L // dpal.TILE_N, L)
   np.testing.assert_allclose(np.asarray(w, np.float32), w_ref, rtol=8e-3, atol=1e-6)  # W is stored in bf16
   np.testing.assert_allclose(rs.sum(1), rs_ref, rtol=2e-6, atol=1e-6 * float(rs_ref.max()))  # acos_poly: 5e-7
-  _, rs_only = jax.jit(functools.partial(dpal._gram_epilogue, store_w=False, interpret=True, **kw))(
-      zb, code_r, code_c)
+  _, rs_only = jax.jit(functools.partial(dpal._gram_epilogue, store_w=False, interpret=True, **kw))(zb, code_r, code_c)
   np.testing.assert_array_equal(rs_only, rs)
 
 
@@ -197,13 +212,25 @@ def test_pallas_in_interpret_mode_equals_xla(variant, shape):
 def test_kernel_lowers_for_cuda_without_a_gpu(semantics):
   """The real Mosaic GPU lowering (layouts, SMEM transforms, wgmma with the transposed key operand)."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
+
   sem = getattr(plgpu.LoweringSemantics, semantics)
-  spec = (jax.ShapeDtypeStruct((2, 128, 128), jnp.bfloat16), jax.ShapeDtypeStruct((2, 128), jnp.int32),
-          jax.ShapeDtypeStruct((2, 128), jnp.int32))
+  spec = (
+      jax.ShapeDtypeStruct((2, 128, 128), jnp.bfloat16),
+      jax.ShapeDtypeStruct((2, 128), jnp.int32),
+      jax.ShapeDtypeStruct((2, 128), jnp.int32),
+  )
   for variant in dpal.KERNEL_VARIANTS:
     for store_w, tile_n in ((True, 64), (False, 64), (True, 128)):
-      f = functools.partial(dpal._gram_epilogue, variant=variant, tau=1.0, t=0.1, margin=0.5, store_w=store_w,
-                            tile_n=tile_n, semantics=sem)
+      f = functools.partial(
+          dpal._gram_epilogue,
+          variant=variant,
+          tau=1.0,
+          t=0.1,
+          margin=0.5,
+          store_w=store_w,
+          tile_n=tile_n,
+          semantics=sem,
+      )
       text = jax.jit(f).trace(*spec).lower(lowering_platforms=("cuda",)).as_text()
       assert "mosaic_gpu" in text
 
@@ -211,12 +238,24 @@ def test_kernel_lowers_for_cuda_without_a_gpu(semantics):
 def test_loss_with_the_kernel_lowers_for_cuda_without_a_gpu():
   """The whole term with impl="pallas" (the resolve step, which wants a GPU, is bypassed): value+grad is one kernel
   that stores W ([B, 256, 256] bf16 for L = 200 padded), the value alone a sum-only kernel; no arccos in XLA."""
-  loss = functools.partial(disp._dispersion_loss, variant="angular_spread", tau_l2=1.0, tau_cos=1.0, margin=0.5,
-                           epsilon=1e-2, clamp_threshold=0.1, max_tokens=None, block_size=None, impl="pallas")
+  loss = functools.partial(
+      disp._dispersion_loss,
+      variant="angular_spread",
+      tau_l2=1.0,
+      tau_cos=1.0,
+      margin=0.5,
+      epsilon=1e-2,
+      clamp_threshold=0.1,
+      max_tokens=None,
+      block_size=None,
+      impl="pallas",
+  )
   spec = jax.ShapeDtypeStruct((2, 200, 96), jnp.bfloat16)
   lower = lambda f: jax.jit(f).trace(spec).lower(lowering_platforms=("cuda",)).as_text()
-  for text, stores_w in ((lower(jax.value_and_grad(lambda z: loss(z, None, None, None))), True),
-                         (lower(lambda z: loss(z, None, None, None)), False)):
+  for text, stores_w in (
+      (lower(jax.value_and_grad(lambda z: loss(z, None, None, None))), True),
+      (lower(lambda z: loss(z, None, None, None)), False),
+  ):
     calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
     assert len(calls) == 1 and "chlo.acos" not in text and "stablehlo.acos" not in text
     assert ("tensor<2x256x256xbf16>" in calls[0].split("->")[-1]) == stores_w

@@ -6,6 +6,7 @@ the last checkpoint, bit for bit like an uninterrupted 2 x 4 run; the same check
 2 devices and on 4 processes x 2 devices; all losses equal those of one process x 8 devices; the last checkpoint
 (written by 2 x 4) restores exactly in 1 x 8 and 1 x 2 devices.
 """
+
 import json
 import os
 import shutil
@@ -26,20 +27,39 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # real processes: des
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, "-m", "dispersion_jax.train"]
 # Constant learning rate (no warmup, no decay): `steps` only says where to stop, so runs of different lengths agree.
-TINY = ["--config", "configs/gpt2_tiny.py", "--config.model.n_layer=2", "--config.model.n_embd=32",
-        "--config.seq_len=32", "--config.batch_size=8", "--config.eval_every=0", "--config.log_every=1",
-        "--config.checkpoint_every=2", "--config.optimizer.warmup=0", "--config.optimizer.min_lr_ratio=1.0",
-        "--config.mesh.data=2", "--config.mesh.fsdp=4"]   # fsdp inside a process, data across the two
+TINY = [
+    "--config",
+    "configs/gpt2_tiny.py",
+    "--config.model.n_layer=2",
+    "--config.model.n_embd=32",
+    "--config.seq_len=32",
+    "--config.batch_size=8",
+    "--config.eval_every=0",
+    "--config.log_every=1",
+    "--config.checkpoint_every=2",
+    "--config.optimizer.warmup=0",
+    "--config.optimizer.min_lr_ratio=1.0",
+    "--config.mesh.data=2",
+    "--config.mesh.fsdp=4",
+]  # fsdp inside a process, data across the two
 HEARTBEAT_S = 10
-EXIT_BOUND_S = 60                                         # heartbeat timeout + slack for a loaded 2-core machine
+EXIT_BOUND_S = 60  # heartbeat timeout + slack for a loaded 2-core machine
 
 
 def _env(devices: int, rank: tuple[int, int, int] | None = None) -> dict:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_WORKER"))}
-  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT),
-             XLA_FLAGS=_xla_flags(env, devices),
-             DISPERSION_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S), DISPERSION_INIT_TIMEOUT_S="120")
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_WORKER"))
+  }
+  env.update(
+      JAX_PLATFORMS="cpu",
+      PYTHONUNBUFFERED="1",
+      PYTHONPATH=str(ROOT),
+      XLA_FLAGS=_xla_flags(env, devices),
+      DISPERSION_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
+      DISPERSION_INIT_TIMEOUT_S="120",
+  )
   if rank:
     port, n, i = rank
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
@@ -59,7 +79,7 @@ def _free_port() -> int:
 
 
 def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-  with open(log, "w") as fh:   # a file, not a pipe: a chatty child never blocks on a full pipe
+  with open(log, "w") as fh:  # a file, not a pipe: a chatty child never blocks on a full pipe
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
 
 
@@ -120,8 +140,10 @@ def chain(tmp_path_factory):
   work, ref = d / "mp", d / "ref"
   # 1. Two processes x 4 devices, one killed once the first checkpoint exists.
   port = _free_port()
-  procs = [_spawn([*TRAIN, *TINY, "--config.steps=200", f"--workdir={work}"], _env(4, (port, 2, i)),
-                  d / f"killed_{i}.log") for i in range(2)]
+  procs = [
+      _spawn([*TRAIN, *TINY, "--config.steps=200", f"--workdir={work}"], _env(4, (port, 2, i)), d / f"killed_{i}.log")
+      for i in range(2)
+  ]
   try:
     deadline = time.monotonic() + 240
     while not _steps(work):
@@ -138,8 +160,9 @@ def chain(tmp_path_factory):
   finally:
     _stop(procs)
   last = max(_steps(work))
-  killed = SimpleNamespace(rc=procs[0].returncode, seconds=exit_s, checkpoint=last,
-                           log=(d / "killed_0.log").read_text(errors="replace"))
+  killed = SimpleNamespace(
+      rc=procs[0].returncode, seconds=exit_s, checkpoint=last, log=(d / "killed_0.log").read_text(errors="replace")
+  )
   final = last + 2
   tail = [f"--config.steps={final}", f"--config.eval_every={final}", "--config.eval_batches=1"]
   # Copies of the killed run's workdir, resumed on other topologies below.
@@ -147,30 +170,58 @@ def chain(tmp_path_factory):
   for w in other.values():
     shutil.copytree(work, w)
   # 2. Re-run the same command through launch/local.sh: resumes from `last`, evaluates at the end.
-  resumed = _run(["bash", "launch/local.sh", "2", *TINY, *tail, f"--workdir={work}"],
-                 {**_env(1), "LOCAL_DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable}, timeout=300)
+  resumed = _run(
+      ["bash", "launch/local.sh", "2", *TINY, *tail, f"--workdir={work}"],
+      {**_env(1), "LOCAL_DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable},
+      timeout=300,
+  )
   # 3. The references: one process x 8 devices (same global mesh), and two processes x 4 uninterrupted.
   # Two steps more: the killed run may have logged a step or two past its last checkpoint.
   reference = _run([*TRAIN, *TINY, *tail, f"--config.steps={final + 2}", f"--workdir={ref}"], _env(8), timeout=300)
-  straight = _run(["bash", "launch/local.sh", "2", *TINY, *tail, f"--workdir={d / 'straight'}"],
-                  {**_env(1), "LOCAL_DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable}, timeout=300)
+  straight = _run(
+      ["bash", "launch/local.sh", "2", *TINY, *tail, f"--workdir={d / 'straight'}"],
+      {**_env(1), "LOCAL_DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable},
+      timeout=300,
+  )
   # 4. The 2 x 4 checkpoint resumed on 1 process x 2 devices (another mesh) and on 4 processes x 2 devices.
-  on_1x2 = _run([*TRAIN, *TINY, *tail, "--config.mesh.data=1", "--config.mesh.fsdp=2", f"--workdir={other['1x2']}"],
-                _env(2), timeout=300)
-  on_4x2 = _run(["bash", "launch/local.sh", "4", *TINY, *tail, f"--workdir={other['4x2']}"],
-                {**_env(1), "LOCAL_DEVICES_PER_PROCESS": "2", "PYTHON": sys.executable}, timeout=300)
+  on_1x2 = _run(
+      [*TRAIN, *TINY, *tail, "--config.mesh.data=1", "--config.mesh.fsdp=2", f"--workdir={other['1x2']}"],
+      _env(2),
+      timeout=300,
+  )
+  on_4x2 = _run(
+      ["bash", "launch/local.sh", "4", *TINY, *tail, f"--workdir={other['4x2']}"],
+      {**_env(1), "LOCAL_DEVICES_PER_PROCESS": "2", "PYTHON": sys.executable},
+      timeout=300,
+  )
   # 4. The 2 x 4 checkpoint restored in 1 x 8 and 1 x 2 devices (in parallel: two cores).
-  restores = {n: subprocess.Popen([sys.executable, "-c", _RESTORE, str(work), str(d / f"restore_{n}.npz")],
-                                  cwd=ROOT, env=_env(n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for n in (8, 2)}
+  restores = {
+      n: subprocess.Popen(
+          [sys.executable, "-c", _RESTORE, str(work), str(d / f"restore_{n}.npz")],
+          cwd=ROOT,
+          env=_env(n),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for n in (8, 2)
+  }
   try:
     restored = {n: (p.communicate(timeout=240)[0], p.returncode) for n, p in restores.items()}
   finally:
     _stop(list(restores.values()))
-  return SimpleNamespace(dir=d, work=work, ref=ref, killed=killed, resumed=resumed, reference=reference,
-                         straight=(straight, d / "straight"), other={"1x2": (on_1x2, other["1x2"]),
-                                                                     "4x2": (on_4x2, other["4x2"])},
-                         final=final, restored=restored)
+  return SimpleNamespace(
+      dir=d,
+      work=work,
+      ref=ref,
+      killed=killed,
+      resumed=resumed,
+      reference=reference,
+      straight=(straight, d / "straight"),
+      other={"1x2": (on_1x2, other["1x2"]), "4x2": (on_4x2, other["4x2"])},
+      final=final,
+      restored=restored,
+  )
 
 
 def test_killed_process_stops_the_others_within_a_bounded_time(chain):
@@ -186,7 +237,7 @@ def test_rerun_resumes_from_the_last_checkpoint(chain):
   out = chain.resumed.stdout + chain.resumed.stderr
   assert chain.resumed.returncode == 0, out[-4000:]
   assert f"resuming from step {chain.killed.checkpoint}" in out, out[-4000:]
-  assert "[1] " in out                           # local.sh prefixes each process's lines
+  assert "[1] " in out  # local.sh prefixes each process's lines
   assert chain.final in _steps(chain.work)
 
 
@@ -201,7 +252,7 @@ def test_two_processes_give_the_losses_of_one(chain):
       np.testing.assert_allclose(row["dispersion"], want["dispersion"], rtol=1e-4, atol=1e-6)
   val_mp = next(r for r in mp[chain.final] if "val_loss" in r)
   val_one = next(r for r in one[chain.final] if "val_loss" in r)
-  np.testing.assert_allclose(val_mp["val_loss"], val_one["val_loss"], rtol=1e-5)   # reduced across processes
+  np.testing.assert_allclose(val_mp["val_loss"], val_one["val_loss"], rtol=1e-5)  # reduced across processes
 
 
 def test_resume_on_the_same_topology_is_bit_for_bit(chain):
@@ -210,7 +261,7 @@ def test_resume_on_the_same_topology_is_bit_for_bit(chain):
   straight, resumed = _metrics(workdir), _metrics(chain.work)
   for step in range(chain.killed.checkpoint + 1, chain.final + 1):
     want = next(r for r in straight[step] if "loss" in r)
-    got = next(r for r in resumed[step][::-1] if "loss" in r)   # the resumed run's row (logged last)
+    got = next(r for r in resumed[step][::-1] if "loss" in r)  # the resumed run's row (logged last)
     assert got["loss"] == want["loss"] and got["ce"] == want["ce"], step
 
 
@@ -227,7 +278,7 @@ def test_checkpoint_of_2x4_resumes_on_another_process_count(chain, topology):
     np.testing.assert_allclose(row["loss"], want["loss"], rtol=2e-5, err_msg=f"{topology} step {step}")
   val = next(r for r in got[chain.final] if "val_loss" in r)
   val_one = next(r for r in one[chain.final] if "val_loss" in r)
-  np.testing.assert_allclose(val["val_loss"], val_one["val_loss"], rtol=2e-5)   # the same validation batches
+  np.testing.assert_allclose(val["val_loss"], val_one["val_loss"], rtol=2e-5)  # the same validation batches
 
 
 def test_checkpoint_of_two_processes_restores_exactly_on_one(chain):
@@ -236,7 +287,7 @@ def test_checkpoint_of_two_processes_restores_exactly_on_one(chain):
     assert rc == 0, out[-4000:]
     assert f"on {n} devices" in out and " 0 sharded" not in out, out[-2000:]
     arrays[n] = dict(np.load(chain.dir / f"restore_{n}.npz"))
-  disk = {k[len("disk/"):]: v for k, v in arrays[8].items() if k.startswith("disk/")}
+  disk = {k[len("disk/") :]: v for k, v in arrays[8].items() if k.startswith("disk/")}
   assert any(k.startswith("params/") for k in disk) and len(disk) > 20
   for n, a in arrays.items():
     for key, want in disk.items():
@@ -247,8 +298,14 @@ def test_checkpoint_of_two_processes_restores_exactly_on_one(chain):
 
 def test_processes_with_different_configs_refuse_to_start(tmp_path):
   port = _free_port()
-  procs = [_spawn([*TRAIN, *TINY, "--config.steps=1", f"--config.seed={i}", f"--workdir={tmp_path / 'w'}"],
-                  _env(4, (port, 2, i)), tmp_path / f"p{i}.log") for i in range(2)]
+  procs = [
+      _spawn(
+          [*TRAIN, *TINY, "--config.steps=1", f"--config.seed={i}", f"--workdir={tmp_path / 'w'}"],
+          _env(4, (port, 2, i)),
+          tmp_path / f"p{i}.log",
+      )
+      for i in range(2)
+  ]
   try:
     rcs = [p.wait(timeout=120) for p in procs]
   finally:
@@ -261,9 +318,11 @@ def test_processes_with_different_configs_refuse_to_start(tmp_path):
 
 def test_local_sh_stops_the_rest_when_one_process_fails(tmp_path):
   fake = tmp_path / "fake_python"
-  fake.write_text('#!/bin/bash\n[[ $JAX_PROCESS_ID == 1 ]] && '
-                  '{ echo "boom $JAX_PROCESS_ID/$JAX_NUM_PROCESSES@$JAX_COORDINATOR_ADDRESS $*"; exit 7; }\n'
-                  'exec sleep 60\n')
+  fake.write_text(
+      "#!/bin/bash\n[[ $JAX_PROCESS_ID == 1 ]] && "
+      '{ echo "boom $JAX_PROCESS_ID/$JAX_NUM_PROCESSES@$JAX_COORDINATOR_ADDRESS $*"; exit 7; }\n'
+      "exec sleep 60\n"
+  )
   fake.chmod(0o755)
   t0 = time.monotonic()
   env = {**os.environ, "PYTHON": str(fake), "COORDINATOR_PORT": "12345"}
@@ -275,10 +334,23 @@ def test_local_sh_stops_the_rest_when_one_process_fails(tmp_path):
 
 # --- units: no processes -------------------------------------------------------------------------------------
 
+
 def test_launch_flags(capsys):
   from dispersion_jax.cli.train import parser
-  args = parser().parse_args(["--config", "c.py", "--coordinator", "h:1234", "--num_processes=4",
-                              "--config.seed=1", "--process_id", "3", "--workdir=w"])
+
+  args = parser().parse_args(
+      [
+          "--config",
+          "c.py",
+          "--coordinator",
+          "h:1234",
+          "--num_processes=4",
+          "--config.seed=1",
+          "--process_id",
+          "3",
+          "--workdir=w",
+      ]
+  )
   assert (args.config, args.workdir, args.overrides) == ("c.py", "w", [("seed", "1")])
   assert distributed.Launch(args.coordinator, args.num_processes, args.process_id) == distributed.Launch("h:1234", 4, 3)
   with pytest.raises(SystemExit) as e:
@@ -293,7 +365,7 @@ def test_initialize_reads_flags_then_environment(monkeypatch):
   monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: False)
   for k in [k for k in os.environ if k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS_ID"))]:
     monkeypatch.delenv(k, raising=False)
-  assert distributed.initialize() is False and not calls            # a plain single-process run
+  assert distributed.initialize() is False and not calls  # a plain single-process run
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "env:1")
   monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
   monkeypatch.setenv("JAX_PROCESS_ID", "1")
@@ -310,9 +382,9 @@ def test_initialize_reads_flags_then_environment(monkeypatch):
   monkeypatch.delenv("JAX_PROCESS_ID")
   for k, v in dict(SLURM_JOB_ID="9", SLURM_STEP_NODELIST="n[1-4]", SLURM_PROCID="2", SLURM_LOCALID="0").items():
     monkeypatch.setenv(k, v)
-  assert distributed.initialize() is False                          # an srun step of one task
+  assert distributed.initialize() is False  # an srun step of one task
   monkeypatch.setenv("SLURM_NTASKS", "4")
-  assert distributed.initialize() is True and calls[-1]["coordinator_address"] is None   # jax reads SLURM
+  assert distributed.initialize() is True and calls[-1]["coordinator_address"] is None  # jax reads SLURM
   monkeypatch.setattr(distributed, "_backend_started", lambda: True)
   with pytest.raises(RuntimeError, match="before anything touches"):
     distributed.initialize()
@@ -322,7 +394,7 @@ def test_dcn_split_keeps_fsdp_and_tensor_inside_hosts():
   assert sharding.dcn_split((8, 8, 1), 8) == ((1, 8, 1), (8, 1, 1))
   assert sharding.dcn_split((2, 4, 1), 2) == ((1, 4, 1), (2, 1, 1))
   assert sharding.dcn_split((4, 4, 2), 2) == ((2, 4, 2), (2, 1, 1))
-  assert sharding.dcn_split((1, 16, 1), 2) == ((1, 8, 1), (1, 2, 1))     # data too small: fsdp crosses
+  assert sharding.dcn_split((1, 16, 1), 2) == ((1, 8, 1), (1, 2, 1))  # data too small: fsdp crosses
   with pytest.raises(ValueError, match="multiple of 4"):
     sharding.dcn_split((1, 1, 8), 4)
 
@@ -332,11 +404,11 @@ def _fake_devices(n: int, per_process: int, platform: str = "cpu") -> list:
 
 
 def test_hybrid_mesh_puts_each_host_in_one_data_slice():
-  mesh = sharding.hybrid_device_mesh((2, 4, 1), _fake_devices(8, 4))        # CPU: a process stands for a host
+  mesh = sharding.hybrid_device_mesh((2, 4, 1), _fake_devices(8, 4))  # CPU: a process stands for a host
   assert mesh.shape == (2, 4, 1)
   assert [{d.process_index for d in mesh[i].flat} for i in range(2)] == [{0}, {1}]
   mesh = sharding.hybrid_device_mesh((4, 2, 2), _fake_devices(16, 4))
-  assert all(len({d.process_index for d in mesh[i].flat}) == 1 for i in range(4))   # fsdp x tensor in a host
+  assert all(len({d.process_index for d in mesh[i].flat}) == 1 for i in range(4))  # fsdp x tensor in a host
 
 
 def test_gpu_hosts_group_processes_of_one_machine(monkeypatch):
@@ -350,6 +422,7 @@ def test_gpu_hosts_group_processes_of_one_machine(monkeypatch):
 
 def test_config_hash_tells_configs_apart():
   from dispersion_jax.config import default_config
+
   a, b = default_config(), default_config()
   assert distributed.config_hash(a.to_dict()) == distributed.config_hash(b.to_dict())
   b.seed = 1

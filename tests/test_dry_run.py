@@ -1,4 +1,5 @@
 """Compile-only mode: memory per device and FLOPs from abstract inputs, and a per-device memory budget."""
+
 import os
 import re
 import subprocess
@@ -21,8 +22,8 @@ def _xla_flags(flags: str, devices: int) -> str:
 
 def _tiny_cfg():
   cfg = config_lib.default_config()
-  cfg.model.preset = "test"           # 2 layers, width 32, vocab 128
-  cfg.seq_len, cfg.batch_size = 16, 8   # 8: divisible by the 8 CPU devices conftest asks for
+  cfg.model.preset = "test"  # 2 layers, width 32, vocab 128
+  cfg.seq_len, cfg.batch_size = 16, 8  # 8: divisible by the 8 CPU devices conftest asks for
   return cfg
 
 
@@ -31,6 +32,7 @@ def test_dry_run_compiles_without_params_or_data(monkeypatch, capsys):
 
   def no_data(*_, **__):
     raise AssertionError("the dry run must not read data")
+
   monkeypatch.setattr(build, "open_or_build_default", no_data)
   monkeypatch.setattr(packed, "open_identity", no_data)
   monkeypatch.setattr(loader.TrainBatches, "__init__", no_data)
@@ -38,7 +40,7 @@ def test_dry_run_compiles_without_params_or_data(monkeypatch, capsys):
   cfg = _tiny_cfg()
   cfg.dry_run_memory_budget_gb = 100.0
   out = dry_run_lib.dry_run(cfg)
-  assert len(jax.live_arrays()) == before          # nothing materialised
+  assert len(jax.live_arrays()) == before  # nothing materialised
   text = capsys.readouterr().out
   assert "memory per device (GiB): arguments" in text and "FLOPs per step per device" in text
   assert out["memory/total"] > out["memory/arguments"] > 0
@@ -47,7 +49,7 @@ def test_dry_run_compiles_without_params_or_data(monkeypatch, capsys):
 
 
 def test_memory_budget():
-  dry_run_lib.check_memory_budget(3 * 2**30, 0)        # 0 = no budget
+  dry_run_lib.check_memory_budget(3 * 2**30, 0)  # 0 = no budget
   dry_run_lib.check_memory_budget(3 * 2**30, 3.0)
   with pytest.raises(config_lib.ConfigError, match=r"a device needs 3.00 GiB > dry_run_memory_budget_gb=2.5; shard"):
     dry_run_lib.check_memory_budget(3 * 2**30, 2.5)
@@ -56,14 +58,32 @@ def test_memory_budget():
 @pytest.mark.slow
 def test_gpt2_xl_on_64_simulated_devices(tmp_path):
   """The whole CLI path: GPT-2 XL (1.5B) on 8 data x 8 fsdp CPU devices, with a budget it cannot meet."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC",
-                                                                      "JAX_PROCESS_ID"))}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-             XLA_FLAGS=_xla_flags(env.get("XLA_FLAGS", ""), 64))
-  r = subprocess.run([sys.executable, "-m", "dispersion_jax.train", "--config", "configs/gpt2_xl.py",
-                      f"--workdir={tmp_path}", "--config.dry_run=True", "--config.mesh.data=8",
-                      "--config.mesh.fsdp=8", "--config.batch_size=64", "--config.dry_run_memory_budget_gb=2"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS_ID"))
+  }
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=_xla_flags(env.get("XLA_FLAGS", ""), 64))
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "dispersion_jax.train",
+          "--config",
+          "configs/gpt2_xl.py",
+          f"--workdir={tmp_path}",
+          "--config.dry_run=True",
+          "--config.mesh.data=8",
+          "--config.mesh.fsdp=8",
+          "--config.batch_size=64",
+          "--config.dry_run_memory_budget_gb=2",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert r.returncode == 2, r.stderr[-3000:]
   assert "1,557.6M params (48 layers, width 1600" in r.stdout
   assert "mesh {'data': 8, 'fsdp': 8, 'tensor': 1} = 64 cpu devices" in r.stdout
@@ -80,16 +100,39 @@ def test_gpt2_xl_on_64_simulated_devices(tmp_path):
 @pytest.mark.slow
 def test_qwen3_8b_on_64_simulated_devices(tmp_path):
   """Qwen3-8B (untied, GQA 32:8) compiles for 8 data x 8 fsdp devices and reports its memory per device."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC",
-                                                                      "JAX_PROCESS_ID"))}
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS_ID"))
+  }
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=_xla_flags(env.get("XLA_FLAGS", ""), 64))
-  r = subprocess.run([sys.executable, "-m", "dispersion_jax.train", "--config", "configs/pretrain_qwen3.py",
-                      f"--workdir={tmp_path}", "--config.model.preset=qwen3-8b", "--config.dry_run=True",
-                      "--config.mesh.data=8", "--config.mesh.fsdp=8", "--config.batch_size=64", "--config.grad_accum=1",
-                      "--config.seq_len=1024", "--config.model.remat=full"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "dispersion_jax.train",
+          "--config",
+          "configs/pretrain_qwen3.py",
+          f"--workdir={tmp_path}",
+          "--config.model.preset=qwen3-8b",
+          "--config.dry_run=True",
+          "--config.mesh.data=8",
+          "--config.mesh.fsdp=8",
+          "--config.batch_size=64",
+          "--config.grad_accum=1",
+          "--config.seq_len=1024",
+          "--config.model.remat=full",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert "8,190.7M params (36 layers, width 4096" in r.stdout
   mem = dict(re.findall(r"(arguments|outputs|temp|total) ([\d.]+)", r.stdout))
   # fp32 params + Adam moments sharded 8 ways by fsdp: 8.19e9 * 12 B / 8 per device.
-  assert abs(float(mem["arguments"]) - 8.1907e9 * 12 / 8 / 2**30) < 0.2 and float(mem["total"]) > float(mem["arguments"])
+  assert abs(float(mem["arguments"]) - 8.1907e9 * 12 / 8 / 2**30) < 0.2 and float(mem["total"]) > float(
+      mem["arguments"]
+  )

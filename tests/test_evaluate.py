@@ -1,4 +1,5 @@
 """Multiple-choice log-likelihood scoring vs golden HF logits (float64), metrics, few-shot, CLI and HF export."""
+
 import json
 
 import jax
@@ -42,6 +43,7 @@ def tiny64(x64_module, tiny_dir):
 
 class SpaceIds:
   """Fake tokenizer: " 12 7" -> [12, 7]; lets tests choose token ids for the 512-token golden model."""
+
   eos_id = 0
   vocab_size = 512
 
@@ -138,8 +140,20 @@ def gpt2_vocab_model(tmp_path_factory):
 
 def test_cli_end_to_end_with_export(gpt2_vocab_model, tmp_path):
   out, export = tmp_path / "res.json", tmp_path / "hf"
-  res = ev_cli.main(["--hf-model", gpt2_vocab_model, "--num-fewshot", "2", "--hf-export", str(export),
-                 "--out", str(out), "--batch-size", "32"])
+  res = ev_cli.main(
+      [
+          "--hf-model",
+          gpt2_vocab_model,
+          "--num-fewshot",
+          "2",
+          "--hf-export",
+          str(export),
+          "--out",
+          str(out),
+          "--batch-size",
+          "32",
+      ]
+  )
   saved = json.loads(out.read_text())
   assert set(saved["tasks"]) == {"example_arithmetic", "example_cloze"}
   for name, r in saved["tasks"].items():
@@ -183,13 +197,26 @@ def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
 def test_cli_workdir(tmp_path, make_run, capsys):
   model_cfg, params = make_run(tmp_path / "run", 5, vocab_size=50257, n_positions=64)  # GPT-2 BPE fits
   out, export = tmp_path / "res.json", tmp_path / "hf"
-  res = ev_cli.main(["--workdir", str(tmp_path / "run"), "--tasks", str(ev.DEFAULT_TASKS[1]), "--hf-export", str(export),
-                 "--out", str(out)])
+  res = ev_cli.main(
+      [
+          "--workdir",
+          str(tmp_path / "run"),
+          "--tasks",
+          str(ev.DEFAULT_TASKS[1]),
+          "--hf-export",
+          str(export),
+          "--out",
+          str(out),
+      ]
+  )
   assert res["tokenizer"] == "gpt2" and res["tasks"]["example_cloze"]["num_examples"] == 20
   # Same numbers as scoring the params directly, and the export holds the same weights.
   direct = ev.evaluate_task(model_cfg, params, get_tokenizer("gpt2"), ev.load_task(ev.DEFAULT_TASKS[1]))
-  np.testing.assert_allclose([e["logliks"] for e in res["tasks"]["example_cloze"]["examples"]],
-                             [e["logliks"] for e in direct["examples"]], atol=1e-5)
+  np.testing.assert_allclose(
+      [e["logliks"] for e in res["tasks"]["example_cloze"]["examples"]],
+      [e["logliks"] for e in direct["examples"]],
+      atol=1e-5,
+  )
   _, exported = load_gpt2(str(export))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), exported, params)
   _err(["--workdir", str(tmp_path / "run"), "--step", "6"], "no checkpoint", capsys)

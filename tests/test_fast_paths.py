@@ -1,4 +1,5 @@
 """Every fast path equals the plain path on CPU: values and gradients, within dtype tolerance (tiny shapes)."""
+
 import dataclasses
 import json
 import os
@@ -71,8 +72,12 @@ def test_fused_cross_entropy_equals_plain(chunk):
     np.testing.assert_allclose(v_f, v_p, rtol=rtol)
     for a, b in zip(g_f, g_p):
       assert a.dtype == b.dtype == dtype
-      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol,
-                                 atol=rtol * float(jnp.abs(b.astype(jnp.float32)).max()))
+      np.testing.assert_allclose(
+          np.asarray(a, np.float32),
+          np.asarray(b, np.float32),
+          rtol=rtol,
+          atol=rtol * float(jnp.abs(b.astype(jnp.float32)).max()),
+      )
 
 
 def test_objective_with_fused_ce_equals_plain_and_drops_the_logits(plain):
@@ -102,12 +107,14 @@ def test_scan_and_remat_equal_the_unrolled_model(plain, scan, remat):
 def test_torch_baseline_dispersion_equals_jax(variant):
   torch = pytest.importorskip("torch")
   from dispersion_jax.research.bench_torch import dispersion_loss as torch_dispersion
+
   z = np.random.default_rng(0).normal(size=(2, 9, 6)).astype(np.float64) * 0.5
   zt = torch.tensor(z, requires_grad=True)
   v_t = torch_dispersion(zt, variant, tau_l2=4.0, clamp_threshold=0.1)
   v_t.backward()
   v_j, g_j = jax.value_and_grad(lambda z: dispersion_loss(z, variant, tau_l2=4.0, clamp_threshold=0.1))(
-      jnp.asarray(z, jnp.float32))
+      jnp.asarray(z, jnp.float32)
+  )
   np.testing.assert_allclose(v_j, v_t.item(), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g_j, zt.grad.numpy(), rtol=1e-3, atol=1e-6)
 
@@ -116,9 +123,32 @@ def test_bench_rows_have_the_required_columns(tmp_path):
   from dispersion_jax import config as config_lib
   from dispersion_jax.cli import bench
   from dispersion_jax.models import flops_per_token
+
   out = tmp_path / "rows.json"
-  bench.main(["--layers", "1", "--dim", "32", "--heads", "2", "--vocab", "128", "--seq", "8", "--batch", "2",
-              "--repeats", "1", "--block-size", "none", "--peak-flops", "1e12", "--json", str(out)])
+  bench.main(
+      [
+          "--layers",
+          "1",
+          "--dim",
+          "32",
+          "--heads",
+          "2",
+          "--vocab",
+          "128",
+          "--seq",
+          "8",
+          "--batch",
+          "2",
+          "--repeats",
+          "1",
+          "--block-size",
+          "none",
+          "--peak-flops",
+          "1e12",
+          "--json",
+          str(out),
+      ]
+  )
   rows = json.loads(out.read_text())
   assert [r["coeff"] for r in rows] == [0.0, 0.1]
   for r in rows:
@@ -126,7 +156,10 @@ def test_bench_rows_have_the_required_columns(tmp_path):
       assert r[key] is not None, key
   assert rows[0]["dispersion_overhead"] == 0.0 and rows[1]["variant"] == "angular_spread"
   n = rows[0]["params"]
-  model_cfg = config_lib.model_config(config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "bench.py"), [
-      ("model.n_layer", "1"), ("model.n_embd", "32"), ("model.n_head", "2"), ("model.vocab_size", "128")]))
-  assert flops_per_token(model_cfg, 8) == rows[0]["flops_per_token"] == \
-      6 * (n - 1024 * 32) + 6 * 1 * 8 * 32
+  model_cfg = config_lib.model_config(
+      config_lib.load(
+          os.path.join(os.path.dirname(__file__), "..", "configs", "bench.py"),
+          [("model.n_layer", "1"), ("model.n_embd", "32"), ("model.n_head", "2"), ("model.vocab_size", "128")],
+      )
+  )
+  assert flops_per_token(model_cfg, 8) == rows[0]["flops_per_token"] == 6 * (n - 1024 * 32) + 6 * 1 * 8 * 32

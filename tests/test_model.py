@@ -1,4 +1,5 @@
 """The Flax GPT-2 against Hugging Face's (float64 goldens), its options, and the HF directory round trip."""
+
 import json
 import os
 
@@ -68,8 +69,9 @@ def test_bad_hf_directories_fail_with_one_line(tmp_path, gpt2_golden):
   cfg, params = load_gpt2(path)
   state = to_hf_state_dict(cfg, params)
   with pytest.raises(ValueError, match="config and weights disagree"):
-    from_hf_state_dict(GPTConfig.preset("test", vocab_size=512, n_embd=64, n_positions=64, n_layer=3,
-                                        n_head=4, n_inner=128), state)
+    from_hf_state_dict(
+        GPTConfig.preset("test", vocab_size=512, n_embd=64, n_positions=64, n_layer=3, n_head=4, n_inner=128), state
+    )
   with pytest.raises(ValueError, match="lacks"):
     from_hf_state_dict(cfg, {k: v for k, v in state.items() if "ln_f" not in k})
 
@@ -87,7 +89,7 @@ def test_causality_through_gradients(scan):
 
   for t in (0, 3, 7):
     g_PxD = jax.grad(logit_sum_at)(params["wpe"]["embedding"], t)
-    assert np.all(np.abs(g_PxD[: t + 1]).sum(-1) > 0) and not np.any(g_PxD[t + 1:])
+    assert np.all(np.abs(g_PxD[: t + 1]).sum(-1) > 0) and not np.any(g_PxD[t + 1 :])
 
 
 def test_mixed_precision_keeps_float32_params_and_logits():

@@ -1,4 +1,5 @@
 """CE + coeff * dispersion against the float64 Hugging Face reference, and the layer selection."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,9 @@ from dispersion_jax.models import init_params
 def _hf_batch(ids):
   """HF's labels=input_ids: position t predicts t+1; the last position has no target."""
   ids = jnp.asarray(ids)
-  return dict(input_ids=ids, targets=jnp.roll(ids, -1, axis=1),
-              loss_mask=jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0))
+  return dict(
+      input_ids=ids, targets=jnp.roll(ids, -1, axis=1), loss_mask=jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0)
+  )
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -27,8 +29,7 @@ def test_objective_and_gradients_match_reference(x64, gpt2_golden, scan):
   np.testing.assert_allclose(metrics["ce"], ref["objective/ce"], rtol=1e-10)
   np.testing.assert_allclose(metrics["dispersion"], ref["objective/dispersion"], rtol=1e-5)
   np.testing.assert_allclose(total, ref["objective/total"], rtol=1e-5)
-  assert set(metrics) == {"loss", "ce", "dispersion", "dispersion/layer_1", "dispersion/layer_2",
-                          "dispersion/layer_3"}
+  assert set(metrics) == {"loss", "ce", "dispersion", "dispersion/layer_1", "dispersion/layer_2", "dispersion/layer_3"}
   hf_grads = to_hf_state_dict(cfg, grads)
   names = [k.removeprefix("objective/grad/") for k in ref if k.startswith("objective/grad/")]
   assert len(names) == 3
@@ -95,5 +96,5 @@ def test_cross_entropy_is_causal_through_gradients():
   batch = dict(input_ids=ids, targets=jnp.roll(ids, -1, 1), loss_mask=mask)
   g = jax.grad(lambda p: objective(p, batch, model=GPT(cfg), disp=DispersionConfig())[0])(params)
   g_wpe = np.asarray(g["wpe"]["embedding"])
-  assert np.all(np.abs(g_wpe[: t + 1]).sum(-1) > 0) and not np.any(g_wpe[t + 1:])
+  assert np.all(np.abs(g_wpe[: t + 1]).sum(-1) > 0) and not np.any(g_wpe[t + 1 :])
   chex.assert_tree_all_finite(g)

@@ -1,4 +1,5 @@
 """The Flax Qwen3 against Hugging Face's (float64-exact goldens), its building blocks, and the HF interchange."""
+
 import dataclasses
 import functools
 import json
@@ -14,21 +15,58 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from dispersion_jax import DispersionConfig, objective
-from dispersion_jax.hf import (config_from_hf, config_from_json, from_hf_state_dict, load_gpt2, load_pretrained,
-                               save_pretrained, to_hf_state_dict)
-from dispersion_jax.models import (Qwen3, Qwen3Config, build_model, count_params, flops_per_token, hidden_states,
-                                   init_params, lm_head, param_logical_axes, param_shapes)
+from dispersion_jax.hf import (
+    config_from_hf,
+    config_from_json,
+    from_hf_state_dict,
+    load_gpt2,
+    load_pretrained,
+    save_pretrained,
+    to_hf_state_dict,
+)
+from dispersion_jax.models import (
+    Qwen3,
+    Qwen3Config,
+    build_model,
+    count_params,
+    flops_per_token,
+    hidden_states,
+    init_params,
+    lm_head,
+    param_logical_axes,
+    param_shapes,
+)
 from dispersion_jax.models import qwen3
 
 # Qwen/Qwen3-0.6B's config.json as transformers 4.51 saved it (legacy top-level rope_theta, rope_scaling null).
 QWEN3_0_6B_JSON = {
-    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
-    "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28,
-    "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
-    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True,
-    "use_sliding_window": False, "vocab_size": 151936}
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 1024,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 28,
+    "model_type": "qwen3",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": None,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +85,17 @@ def _apply(cfg):
 def _forward(cfg, params, ids, positions=None):
   """(logits, variables); one compilation per config (and x64 mode, which jax.jit keys on)."""
   ids = jnp.asarray(ids)
-  return _apply(cfg)(params, ids, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape) if positions is None
-                     else positions)
+  return _apply(cfg)(
+      params, ids, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape) if positions is None else positions
+  )
 
 
 def _hf_batch(ids):
   """HF's labels=input_ids: position t predicts t+1; the last position has no target."""
   ids = jnp.asarray(ids)
-  return dict(input_ids=ids, targets=jnp.roll(ids, -1, axis=1),
-              loss_mask=jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0))
+  return dict(
+      input_ids=ids, targets=jnp.roll(ids, -1, axis=1), loss_mask=jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0)
+  )
 
 
 def _copy_checkpoint(src, dst, state=None, **config_changes):
@@ -73,6 +113,7 @@ def _copy_checkpoint(src, dst, state=None, **config_changes):
 
 
 # ------------------------------------------------------------------------------------------------ golden parity
+
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_logits_and_every_hidden_state_match_hugging_face(x64, golden, scan):
@@ -100,8 +141,9 @@ def test_logits_and_every_hidden_state_match_hugging_face(x64, golden, scan):
 def test_objective_and_gradients_match_reference(x64, golden, scan):
   path, ref, meta = golden
   assert "0.1 *" in meta["objective"] and "clamp_threshold=0.25" in meta["objective"]
-  cfg, params = load_pretrained(path, dtype="float64", param_dtype="float64", scan_layers=scan,
-                                remat="full" if scan else "none")
+  cfg, params = load_pretrained(
+      path, dtype="float64", param_dtype="float64", scan_layers=scan, remat="full" if scan else "none"
+  )
   disp = DispersionConfig(coeff=0.1, clamp_threshold=0.25, loc="all", block_size=16 if scan else None)
   batch = _hf_batch(ref["input_ids"])
   fn = jax.jit(jax.value_and_grad(lambda p: objective(p, batch, model=Qwen3(cfg), disp=disp), has_aux=True))
@@ -121,6 +163,7 @@ def test_objective_and_gradients_match_reference(x64, golden, scan):
 
 # ------------------------------------------------------------------------------------------- HF interchange
 
+
 def test_untied_and_tied_with_head_checkpoints_load(x64, golden, tmp_path):
   path, ref, _ = golden
   state = load_file(os.path.join(path, "model.safetensors"))
@@ -128,8 +171,9 @@ def test_untied_and_tied_with_head_checkpoints_load(x64, golden, tmp_path):
   tied_cfg, tied = load_pretrained(path, dtype="float64", param_dtype="float64")
   tied_logits, _ = _forward(tied_cfg, tied, ref["input_ids"])
   # Untied with lm_head = 2 * embedding: the head is really used, so the logits double exactly.
-  untied_dir = _copy_checkpoint(path, tmp_path / "untied", {**state, "lm_head.weight": 2 * emb},
-                                tie_word_embeddings=False)
+  untied_dir = _copy_checkpoint(
+      path, tmp_path / "untied", {**state, "lm_head.weight": 2 * emb}, tie_word_embeddings=False
+  )
   cfg, params = load_pretrained(untied_dir, dtype="float64", param_dtype="float64")
   assert not cfg.tie_embeddings and params["lm_head"]["kernel"].shape == (64, 512)
   logits, _ = _forward(cfg, params, ref["input_ids"])
@@ -149,15 +193,18 @@ def test_untied_and_tied_with_head_checkpoints_load(x64, golden, tmp_path):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_sharded_half_precision_checkpoint_loads(golden, tmp_path, dtype):
   path, _, _ = golden
-  state = {k: v.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
-           for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+  state = {
+      k: v.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+      for k, v in load_file(os.path.join(path, "model.safetensors")).items()
+  }
   names = sorted(state)
   shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
   for file, keys in shards.items():
     save_file({k: state[k] for k in keys}, str(tmp_path / file), metadata={"format": "pt"})
   shutil.copy(os.path.join(path, "config.json"), tmp_path)
-  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-      {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+  (tmp_path / "model.safetensors.index.json").write_text(
+      json.dumps({"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}})
+  )
   cfg, params = load_pretrained(str(tmp_path))
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
   back = to_hf_state_dict(cfg, params)
@@ -166,8 +213,9 @@ def test_sharded_half_precision_checkpoint_loads(golden, tmp_path, dtype):
     np.testing.assert_array_equal(back[k], state[k].astype(np.float32), err_msg=k)
   _, half = load_pretrained(str(tmp_path), param_dtype=dtype, scan_layers=True)
   assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(dtype)}
-  np.testing.assert_array_equal(half["h"]["self_attn"]["q_proj"]["kernel"][1],
-                                state["model.layers.1.self_attn.q_proj.weight"].T)
+  np.testing.assert_array_equal(
+      half["h"]["self_attn"]["q_proj"]["kernel"][1], state["model.layers.1.self_attn.q_proj.weight"].T
+  )
   os.remove(tmp_path / "model-00002-of-00002.safetensors")
   with pytest.raises(ValueError, match="model-00002-of-00002.safetensors is listed"):
     load_pretrained(str(tmp_path))
@@ -205,7 +253,10 @@ def test_transformers_loads_our_export_and_reproduces_our_logits(tmp_path):
     # Random norm weights (fresh ones are all 1, which would hide a swapped or missing norm).
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x * (1 + 0.3 * np.random.default_rng(len(p)).standard_normal(x.shape, np.float32))
-        if p[-1].key == "scale" else x, params)
+        if p[-1].key == "scale"
+        else x,
+        params,
+    )
     ids = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size))
     ours, _ = _forward(cfg, params, ids)
     save_pretrained(str(tmp_path / str(tie)), cfg, params)
@@ -227,16 +278,19 @@ def test_config_json_spellings_and_defaults():
   assert (bare.head_dim, bare.n_kv_head, bare.tie_embeddings, bare.dtype) == (128, 4, False, "bfloat16")
 
 
-@pytest.mark.parametrize("change, setting", [
-    (dict(use_sliding_window=True, sliding_window=4096), "use_sliding_window"),
-    (dict(layer_types=["full_attention"] * 27 + ["sliding_attention"]), "sliding_attention"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
-    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}), "linear"),
-    (dict(attention_bias=True), "attention_bias"),
-    (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(num_key_value_heads=3), "n_kv_head"),
-    (dict(model_type="llama"), "model_type"),
-])
+@pytest.mark.parametrize(
+    "change, setting",
+    [
+        (dict(use_sliding_window=True, sliding_window=4096), "use_sliding_window"),
+        (dict(layer_types=["full_attention"] * 27 + ["sliding_attention"]), "sliding_attention"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
+        (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}), "linear"),
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(num_key_value_heads=3), "n_kv_head"),
+        (dict(model_type="llama"), "model_type"),
+    ],
+)
 def test_unsupported_config_json_fails_with_one_line(change, setting):
   with pytest.raises(ValueError, match=setting) as e:
     config_from_hf({**QWEN3_0_6B_JSON, **change})
@@ -249,6 +303,7 @@ def test_config_from_json_dispatches_on_model_type(golden, gpt2_golden):
 
 
 # ------------------------------------------------------------------------------------------------ unit tests
+
 
 def test_gqa_query_head_h_reads_kv_head_h_over_group_size():
   B, L, H, G, K = 2, 6, 4, 2, 8
@@ -278,7 +333,7 @@ def test_rope_is_rotate_half_and_relative():
   # Closed form: pair (i, i + K/2) rotated by angle pos * theta^(-2i/K).
   ang = np.arange(L)[:, None] * 10000.0 ** (-np.arange(0, K, 2) / K)
   c, s = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
-  x1, x2 = x[..., : K // 2], x[..., K // 2:]
+  x1, x2 = x[..., : K // 2], x[..., K // 2 :]
   np.testing.assert_allclose(out, np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1), atol=1e-5)
   # Relative: q.k scores are unchanged when every position shifts by the same constant.
   scores = lambda p: np.einsum("blnk,bmnk->bnlm", rope(x, p), rope(y, p))
@@ -306,12 +361,17 @@ def test_causality_through_gradients(scan):
   g_LxVxD = jax.jit(jax.jacrev(logit_sums_L))(params["embed_tokens"]["embedding"])
   for t in range(8):
     g_LxD = np.asarray(g_LxVxD[t])[ids[0]]  # embedding rows in position order
-    assert np.all(np.abs(g_LxD[: t + 1]).sum(-1) > 0) and not np.any(g_LxD[t + 1:]), t
+    assert np.all(np.abs(g_LxD[: t + 1]).sum(-1) > 0) and not np.any(g_LxD[t + 1 :]), t
 
 
 def test_preset_parameter_counts_and_axes():
-  sizes = {"qwen3-0.6b": 596_049_920, "qwen3-1.7b": 1_720_574_976, "qwen3-4b": 4_022_468_096,
-           "qwen3-8b": 8_190_735_360, "qwen3-width_256": 101_668_096}
+  sizes = {
+      "qwen3-0.6b": 596_049_920,
+      "qwen3-1.7b": 1_720_574_976,
+      "qwen3-4b": 4_022_468_096,
+      "qwen3-8b": 8_190_735_360,
+      "qwen3-width_256": 101_668_096,
+  }
   for name, n in sizes.items():
     assert count_params(param_shapes(Qwen3Config.preset(name, scan_layers=True))) == n, name
   assert not Qwen3Config.preset("qwen3-width_768").tie_embeddings and Qwen3Config.preset("qwen3-4b").tie_embeddings
@@ -332,8 +392,9 @@ def test_flops_count_the_head_once_and_attention_at_heads_times_head_dim():
   assert flops_per_token(tied, 0) == 6 * count_params(param_shapes(tied))
   assert qwen3.attention_width(tied) == 2048 != tied.n_embd
   per_token = flops_per_token(tied, 2048) - flops_per_token(tied, 1024)
-  assert per_token == flops_per_token(dataclasses.replace(tied, n_embd=512), 2048) - \
-      flops_per_token(dataclasses.replace(tied, n_embd=512), 1024)  # attention cost ignores the model width
+  assert per_token == flops_per_token(dataclasses.replace(tied, n_embd=512), 2048) - flops_per_token(
+      dataclasses.replace(tied, n_embd=512), 1024
+  )  # attention cost ignores the model width
 
 
 def test_lm_head_path_and_fused_cross_entropy_agree_with_the_model():
@@ -342,8 +403,10 @@ def test_lm_head_path_and_fused_cross_entropy_agree_with_the_model():
   assert lm_head(params, cfg).shape == (cfg.vocab_size, cfg.n_embd)
   assert qwen3.EMBED_PATH == ("embed_tokens", "embedding") and "embedding" in params["embed_tokens"]
   batch = _hf_batch(jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size))
-  loss = jax.jit(lambda p, chunk: objective(p, batch, model=Qwen3(cfg), disp=DispersionConfig(), ce_chunk=chunk)[0],
-                 static_argnums=1)
+  loss = jax.jit(
+      lambda p, chunk: objective(p, batch, model=Qwen3(cfg), disp=DispersionConfig(), ce_chunk=chunk)[0],
+      static_argnums=1,
+  )
   np.testing.assert_allclose(loss(params, 8), loss(params, None), rtol=1e-6)
 
 
@@ -369,10 +432,17 @@ def test_mixed_precision_keeps_float32_params_logits_and_norm_statistics():
   np.testing.assert_array_equal(norm.apply({"params": {"scale": w}}, x), np.asarray(w, ml_dtypes.bfloat16) * y32)
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(n_head=6, n_kv_head=4), "n_kv_head"), (dict(head_dim=15), "head_dim"), (dict(remat="some"), "remat"),
-    (dict(attention="flash"), "attention"), (dict(dropout=0.1), "dropout"), (dict(n_layer=0), "n_layer"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(n_head=6, n_kv_head=4), "n_kv_head"),
+        (dict(head_dim=15), "head_dim"),
+        (dict(remat="some"), "remat"),
+        (dict(attention="flash"), "attention"),
+        (dict(dropout=0.1), "dropout"),
+        (dict(n_layer=0), "n_layer"),
+    ],
+)
 def test_config_errors_are_one_line(kw, field):
   with pytest.raises(ValueError, match=field) as e:
     Qwen3Config.preset("test", **kw)

@@ -1,6 +1,7 @@
 """The results table: checkpoint selection (last / best val loss / best test mean), mean ± sample std over seeds,
 the delta to the CE-only reference, Markdown and LaTeX; the per-checkpoint evaluation on checkpoints written
 without training (cached); the command line."""
+
 import json
 import math
 import os
@@ -29,10 +30,23 @@ def made_up_rows() -> list[dict]:
         val = 3.0 - 0.2 * si - 0.1 * gi + 0.01 * seed * (si + 1)
         a = 0.30 + 0.05 * si + 0.02 * gi + 0.01 * seed
         b = 0.50 + 0.03 * si - 0.01 * gi + 0.02 * seed
-        rows.append({"name": name, "seed": seed, "baseline.method": method, "dispersion.coeff": coeff,
-                     "step": step, "val_loss": val, "val_ppl": math.exp(val), "acc/arith": a, "acc/cloze": b,
-                     "acc_norm/arith": a - 0.01, "acc_norm/cloze": b + 0.01, "mean_acc": (a + b) / 2,
-                     "spearman": 0.9 - 0.3 * gi + 0.05 * seed})
+        rows.append(
+            {
+                "name": name,
+                "seed": seed,
+                "baseline.method": method,
+                "dispersion.coeff": coeff,
+                "step": step,
+                "val_loss": val,
+                "val_ppl": math.exp(val),
+                "acc/arith": a,
+                "acc/cloze": b,
+                "acc_norm/arith": a - 0.01,
+                "acc_norm/cloze": b + 0.01,
+                "mean_acc": (a + b) / 2,
+                "spearman": 0.9 - 0.3 * gi + 0.05 * seed,
+            }
+        )
   special = {100: (2.9, 0.9, 0.8), 200: (2.1, 0.4, 0.4), 300: (2.6, 0.5, 0.5)}
   for r in rows:
     if r["name"] == "none_0.1_seed-0":
@@ -61,9 +75,11 @@ def test_the_three_rules_pick_different_checkpoints():
 
 
 def test_selection_ties_take_the_earliest_step_and_missing_values_are_skipped():
-  rows = [{"name": "p", "step": s, "val_loss": v, "acc/t": a}
-          for s, v, a in ((10, 2.0, 0.5), (20, 2.0, 0.7), (30, None, 0.7), (40, float("nan"), 0.1))]
-  assert res.select(rows, "val")[0]["step"] == 10   # tie at 2.0; None / NaN are not candidates
+  rows = [
+      {"name": "p", "step": s, "val_loss": v, "acc/t": a}
+      for s, v, a in ((10, 2.0, 0.5), (20, 2.0, 0.7), (30, None, 0.7), (40, float("nan"), 0.1))
+  ]
+  assert res.select(rows, "val")[0]["step"] == 10  # tie at 2.0; None / NaN are not candidates
   assert res.select(rows, "test")[0]["step"] == 20  # tie at 0.7
   assert res.select(rows, "last")[0]["step"] == 40
   assert res.select([{"name": "q", "step": 1, "val_loss": None, "acc/t": 0.3}], "val") == []
@@ -77,7 +93,10 @@ def test_mean_and_sample_std_over_seeds_match_numpy():
   rows = made_up_rows()
   groups = res.aggregate(res.select(rows, "val"), GROUP_BY)
   assert [(g["baseline.method"], g["dispersion.coeff"], g["n"]) for g in groups] == [
-      ("none", 0.0, 3), ("none", 0.1, 3), ("neftune", 0.0, 3)]
+      ("none", 0.0, 3),
+      ("none", 0.1, 3),
+      ("neftune", 0.0, 3),
+  ]
   g = groups[1]
   assert g["steps"] == [200, 300, 300]
   for m in ("val_loss", "acc/arith", "acc/cloze", "mean_acc", "spearman", "val_ppl"):
@@ -94,8 +113,9 @@ def test_mean_and_sample_std_over_seeds_match_numpy():
 
 def test_delta_against_the_ce_only_reference():
   rows = made_up_rows()
-  groups = res.with_deltas(res.aggregate(res.select(rows, "last"), GROUP_BY), GROUP_BY, res.DEFAULT_REFERENCE,
-                           ["val_loss", "mean_acc"])
+  groups = res.with_deltas(
+      res.aggregate(res.select(rows, "last"), GROUP_BY), GROUP_BY, res.DEFAULT_REFERENCE, ["val_loss", "mean_acc"]
+  )
   ref, disp, nef = groups
   assert ref["is_reference"] and not disp["is_reference"] and not nef["is_reference"]
   assert disp["reference_group"] == nef["reference_group"] == ("none", 0.0)
@@ -106,24 +126,44 @@ def test_delta_against_the_ce_only_reference():
   assert ref["delta/val_loss"] == 0.0
   assert disp["delta/val_loss"] == pytest.approx(last("none_0.1") - last("none_0.0")) == pytest.approx(-0.1 + 0.1 / 3)
   # A configurable reference: against neftune instead.
-  alt = res.with_deltas(res.aggregate(res.select(rows, "last"), GROUP_BY), GROUP_BY,
-                        {"baseline.method": "neftune", "dispersion.coeff": 0}, ["val_loss"])
+  alt = res.with_deltas(
+      res.aggregate(res.select(rows, "last"), GROUP_BY),
+      GROUP_BY,
+      {"baseline.method": "neftune", "dispersion.coeff": 0},
+      ["val_loss"],
+  )
   assert alt[2]["is_reference"] and alt[0]["delta/val_loss"] == pytest.approx(0.2)
 
 
 def test_reference_per_width_and_value_matching():
   """Width study: each width's dispersion group is compared with the CE-only group of the same width; the method
   key is no grouping key there (ignored), None counts as none, 0 equals 0.0."""
-  rows = [{"name": f"w{w}_c{c}_s{s}", "model.n_inner": w, "dispersion.coeff": c, "step": 1,
-           "val_loss": 5.0 - w / 1000 - c - 0.01 * s} for w in (64, 4096) for c in (0, 0.1) for s in (0, 1)]
+  rows = [
+      {
+          "name": f"w{w}_c{c}_s{s}",
+          "model.n_inner": w,
+          "dispersion.coeff": c,
+          "step": 1,
+          "val_loss": 5.0 - w / 1000 - c - 0.01 * s,
+      }
+      for w in (64, 4096)
+      for c in (0, 0.1)
+      for s in (0, 1)
+  ]
   keys = ["model.n_inner", "dispersion.coeff"]
   groups = res.with_deltas(res.aggregate(res.select(rows, "last"), keys), keys, res.DEFAULT_REFERENCE, ["val_loss"])
   assert [g["is_reference"] for g in groups] == [True, False, True, False]
   assert groups[1]["reference_group"] == (64, 0) and groups[3]["reference_group"] == (4096, 0)
   assert groups[3]["delta/val_loss"] == pytest.approx(-0.1)
   shuffled = [groups[i] for i in (3, 1, 2, 0)]
-  assert [(g["model.n_inner"], g["dispersion.coeff"]) for g in res.order_groups(shuffled, keys, res.DEFAULT_REFERENCE)
-          ] == [(64, 0), (64, 0.1), (4096, 0), (4096, 0.1)]  # by width, the CE-only group first
+  assert [
+      (g["model.n_inner"], g["dispersion.coeff"]) for g in res.order_groups(shuffled, keys, res.DEFAULT_REFERENCE)
+  ] == [
+      (64, 0),
+      (64, 0.1),
+      (4096, 0),
+      (4096, 0.1),
+  ]  # by width, the CE-only group first
   assert res.same(None, "none") and res.same(0, 0.0) and res.same("NEFTune", "neftune") and not res.same(0.1, 0)
   none_rows = [{**r, "dispersion.coeff": None} for r in rows[:2]]  # no reference key matches: no deltas
   g = res.with_deltas(res.aggregate(none_rows, keys), keys, {"dispersion.coeff": 0.0}, ["val_loss"])[0]
@@ -140,8 +180,9 @@ def test_the_authors_group_rule_takes_one_step_per_group():
   for r in chosen:
     steps.setdefault((r["baseline.method"], r["dispersion.coeff"]), set()).add(r["step"])
   assert steps[("none", 0.0)] == {200} and steps[("neftune", 0.0)] == {300}
-  want = np.mean([np.mean([_pick(rows, f"none_0.0_seed-{s}", 200)[m] for m in ("acc/arith", "acc/cloze")])
-                  for s in range(3)])
+  want = np.mean(
+      [np.mean([_pick(rows, f"none_0.0_seed-{s}", 200)[m] for m in ("acc/arith", "acc/cloze")]) for s in range(3)]
+  )
   assert chosen[0]["selection_score"] == pytest.approx(want)
 
 
@@ -172,10 +213,16 @@ def test_markdown_and_latex_render_the_numbers():
 
 def test_write_results_files(tmp_path):
   rows = made_up_rows()
-  tables = res.write_results(rows, GROUP_BY, str(tmp_path), rules=["last", "val", "test", "test_group"],
-                             notes={"x": "left out"})
-  for f in ("results_table.md", "results_table.tex", "results_table.json", "results_checkpoints.csv",
-            "results_selected.csv"):
+  tables = res.write_results(
+      rows, GROUP_BY, str(tmp_path), rules=["last", "val", "test", "test_group"], notes={"x": "left out"}
+  )
+  for f in (
+      "results_table.md",
+      "results_table.tex",
+      "results_table.json",
+      "results_checkpoints.csv",
+      "results_selected.csv",
+  ):
     assert (tmp_path / f).stat().st_size > 0
   saved = json.loads((tmp_path / "results_table.json").read_text())
   assert list(saved["tables"]) == ["last", "val", "test", "test_group"]
@@ -188,7 +235,7 @@ def test_write_results_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- evaluation, no training
-BASE = '''
+BASE = """
 from dispersion_jax.config import default_config
 
 def get_config():
@@ -201,19 +248,23 @@ def get_config():
   c.checkpoint_every = 1
   c.max_to_keep = None
   return c
-'''
-SWEEP = '''
+"""
+SWEEP = """
 from ml_collections import ConfigDict
 
 def get_config():
   return ConfigDict({{"base": "{base}", "axes": {{"dispersion.coeff": [0.0, 0.5], "seed": [0, 1]}},
                      "eval": {{"num_texts": 3, "max_length": 16, "tasks": ["{task}"]}}}}, allow_dotted_keys=True)
-'''
-SWEEP2 = SWEEP.replace('"axes": {{"dispersion.coeff": [0.0, 0.5], "seed": [0, 1]}}',
-                       '"overrides": {{"dispersion.coeff": 0.0}}, "axes": {{"seed": [0]}}')
-TASK = [{"context": "One plus one is", "choices": [" two", " three"], "gold": 0},
-        {"context": "The sky is", "choices": [" blue", " loud", " seven"], "gold": 0},
-        {"context": "Water is", "choices": [" wet", " dry"], "gold": 0}]
+"""
+SWEEP2 = SWEEP.replace(
+    '"axes": {{"dispersion.coeff": [0.0, 0.5], "seed": [0, 1]}}',
+    '"overrides": {{"dispersion.coeff": 0.0}}, "axes": {{"seed": [0]}}',
+)
+TASK = [
+    {"context": "One plus one is", "choices": [" two", " three"], "gold": 0},
+    {"context": "The sky is", "choices": [" blue", " loud", " seven"], "gold": 0},
+    {"context": "Water is", "choices": [" wet", " dry"], "gold": 0},
+]
 
 
 def _write_point(workdir, seeds_by_step: dict[int, int]):
@@ -223,19 +274,28 @@ def _write_point(workdir, seeds_by_step: dict[int, int]):
   from dispersion_jax.checkpoint import Checkpointer
   from dispersion_jax.optim import make_optimizer
   from dispersion_jax.train_step import init_state
+
   cfg = config_lib.default_config()
   cfg.model.preset, cfg.model.vocab_size = "test", 50257
   model_cfg = config_lib.model_config(cfg)
   ckpt = Checkpointer(str(workdir), max_to_keep=None, async_save=False)
   for step, seed in seeds_by_step.items():
-    ckpt.save(step, init_state(model_cfg, make_optimizer(config_lib.optimizer_config(cfg), cfg.steps), seed), None,
-              cfg.to_dict())
+    ckpt.save(
+        step,
+        init_state(model_cfg, make_optimizer(config_lib.optimizer_config(cfg), cfg.steps), seed),
+        None,
+        cfg.to_dict(),
+    )
   ckpt.close()
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as fh:
     for step in seeds_by_step:
       fh.write(json.dumps({"step": step, "loss": 9.0 + step, "ce": 9.0 + step}) + "\n")
-      fh.write(json.dumps({"step": step, "val_loss": 10.0 - step - seeds_by_step[step] / 10,
-                           "val_ppl": 1.0, "val_dispersion": -0.1}) + "\n")
+      fh.write(
+          json.dumps(
+              {"step": step, "val_loss": 10.0 - step - seeds_by_step[step] / 10, "val_ppl": 1.0, "val_dispersion": -0.1}
+          )
+          + "\n"
+      )
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +316,13 @@ def test_every_checkpoint_evaluated_cached_and_tabulated(fake_sweep, monkeypatch
   rows, group_by, notes = res.collect(config, runs, max_checkpoints=2)
   assert group_by == ["dispersion.coeff"] and list(notes) == ["coeff-0.5_seed-1"]
   assert sorted((r["name"], r["step"]) for r in rows) == [
-      ("coeff-0.0_seed-0", 1), ("coeff-0.0_seed-0", 2), ("coeff-0.0_seed-1", 1), ("coeff-0.0_seed-1", 2),
-      ("coeff-0.5_seed-0", 1), ("coeff-0.5_seed-0", 2)]
+      ("coeff-0.0_seed-0", 1),
+      ("coeff-0.0_seed-0", 2),
+      ("coeff-0.0_seed-1", 1),
+      ("coeff-0.0_seed-1", 2),
+      ("coeff-0.5_seed-0", 1),
+      ("coeff-0.5_seed-0", 2),
+  ]
   r = next(r for r in rows if r["name"] == "coeff-0.0_seed-1" and r["step"] == 2)
   assert r["val_loss"] == pytest.approx(10.0 - 2 - 0.3) and r["train_ce"] == pytest.approx(10.5)  # rows 1..2
   for k in ("acc/tiny", "acc_norm/tiny", "mean_acc", "spearman", "kendall"):
@@ -265,11 +330,14 @@ def test_every_checkpoint_evaluated_cached_and_tabulated(fake_sweep, monkeypatch
   assert r["mean_acc"] == r["acc/tiny"] and r["acc/tiny"] * 3 == pytest.approx(round(r["acc/tiny"] * 3))
   assert len(r["mean_cos_by_layer"]) == 3
   # Different checkpoints, different condensation: each step was measured on its own parameters.
-  assert r["mean_cos_by_layer"] != next(x for x in rows if x["name"] == "coeff-0.0_seed-1" and x["step"] == 1)[
-      "mean_cos_by_layer"]
+  assert (
+      r["mean_cos_by_layer"]
+      != next(x for x in rows if x["name"] == "coeff-0.0_seed-1" and x["step"] == 1)["mean_cos_by_layer"]
+  )
 
   def boom(*a, **k):
     raise AssertionError("evaluated again instead of read from the cache")
+
   monkeypatch.setattr(res.evaluate, "evaluate_task", boom)
   monkeypatch.setattr(res.ct, "model_statistics", boom)
   again, _, _ = res.collect(config, runs, steps=[2])
@@ -281,8 +349,20 @@ def test_every_checkpoint_evaluated_cached_and_tabulated(fake_sweep, monkeypatch
   assert [b["name"] for b in both] == [a["name"] for a in again] and keys == ["dispersion.coeff"]
   assert notes["seed-0"] == "the same run config as coeff-0.0_seed-0: counted once"
   capsys.readouterr()
-  cli.main(["--sweep_dir", runs, "--config", config, "--out", str(out), "--rules", "last,val,test_group",
-            "--metrics", "val_loss,mean_acc"])
+  cli.main(
+      [
+          "--sweep_dir",
+          runs,
+          "--config",
+          config,
+          "--out",
+          str(out),
+          "--rules",
+          "last,val,test_group",
+          "--metrics",
+          "val_loss,mean_acc",
+      ]
+  )
   printed = capsys.readouterr().out
   assert "Checkpoint selection `val`" in printed and "coeff-0.5_seed-1: not finished" in printed
   md = (out / "results_table.md").read_text()
@@ -300,9 +380,9 @@ def test_results_cli_help_and_one_line_errors(tmp_path, capsys):
       (["--sweep_dir", str(tmp_path), "--config", str(tmp_path / "nope.py")], "not found"),
       (["--sweep_dir", str(tmp_path), "--config", DEMO, "--rules", "best"], "--rules"),
       (["--sweep_dir", str(tmp_path), "--config", DEMO, "--reference", "coeff"], "KEY=VALUE"),
-      (["--sweep_dir", str(tmp_path), "--config", DEMO, "--group_by", "dispersion.cof"],
-       "not a run config key"),
-      (["--sweep_dir", str(tmp_path), "--config", DEMO], "no finished point")):
+      (["--sweep_dir", str(tmp_path), "--config", DEMO, "--group_by", "dispersion.cof"], "not a run config key"),
+      (["--sweep_dir", str(tmp_path), "--config", DEMO], "no finished point"),
+  ):
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
       cli.main(argv)

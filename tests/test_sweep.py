@@ -1,4 +1,5 @@
 """Sweeps: vmapped members train exactly like their individual runs; the runner skips, resumes and reports."""
+
 import csv
 import json
 import os
@@ -13,7 +14,7 @@ from dispersion_jax import train
 from dispersion_jax.research import evaluate, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP = '''
+SWEEP = """
 from ml_collections import ConfigDict
 
 def get_config():
@@ -25,7 +26,7 @@ def get_config():
       "axes": {{"dispersion.coeff": [0.0, 0.5], "seed": [0, 1]}},
       "eval": {{"num_texts": 4, "max_length": 32}},
   }}, allow_dotted_keys=True)
-'''
+"""
 KEYS = ("loss", "ce", "dispersion")
 
 
@@ -65,8 +66,9 @@ def test_vmapped_members_match_their_individual_runs(swept):
   for name, ref in swept["refs"].items():
     a, b = train_rows(ref), train_rows(swept["points"][name].workdir)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]  # steps 1-2 vmapped, 3-4 vmapped after a resume
-    np.testing.assert_allclose(np.array([b[s] for s in sorted(b)]), np.array([a[s] for s in sorted(a)]),
-                               rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(
+        np.array([b[s] for s in sorted(b)]), np.array([a[s] for s in sorted(a)]), rtol=1e-5, atol=1e-7, err_msg=name
+    )
 
 
 def test_runner_skips_finished_points_and_resumes_interrupted_ones(swept):
@@ -104,7 +106,13 @@ def test_expand_names_points_and_applies_axes():
   assert len({p.workdir for p in points}) == len(points)
   for p in points:
     assert p.cfg.seed == p.values["seed"] and p.cfg.dispersion.coeff == p.values["dispersion.coeff"]
-  groups = sweep.group_rows([{"name": "a", "x": 1.0, "seed": 0, "status": "finished", "val_loss": 2.0},
-                             {"name": "b", "x": 1.0, "seed": 1, "status": "finished", "val_loss": 4.0}], ["x", "seed"])
-  assert groups == [{"x": 1.0, "n": 2, "val_loss": 3.0, "val_loss_std": pytest.approx(np.sqrt(2)),
-                     "mean_cos_by_layer": None}]
+  groups = sweep.group_rows(
+      [
+          {"name": "a", "x": 1.0, "seed": 0, "status": "finished", "val_loss": 2.0},
+          {"name": "b", "x": 1.0, "seed": 1, "status": "finished", "val_loss": 4.0},
+      ],
+      ["x", "seed"],
+  )
+  assert groups == [
+      {"x": 1.0, "n": 2, "val_loss": 3.0, "val_loss_std": pytest.approx(np.sqrt(2)), "mean_cos_by_layer": None}
+  ]

@@ -1,4 +1,5 @@
 """The training job: exact resume, mesh independence, grad accumulation, mid-training, failures that lose nothing."""
+
 import json
 import os
 import signal
@@ -25,9 +26,17 @@ from dispersion_jax.optim import lr_schedule, make_optimizer
 from dispersion_jax.train_step import init_state, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.n_head=4",
-        "--config.model.n_positions=32", "--config.seq_len=32", "--config.batch_size=8", "--config.eval_every=0",
-        "--config.log_every=1", "--config.optimizer.lr=3e-3"]
+TINY = [
+    "--config.model.n_layer=2",
+    "--config.model.n_embd=32",
+    "--config.model.n_head=4",
+    "--config.model.n_positions=32",
+    "--config.seq_len=32",
+    "--config.batch_size=8",
+    "--config.eval_every=0",
+    "--config.log_every=1",
+    "--config.optimizer.lr=3e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +72,30 @@ def test_resume_is_exact_bit_for_bit(tmp_path, data_dir):
   assert a == b  # exact float equality: same params, optimizer state, RNG and data order after the restore
 
 
-QWEN3_TINY = ["--config.model.n_layer=2", "--config.model.n_embd=32", "--config.model.n_head=4",
-              "--config.model.n_kv_head=2", "--config.model.head_dim=16", "--config.model.n_inner=64",
-              "--config.model.n_positions=32", "--config.seq_len=32", "--config.batch_size=8", "--config.eval_every=0",
-              "--config.log_every=1", "--config.optimizer.lr=3e-3"]
+QWEN3_TINY = [
+    "--config.model.n_layer=2",
+    "--config.model.n_embd=32",
+    "--config.model.n_head=4",
+    "--config.model.n_kv_head=2",
+    "--config.model.head_dim=16",
+    "--config.model.n_inner=64",
+    "--config.model.n_positions=32",
+    "--config.seq_len=32",
+    "--config.batch_size=8",
+    "--config.eval_every=0",
+    "--config.log_every=1",
+    "--config.optimizer.lr=3e-3",
+]
 
 
 def test_qwen3_demo_config_trains_and_resumes_bit_for_bit(tmp_path, data_dir):
-  flags = [*QWEN3_TINY, f"--config.data.data_dir={data_dir}", "--config.steps=6", "--config.checkpoint_every=3",
-           "--config.dispersion.max_tokens=16"]
+  flags = [
+      *QWEN3_TINY,
+      f"--config.data.data_dir={data_dir}",
+      "--config.steps=6",
+      "--config.checkpoint_every=3",
+      "--config.dispersion.max_tokens=16",
+  ]
   cfg = config_lib.load(os.path.join(REPO, "configs/qwen3_tiny.py"), [f.removeprefix("--config.") for f in flags])
   assert type(config_lib.model_config(cfg)).__name__ == "Qwen3Config"
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -86,9 +110,16 @@ def test_qwen3_demo_config_trains_and_resumes_bit_for_bit(tmp_path, data_dir):
 def test_mid_training_from_hf_qwen3_starts_at_the_hf_loss(golden_dir, data_dir):
   path = os.path.join(golden_dir, "qwen3_tiny")
   ref = dict(np.load(os.path.join(golden_dir, "qwen3_tiny_reference.npz")))
-  flags = [f"--config.init_from={path}", f"--config.data.data_dir={data_dir}", "--config.dispersion.coeff=0.1",
-           "--config.dispersion.clamp_threshold=0.25", "--config.dispersion.max_tokens=None",
-           "--config.dispersion.block_size=None", "--config.grad_accum=1", "--config.model.remat=none"]
+  flags = [
+      f"--config.init_from={path}",
+      f"--config.data.data_dir={data_dir}",
+      "--config.dispersion.coeff=0.1",
+      "--config.dispersion.clamp_threshold=0.25",
+      "--config.dispersion.max_tokens=None",
+      "--config.dispersion.block_size=None",
+      "--config.grad_accum=1",
+      "--config.model.remat=none",
+  ]
   cfg = config_lib.load(os.path.join(REPO, "configs/midtrain_qwen3.py"), [f.removeprefix("--config.") for f in flags])
   assert cfg.tokenizer == path  # the recipe's tokenizer follows init_from
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
@@ -97,8 +128,9 @@ def test_mid_training_from_hf_qwen3_starts_at_the_hf_loss(golden_dir, data_dir):
   state = init_state(model_cfg, tx, cfg.seed, train.pretrained_params(cfg, model_cfg))
   ids = jnp.asarray(ref["input_ids"], jnp.int32)
   batch = dict(input_ids=ids, targets=jnp.roll(ids, -1, 1), loss_mask=jnp.ones(ids.shape).at[:, -1].set(0))
-  _, metrics = jax.jit(lambda s, b: train_step(s, b, model=build_model(model_cfg), disp=disp, tx=tx,
-                                               schedule=schedule, grad_accum=1))(state, batch)
+  _, metrics = jax.jit(
+      lambda s, b: train_step(s, b, model=build_model(model_cfg), disp=disp, tx=tx, schedule=schedule, grad_accum=1)
+  )(state, batch)
   np.testing.assert_allclose(metrics["ce"], ref["objective/ce"], rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], ref["objective/total"], rtol=1e-5)
 
@@ -114,14 +146,14 @@ def test_one_device_a_4x2_mesh_and_a_resharded_resume_give_the_same_losses(tmp_p
   # Written on a 4x2 (data, fsdp) mesh, restored onto a 2x2x2 (data, fsdp, tensor) mesh.
   resharded = str(tmp_path / "resharded")
   train.run(mesh_4x2, resharded, stop_at=2)
-  train.run(tiny_cfg(data_dir, *base, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"),
-            resharded)
+  train.run(
+      tiny_cfg(data_dir, *base, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"), resharded
+  )
   want = losses(one)
   assert sorted(want) == [1, 2, 3, 4]
   for name in ("4x2", "resharded"):
     got = losses(str(tmp_path / name))
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=2e-5,
-                               err_msg=name)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=2e-5, err_msg=name)
 
 
 def test_grad_accumulation_keeps_the_meaning_of_coeff(data_dir):
@@ -133,21 +165,31 @@ def test_grad_accumulation_keeps_the_meaning_of_coeff(data_dir):
   batch = dict(input_ids=ids, targets=jnp.roll(ids, -1, 1))
   out = {}
   for k in (1, 2, 4):
-    step = jax.jit(lambda s, b, k=k: train_step(s, b, model=GPT(model_cfg), disp=disp, tx=tx,
-                                                schedule=schedule, grad_accum=k))
+    step = jax.jit(
+        lambda s, b, k=k: train_step(s, b, model=GPT(model_cfg), disp=disp, tx=tx, schedule=schedule, grad_accum=k)
+    )
     out[k] = step(state, batch)
   for k in (2, 4):
     for key in ("loss", "ce", "dispersion", "grad_norm"):
       np.testing.assert_allclose(out[k][1][key], out[1][1][key], rtol=2e-5, err_msg=f"grad_accum={k} {key}")
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out[k][0].params,
-                 out[1][0].params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out[k][0].params, out[1][0].params
+    )
 
 
 def test_mid_training_from_hf_starts_at_the_hf_loss(gpt2_golden, data_dir):
   path, ref = gpt2_golden
-  cfg = tiny_cfg(data_dir, f"--config.init_from={path}", "--config.model.n_layer=None", "--config.model.n_embd=None",
-                 "--config.model.n_head=None", "--config.model.n_positions=None", "--config.dispersion.coeff=0.1",
-                 "--config.dispersion.clamp_threshold=0.1", "--config.dispersion.loc=all")
+  cfg = tiny_cfg(
+      data_dir,
+      f"--config.init_from={path}",
+      "--config.model.n_layer=None",
+      "--config.model.n_embd=None",
+      "--config.model.n_head=None",
+      "--config.model.n_positions=None",
+      "--config.dispersion.coeff=0.1",
+      "--config.dispersion.clamp_threshold=0.1",
+      "--config.dispersion.loc=all",
+  )
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
   assert (model_cfg.n_layer, model_cfg.vocab_size) == (3, 512)
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
@@ -155,8 +197,9 @@ def test_mid_training_from_hf_starts_at_the_hf_loss(gpt2_golden, data_dir):
   state = init_state(model_cfg, tx, cfg.seed, train.pretrained_params(cfg, model_cfg))
   ids = jnp.asarray(ref["input_ids"], jnp.int32)
   batch = dict(input_ids=ids, targets=jnp.roll(ids, -1, 1), loss_mask=jnp.ones(ids.shape).at[:, -1].set(0))
-  _, metrics = jax.jit(lambda s, b: train_step(s, b, model=GPT(model_cfg), disp=disp, tx=tx,
-                                               schedule=schedule, grad_accum=1))(state, batch)
+  _, metrics = jax.jit(
+      lambda s, b: train_step(s, b, model=GPT(model_cfg), disp=disp, tx=tx, schedule=schedule, grad_accum=1)
+  )(state, batch)
   np.testing.assert_allclose(metrics["ce"], ref["objective/ce"], rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], ref["objective/total"], rtol=1e-5)
 
@@ -173,14 +216,25 @@ def _main_error(capsys, argv) -> str:
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys, data_dir):
-  base = ["--config", os.path.join(REPO, "configs/gpt2_tiny.py"), "--workdir", str(tmp_path / "w"), *TINY,
-          f"--config.data.data_dir={data_dir}", "--config.steps=2", "--config.checkpoint_every=2"]
+  base = [
+      "--config",
+      os.path.join(REPO, "configs/gpt2_tiny.py"),
+      "--workdir",
+      str(tmp_path / "w"),
+      *TINY,
+      f"--config.data.data_dir={data_dir}",
+      "--config.steps=2",
+      "--config.checkpoint_every=2",
+  ]
   assert "dispersion.coef" in _main_error(capsys, base + ["--config.dispersion.coef=0.1"])
   assert "optimizer.lr" in _main_error(capsys, base + ["--config.optimizer.lr=fast"])
-  assert "data-parallel" in _main_error(capsys, base + ["--config.batch_size=6", "--config.mesh.data=-1"]) \
+  assert (
+      "data-parallel" in _main_error(capsys, base + ["--config.batch_size=6", "--config.mesh.data=-1"])
       or jax.device_count() == 1
-  assert "text_dir" in _main_error(capsys, base + ["--config.data.source=text_dir",
-                                                   f"--config.data.text_dir={tmp_path / 'missing'}"])
+  )
+  assert "text_dir" in _main_error(
+      capsys, base + ["--config.data.source=text_dir", f"--config.data.text_dir={tmp_path / 'missing'}"]
+  )
   # A finished run, then a checkpoint of another model shape in the same workdir.
   train_main(base)
   assert "another model shape" in _main_error(capsys, base + ["--config.model.n_embd=64", "--config.steps=4"])
@@ -195,8 +249,13 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys, data_dir):
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
-  cfg = tiny_cfg(data_dir, "--config.steps=6", "--config.checkpoint_every=2", "--config.optimizer.clip=0",
-                 "--config.optimizer.warmup=0")
+  cfg = tiny_cfg(
+      data_dir,
+      "--config.steps=6",
+      "--config.checkpoint_every=2",
+      "--config.optimizer.clip=0",
+      "--config.optimizer.warmup=0",
+  )
   workdir = str(tmp_path / "nan")
   train.run(cfg, workdir, stop_at=2)
   cfg.optimizer.lr = float("inf")  # the next update makes every parameter non-finite
@@ -206,8 +265,18 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 
 def _spawn(workdir: str, data_dir: str, *extra: str) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "dispersion_jax.train", "--config", "configs/gpt2_tiny.py", "--workdir", workdir,
-         *TINY, f"--config.data.data_dir={data_dir}", *extra]
+  cmd = [
+      sys.executable,
+      "-m",
+      "dispersion_jax.train",
+      "--config",
+      "configs/gpt2_tiny.py",
+      "--workdir",
+      workdir,
+      *TINY,
+      f"--config.data.data_dir={data_dir}",
+      *extra,
+  ]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -258,8 +327,17 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
 
 def test_every_shipped_config_loads_and_validates(gpt2_golden, golden_dir):
   configs = sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
-  assert {"gpt2_tiny.py", "gpt2_small.py", "gpt2_medium.py", "gpt2_large.py", "gpt2_xl.py",
-          "midtrain_gpt2.py", "qwen3_tiny.py", "midtrain_qwen3.py", "pretrain_qwen3.py"} <= set(configs)
+  assert {
+      "gpt2_tiny.py",
+      "gpt2_small.py",
+      "gpt2_medium.py",
+      "gpt2_large.py",
+      "gpt2_xl.py",
+      "midtrain_gpt2.py",
+      "qwen3_tiny.py",
+      "midtrain_qwen3.py",
+      "pretrain_qwen3.py",
+  } <= set(configs)
   placeholders = {"gpt2": gpt2_golden[0], "Qwen/Qwen3-0.6B": os.path.join(golden_dir, "qwen3_tiny")}
   for f in configs:
     cfg = config_lib.load_config(os.path.join(REPO, "configs", f))
@@ -275,9 +353,11 @@ def test_every_shipped_config_loads_and_validates(gpt2_golden, golden_dir):
 
 def test_config_errors_name_the_key():
   cfg = config_lib.default_config()
-  for key, text, match in (("optimizer.lrr", "1", "unknown config key 'optimizer.lrr'"),
-                           ("steps", "1.5", "steps=1.5: expected a int"),
-                           ("model.scan_layers", "maybe", "expected true or false")):
+  for key, text, match in (
+      ("optimizer.lrr", "1", "unknown config key 'optimizer.lrr'"),
+      ("steps", "1.5", "steps=1.5: expected a int"),
+      ("model.scan_layers", "maybe", "expected true or false"),
+  ):
     with pytest.raises(config_lib.ConfigError, match=match):
       config_lib.apply_override(cfg, key, text)
   config_lib.apply_override(cfg, "dispersion.max_tokens", "256")
@@ -295,23 +375,35 @@ def test_checkpoints_of_the_grain_pipeline_and_a_new_batch_size_resume_at_the_ri
   its batch; a resumed run with another global batch continues from the rows consumed so far."""
   import grain
   import orbax.checkpoint as ocp
+
   cfg = tiny_cfg(data_dir, "--config.steps=4", "--config.checkpoint_every=2")
   model_cfg = config_lib.model_config(cfg)
   tx, _ = optimizer(cfg)
   old_cfg = cfg.to_dict()
-  old_cfg["data"].update(worker_count=0, shards=0)       # keys of the old schema
+  old_cfg["data"].update(worker_count=0, shards=0)  # keys of the old schema
   old_cfg["dispersion"]["ce_chunk"] = None
-  old = ocp.CheckpointManager(str(tmp_path / "w" / "checkpoints"), item_handlers={
-      "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-      "data": grain.checkpoint.CheckpointHandler()})
+  old = ocp.CheckpointManager(
+      str(tmp_path / "w" / "checkpoints"),
+      item_handlers={
+          "state": ocp.StandardCheckpointHandler(),
+          "config": ocp.JsonCheckpointHandler(),
+          "data": grain.checkpoint.CheckpointHandler(),
+      },
+  )
   it = iter(grain.MapDataset.range(100).to_iter_dataset())
   next(it)
-  old.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(init_state(model_cfg, tx, 0)),
-                                      config=ocp.args.JsonSave(old_cfg), data=grain.checkpoint.CheckpointSave(it)))
+  old.save(
+      2,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(init_state(model_cfg, tx, 0)),
+          config=ocp.args.JsonSave(old_cfg),
+          data=grain.checkpoint.CheckpointSave(it),
+      ),
+  )
   old.wait_until_finished()
   old.close()
   assert train.run(cfg, str(tmp_path / "w")) == 4
-  assert Checkpointer(str(tmp_path / "w")).data_state(4)["rows_consumed"] == 4 * 8   # 2 x 8 (legacy) + 2 x 8
+  assert Checkpointer(str(tmp_path / "w")).data_state(4)["rows_consumed"] == 4 * 8  # 2 x 8 (legacy) + 2 x 8
   bigger = tiny_cfg(data_dir, "--config.steps=6", "--config.checkpoint_every=2", "--config.batch_size=16")
   assert train.run(bigger, str(tmp_path / "w")) == 6
   assert Checkpointer(str(tmp_path / "w")).data_state(6)["rows_consumed"] == 4 * 8 + 2 * 16

@@ -4,6 +4,7 @@
   python -m dispersion_jax.sweep --config configs/sweeps/demo_timing.py --workdir runs/sweeps/timing_sep --no-eval
   python -m dispersion_jax.sweep --config configs/sweeps/demo_timing.py --workdir runs/sweeps/timing_vmap --no-eval --vmap
 """
+
 import importlib.util
 import os
 

@@ -34,23 +34,44 @@ grad_accum 4 (32 sequences per micro-batch; any value gives the same step, pick 
 sweep's own evaluation (the two shipped smoke tasks and condensation on 64 corpus texts): pass real task files
 with `eval.tasks` / `cli.results --tasks` for the paper's benchmarks (docs/evaluation.md).
 """
+
 from ml_collections import ConfigDict
 
 DATA_DIR = "data/wikitext-103-raw-v1"
 
 
 def get_config() -> ConfigDict:
-  return ConfigDict({
-      "base": "configs/gpt2_small.py",
-      "overrides": {
-          "data.source": "text_dir", "data.text_dir": DATA_DIR, "data.doc_grouping": "wikitext",
-          "seq_len": 1024, "batch_size": 128, "grad_accum": 4, "steps": 1526,
-          "log_every": 10, "eval_every": 306, "eval_batches": 16, "checkpoint_every": 306, "max_to_keep": None,
-          "optimizer.lr": 5e-5, "optimizer.warmup": 0.2, "optimizer.min_lr_ratio": 0.0,
-          "optimizer.b1": 0.9, "optimizer.b2": 0.95, "optimizer.weight_decay": 0.1, "optimizer.clip": 0.125,
-          "dispersion.variant": "angular_spread", "dispersion.loc": "all", "dispersion.tau_cos": 1.0,
-          "dispersion.clamp_threshold": 0.1, "dispersion.max_tokens": 256,
+  return ConfigDict(
+      {
+          "base": "configs/gpt2_small.py",
+          "overrides": {
+              "data.source": "text_dir",
+              "data.text_dir": DATA_DIR,
+              "data.doc_grouping": "wikitext",
+              "seq_len": 1024,
+              "batch_size": 128,
+              "grad_accum": 4,
+              "steps": 1526,
+              "log_every": 10,
+              "eval_every": 306,
+              "eval_batches": 16,
+              "checkpoint_every": 306,
+              "max_to_keep": None,
+              "optimizer.lr": 5e-5,
+              "optimizer.warmup": 0.2,
+              "optimizer.min_lr_ratio": 0.0,
+              "optimizer.b1": 0.9,
+              "optimizer.b2": 0.95,
+              "optimizer.weight_decay": 0.1,
+              "optimizer.clip": 0.125,
+              "dispersion.variant": "angular_spread",
+              "dispersion.loc": "all",
+              "dispersion.tau_cos": 1.0,
+              "dispersion.clamp_threshold": 0.1,
+              "dispersion.max_tokens": 256,
+          },
+          "axes": {"model.n_inner": [64, 256, 1024, 4096], "dispersion.coeff": [0.0, 0.1], "seed": [0, 1, 2]},
+          "eval": {"num_texts": 64, "max_length": 1024},
       },
-      "axes": {"model.n_inner": [64, 256, 1024, 4096], "dispersion.coeff": [0.0, 0.1], "seed": [0, 1, 2]},
-      "eval": {"num_texts": 64, "max_length": 1024},
-  }, allow_dotted_keys=True)
+      allow_dotted_keys=True,
+  )

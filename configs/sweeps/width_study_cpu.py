@@ -17,19 +17,35 @@ tied LM head (3.2M of the parameters) dominates every width's compute. Measured 
 average 2-7 from other jobs): the sweep with --vmap took 12.0 min wall (training, about 3 min per width group,
 and the sweep's own evaluation), then cli.results 1.1 min (48 checkpoints evaluated; 2 s once cached).
 """
+
 from ml_collections import ConfigDict
 
 
 def get_config() -> ConfigDict:
-  return ConfigDict({
-      "base": "configs/gpt2_tiny.py",
-      "overrides": {
-          "model.n_layer": 4, "model.n_embd": 64, "model.n_head": 4, "model.n_positions": 64,
-          "seq_len": 64, "batch_size": 8, "steps": 120,
-          "log_every": 10, "eval_every": 40, "eval_batches": 4, "checkpoint_every": 40, "max_to_keep": None,
-          "optimizer.lr": 2e-3, "optimizer.warmup": 0.1,
-          "dispersion.variant": "angular_spread", "dispersion.loc": "all", "dispersion.clamp_threshold": 0.1,
+  return ConfigDict(
+      {
+          "base": "configs/gpt2_tiny.py",
+          "overrides": {
+              "model.n_layer": 4,
+              "model.n_embd": 64,
+              "model.n_head": 4,
+              "model.n_positions": 64,
+              "seq_len": 64,
+              "batch_size": 8,
+              "steps": 120,
+              "log_every": 10,
+              "eval_every": 40,
+              "eval_batches": 4,
+              "checkpoint_every": 40,
+              "max_to_keep": None,
+              "optimizer.lr": 2e-3,
+              "optimizer.warmup": 0.1,
+              "dispersion.variant": "angular_spread",
+              "dispersion.loc": "all",
+              "dispersion.clamp_threshold": 0.1,
+          },
+          "axes": {"model.n_inner": [64, 256, 1024, 4096], "dispersion.coeff": [0.0, 0.1], "seed": [0, 1]},
+          "eval": {"num_texts": 32, "max_length": 64},
       },
-      "axes": {"model.n_inner": [64, 256, 1024, 4096], "dispersion.coeff": [0.0, 0.1], "seed": [0, 1]},
-      "eval": {"num_texts": 32, "max_length": 64},
-  }, allow_dotted_keys=True)
+      allow_dotted_keys=True,
+  )

@@ -10,6 +10,7 @@ The model and batch flags of earlier releases (--layers --dim --heads --vocab --
 accepted for one release as aliases of the config keys they set (0 / "none" = None for max_tokens, block_size,
 ce_chunk).
 """
+
 import json
 from collections.abc import Sequence
 
@@ -20,11 +21,24 @@ from dispersion_jax.config import load
 from dispersion_jax.research import bench, vmap_train
 
 # old flag -> config key
-ALIASES = {"preset": "model.preset", "layers": "model.n_layer", "dim": "model.n_embd", "heads": "model.n_head",
-           "vocab": "model.vocab_size", "seq": "seq_len", "batch": "batch_size", "variant": "dispersion.variant",
-           "coeff": "dispersion.coeff", "max_tokens": "dispersion.max_tokens", "block_size": "dispersion.block_size",
-           "ce_chunk": "ce_chunk", "remat": "model.remat", "scan": "model.scan_layers", "dtype": "model.dtype",
-           "attention": "model.attention"}
+ALIASES = {
+    "preset": "model.preset",
+    "layers": "model.n_layer",
+    "dim": "model.n_embd",
+    "heads": "model.n_head",
+    "vocab": "model.vocab_size",
+    "seq": "seq_len",
+    "batch": "batch_size",
+    "variant": "dispersion.variant",
+    "coeff": "dispersion.coeff",
+    "max_tokens": "dispersion.max_tokens",
+    "block_size": "dispersion.block_size",
+    "ce_chunk": "ce_chunk",
+    "remat": "model.remat",
+    "scan": "model.scan_layers",
+    "dtype": "model.dtype",
+    "attention": "model.attention",
+}
 _NONE_IF_ZERO = {"max_tokens", "block_size", "ce_chunk"}
 
 
@@ -34,16 +48,33 @@ def parser() -> Parser:
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--steps_per_repeat", "--steps-per-repeat", type=int, default=1)
-  p.add_argument("--compile_only", "--compile-only", action="store_true",
-                 help="lower + compile + memory analysis, nothing allocated or run")
-  p.add_argument("--torch_baseline", "--torch-baseline", action="store_true",
-                 help="also time HF GPT-2 + PyTorch dispersion (requirements-bench.txt)")
+  p.add_argument(
+      "--compile_only",
+      "--compile-only",
+      action="store_true",
+      help="lower + compile + memory analysis, nothing allocated or run",
+  )
+  p.add_argument(
+      "--torch_baseline",
+      "--torch-baseline",
+      action="store_true",
+      help="also time HF GPT-2 + PyTorch dispersion (requirements-bench.txt)",
+  )
   p.add_argument("--torch_compile", "--torch-compile", action="store_true")
-  p.add_argument("--data_batches", "--data-batches", type=int, default=0,
-                 help="also measure the input pipeline alone over N batches")
+  p.add_argument(
+      "--data_batches",
+      "--data-batches",
+      type=int,
+      default=0,
+      help="also measure the input pipeline alone over N batches",
+  )
   p.add_argument("--peak_flops", "--peak-flops", type=float, default=None)
-  p.add_argument("--vmap_members", default=None, metavar="K,K",
-                 help="instead: the vmapped multi-model step vs K ordinary steps (sweeps' --vmap)")
+  p.add_argument(
+      "--vmap_members",
+      default=None,
+      metavar="K,K",
+      help="instead: the vmapped multi-model step vs K ordinary steps (sweeps' --vmap)",
+  )
   p.add_argument("--json", default=None, help="write the rows here")
   old = p.add_argument_group("aliases of config keys (one release)")
   for flag in ALIASES:
@@ -74,17 +105,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   overrides = overrides_of(args)
   if args.vmap_members:
     cfg = load(args.config, overrides)
-    rows = vmap_train.benchmark(cfg, [int(k) for k in args.vmap_members.split(",")], steps=args.steps_per_repeat,
-                                repeats=args.repeats)
+    rows = vmap_train.benchmark(
+        cfg, [int(k) for k in args.vmap_members.split(",")], steps=args.steps_per_repeat, repeats=args.repeats
+    )
     print(f"device: {jax.devices()[0].device_kind}")
     print(vmap_train.table(rows))
   else:
     if args.torch_baseline:
       from dispersion_jax.research import bench_torch  # noqa: PLC0415 - torch is an optional extra
+
       bench_torch.require_torch()  # fail in one line before compiling anything
-    opts = bench.Options(warmup=args.warmup, repeats=args.repeats, steps_per_repeat=args.steps_per_repeat,
-                         compile_only=args.compile_only, torch_baseline=args.torch_baseline,
-                         torch_compile=args.torch_compile, data_batches=args.data_batches, peak_flops=args.peak_flops)
+    opts = bench.Options(
+        warmup=args.warmup,
+        repeats=args.repeats,
+        steps_per_repeat=args.steps_per_repeat,
+        compile_only=args.compile_only,
+        torch_baseline=args.torch_baseline,
+        torch_compile=args.torch_compile,
+        data_batches=args.data_batches,
+        peak_flops=args.peak_flops,
+    )
     rows = bench.run(args.config, overrides, opts)
     print(bench.table(rows))
   if args.json:

@@ -3,6 +3,7 @@
 The data layer on the embedded corpus: build tokens/s per number of worker processes, re-pack tokens/s, and the
 step-indexed read path's tokens/s per core (numpy rows, global arrays, thread prefetch). Prints a table.
 """
+
 from collections.abc import Sequence
 
 from dispersion_jax.cli.common import Parser, run_main

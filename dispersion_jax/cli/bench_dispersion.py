@@ -5,6 +5,7 @@
 The dispersion term alone (value + grad, jitted) for each impl, variant and block size: median time over
 interleaved rounds, compile time, XLA's memory analysis (temp bytes); research/bench_dispersion.py says how.
 """
+
 import json
 
 import jax
@@ -32,8 +33,12 @@ def parse_args(argv=None):
   p.add_argument("--variants", type=_csv(str), default=["angular_spread"], help=f"comma list of {VARIANTS} or all")
   p.add_argument("--impls", type=_csv(str), default=None, help="default: reference,xla (+pallas on a GPU)")
   p.add_argument("--block_size", type=_csv(_block), default=[None, 512], help="comma list; none = dense")
-  p.add_argument("--pallas_tile_n", type=_csv(int), default=[dispersion_pallas.TILE_N],
-                 help="key-tile widths to try for the kernel (64, 128)")
+  p.add_argument(
+      "--pallas_tile_n",
+      type=_csv(int),
+      default=[dispersion_pallas.TILE_N],
+      help="key-tile widths to try for the kernel (64, 128)",
+  )
   p.add_argument("--dtype", default="bfloat16", help="dtype of the hidden states (the model's compute dtype)")
   p.add_argument("--clamp_threshold", type=float, default=0.1)
   p.add_argument("--max_tokens", type=int, default=None)
@@ -50,7 +55,6 @@ def parse_args(argv=None):
   args.impls = args.impls or (["reference", "xla"] + (["pallas"] if on_gpu else []))
   args.inner = args.inner or (10 if on_gpu else 1)
   return args
-
 
 
 @run_main

@@ -2,6 +2,7 @@
 `--config FILE [--config.KEY=VALUE ...]`, launch flags for multi-process runs, and user errors reported as one
 line `error: ...` with exit code 2.
 """
+
 import argparse
 import functools
 import sys
@@ -23,9 +24,13 @@ class Parser(argparse.ArgumentParser):
     super().__init__(*args, **kw)
     self._overrides = overrides
     if overrides:
-      self.add_argument("--config.KEY=VALUE", dest="_override_help", action="append", metavar="",
-                        help="override one setting of the run config (typed by dispersion_jax/config.py); "
-                             "repeat as needed")
+      self.add_argument(
+          "--config.KEY=VALUE",
+          dest="_override_help",
+          action="append",
+          metavar="",
+          help="override one setting of the run config (typed by dispersion_jax/config.py); " "repeat as needed",
+      )
 
   def error(self, message: str):
     print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -39,7 +44,7 @@ class Parser(argparse.ArgumentParser):
         name, eq, value = a.partition("=")
         if not eq:
           self.error(f"{a}: write overrides as --config.KEY=VALUE")
-        overrides.append((name[len("--config."):], value))
+        overrides.append((name[len("--config.") :], value))
       else:
         rest.append(a)
     ns = super().parse_args(rest, namespace)
@@ -52,8 +57,12 @@ class Parser(argparse.ArgumentParser):
 def add_run_config(p: Parser, workdir: bool = True, required: bool = True) -> None:
   p.add_argument("--config", required=required, metavar="FILE", help="a config file (configs/*.py)")
   if workdir:
-    p.add_argument("--workdir", required=True, metavar="DIR",
-                   help="checkpoints, metrics and logs; re-running with the same one resumes")
+    p.add_argument(
+        "--workdir",
+        required=True,
+        metavar="DIR",
+        help="checkpoints, metrics and logs; re-running with the same one resumes",
+    )
 
 
 def add_launch(p: Parser) -> None:
@@ -67,8 +76,13 @@ def add_model_source(p: Parser) -> None:
   """`--workdir RUN [--step N] | --hf_model DIR`: the model a research tool reads."""
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument("--workdir", help="a training run: its latest (or --step) checkpoint and its tokenizer")
-  g.add_argument("--hf_model", "--hf-model", dest="hf_model", metavar="DIR",
-                 help="a Hugging Face model directory (config.json + safetensors)")
+  g.add_argument(
+      "--hf_model",
+      "--hf-model",
+      dest="hf_model",
+      metavar="DIR",
+      help="a Hugging Face model directory (config.json + safetensors)",
+  )
   p.add_argument("--step", type=int, default=None, help="with --workdir: this checkpoint step (default: latest)")
 
 
@@ -90,4 +104,5 @@ def run_main(fn: Callable | None = None, *, catch: tuple[type[BaseException], ..
     except catch as e:
       print(f"error: {e}", file=sys.stderr)
       distributed.exit_now(USAGE_EXIT)  # multi-process: no shutdown barrier with peers still computing
+
   return wrapper

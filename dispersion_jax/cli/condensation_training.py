@@ -7,6 +7,7 @@ Embedding condensation over training: the per-layer token-token cosine statistic
 checkpoint step) with a line plot of the mean cosine per layer over steps and a table (Markdown + CSV) of the mean
 cosine per layer and the Spearman correlation with depth, per step and run (research/condensation_training.py).
 """
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,8 +36,12 @@ def parser() -> Parser:
   p.add_argument("--max_length", type=int, required=True, help="tokens per text (also capped at n_positions)")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--steps", default=None, help="only these checkpoint steps (comma-separated)")
-  p.add_argument("--max_checkpoints", type=int, default=None,
-                 help="at most this many checkpoints per run, evenly spaced, first and last kept")
+  p.add_argument(
+      "--max_checkpoints",
+      type=int,
+      default=None,
+      help="at most this many checkpoints per run, evenly spaced, first and last kept",
+  )
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--num_bins", type=int, default=NUM_BINS)
   return p
@@ -61,10 +66,16 @@ def parse_args(argv: Sequence[str] | None = None):
 def run(args) -> dict[str, Any]:
   source = args.texts or args.token_ids or f"corpus:{args.corpus}"
   result = ct.over_training(
-      args.workdirs, lambda tok: rep.load_token_lists(args, tok), max_length=args.max_length,
+      args.workdirs,
+      lambda tok: rep.load_token_lists(args, tok),
+      max_length=args.max_length,
       labels=args.labels.split(",") if args.labels else None,
-      steps=_int_list(args.steps) if args.steps else None, max_checkpoints=args.max_checkpoints,
-      batch_size=args.batch_size, num_bins=args.num_bins, source=source)
+      steps=_int_list(args.steps) if args.steps else None,
+      max_checkpoints=args.max_checkpoints,
+      batch_size=args.batch_size,
+      num_bins=args.num_bins,
+      source=source,
+  )
   ct.write_report(result, args.out)
   for r in result["runs"]:
     sp = " ".join(f"{s}:{rep.fmt(r['summaries'][s]['spearman'])}" for s in r["steps"])

@@ -6,6 +6,7 @@ Zero/few-shot multiple-choice accuracy by log-likelihood (lm-evaluation-harness 
 perplexity through the data pipeline, export to a Hugging Face directory. Kebab-case spellings of the flags
 (--hf-model, --num-fewshot, ...) are accepted for one release.
 """
+
 import json
 import os
 import pathlib
@@ -23,8 +24,13 @@ def parser() -> Parser:
   add_model_source(p)
   p.add_argument("--tasks", nargs="+", default=None, help="JSONL task files (default: the examples, unless --split)")
   p.add_argument("--split", default=None, help="also report loss / perplexity on this split of the run's dataset")
-  p.add_argument("--num_batches", "--num-batches", type=int, default=8,
-                 help="with --split: batches of --batch_size; 0 = whole split")
+  p.add_argument(
+      "--num_batches",
+      "--num-batches",
+      type=int,
+      default=8,
+      help="with --split: batches of --batch_size; 0 = whole split",
+  )
   p.add_argument("--num_fewshot", "--num-fewshot", type=int, default=0)
   p.add_argument("--seed", type=int, default=ev.FEWSHOT_SEED, help="few-shot sampling seed")
   p.add_argument("--batch_size", "--batch-size", type=int, default=16)
@@ -53,18 +59,37 @@ def run(args) -> dict[str, Any]:
     tokenizer = get_tokenizer(tok_name)
   except ValueError as e:
     raise DataError(f"tokenizer: {e}") from None
-  results: dict[str, Any] = {"model": args.hf_model or args.workdir, "step": args.step, "tokenizer": tok_name,
-                             "num_fewshot": args.num_fewshot, "seed": args.seed, "tasks": {}}
+  results: dict[str, Any] = {
+      "model": args.hf_model or args.workdir,
+      "step": args.step,
+      "tokenizer": tok_name,
+      "num_fewshot": args.num_fewshot,
+      "seed": args.seed,
+      "tasks": {},
+  }
   if args.split:
-    pp = ev.perplexity(cfg, params, ev.data_config(args.workdir, cfg, tok_name), split=args.split,
-                       num_batches=args.num_batches or None, batch_size=args.batch_size)
+    pp = ev.perplexity(
+        cfg,
+        params,
+        ev.data_config(args.workdir, cfg, tok_name),
+        split=args.split,
+        num_batches=args.num_batches or None,
+        batch_size=args.batch_size,
+    )
     results["perplexity"] = pp
     print(f"{args.split:<24} loss={pp['loss']:.4f}  ppl={pp['ppl']:.2f}  ({pp['tokens']} tokens)")
   tasks = args.tasks if args.tasks is not None else [] if args.split else [str(t) for t in ev.DEFAULT_TASKS]
   for path in tasks:
     name = pathlib.Path(path).stem
-    res = ev.evaluate_task(cfg, params, tokenizer, ev.load_task(path), num_fewshot=args.num_fewshot, seed=args.seed,
-                           batch_size=args.batch_size)
+    res = ev.evaluate_task(
+        cfg,
+        params,
+        tokenizer,
+        ev.load_task(path),
+        num_fewshot=args.num_fewshot,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
     results["tasks"][name] = res
     print(f"{name:<24} n={res['num_examples']:<5d} acc={res['acc']:.4f}  acc_norm={res['acc_norm']:.4f}")
   if args.out:

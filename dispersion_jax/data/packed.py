@@ -14,6 +14,7 @@ Record i of a split = block i = tokens [i(L+1), (i+1)(L+1)) of the split's strea
   doc_starts  int32[k]     positions j in [1, L] of the block where a document begins (for segment ids)
 The last partial block of each split is dropped (counted in pack_meta.json). Reading needs no TensorFlow.
 """
+
 import dataclasses
 import functools
 import hashlib
@@ -27,10 +28,10 @@ from dispersion_jax.data import inputs as inputs_lib
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.errors import DataError
 
-FORMAT_VERSION = 1                # bump when the records or their meaning change: a new fingerprint
+FORMAT_VERSION = 1  # bump when the records or their meaning change: a new fingerprint
 DATASET_NAME = "dispersion_packed"
 SPLITS = inputs_lib.SPLITS
-SHARD_BYTES = 64 << 20            # token bytes per ArrayRecord shard (file layout only; records do not depend on it)
+SHARD_BYTES = 64 << 20  # token bytes per ArrayRecord shard (file layout only; records do not depend on it)
 META_FILE = "pack_meta.json"
 BUILD_COMMAND = "python -m dispersion_jax.data.build --config CFG"
 
@@ -41,23 +42,29 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def features(seq_len: int, dtype) -> "tfds.features.FeaturesDict":  # noqa: F821
   import tensorflow_datasets as tfds  # noqa: PLC0415
-  return tfds.features.FeaturesDict({
-      "tokens": tfds.features.Tensor(shape=(seq_len + 1,), dtype=np.dtype(dtype),
-                                     encoding=tfds.features.Encoding.BYTES),
-      "doc_starts": tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding=tfds.features.Encoding.BYTES),
-  })
+
+  return tfds.features.FeaturesDict(
+      {
+          "tokens": tfds.features.Tensor(
+              shape=(seq_len + 1,), dtype=np.dtype(dtype), encoding=tfds.features.Encoding.BYTES
+          ),
+          "doc_starts": tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding=tfds.features.Encoding.BYTES),
+      }
+  )
 
 
 def record_serializer(seq_len: int, dtype):
   """(tokens, doc_starts) -> the record's bytes: a tf.Example as TFDS writes it, but serialized deterministically
   (the map of features is otherwise ordered by a per-process string hash, and files would differ between runs)."""
   from tensorflow_datasets.core import example_serializer  # noqa: PLC0415
+
   feats = features(seq_len, dtype)
   serializer = example_serializer.ExampleSerializer(feats.get_serialized_info())
 
   def serialize(tokens: np.ndarray, doc_starts: np.ndarray) -> bytes:
     example = feats.encode_example({"tokens": tokens, "doc_starts": doc_starts})
     return serializer.get_tf_example(example).SerializeToString(deterministic=True)
+
   return serialize
 
 
@@ -65,6 +72,7 @@ def cache_root(cfg: DataConfig) -> str:
   root = cfg.cache_dir or cfg.data_dir
   if not root:
     from tensorflow_datasets.core import constants  # noqa: PLC0415 - honours $TFDS_DATA_DIR
+
     root = constants.DATA_DIR
   return os.path.join(os.path.abspath(os.path.expanduser(os.fspath(root))), DATASET_NAME)
 
@@ -76,13 +84,14 @@ def _hash(obj) -> str:
 @dataclasses.dataclass(frozen=True)
 class Identity:
   """Where a (source, input, tokenizer, seq_len) dataset lives and what identifies it."""
-  root: str                       # <cache root>/dispersion_packed
-  name: str                       # directory of the packed dataset
-  fingerprint: str                # of input, tokenizer, seq_len and format version
-  base: dict                      # what the fingerprint hashes, less seq_len (JSON)
+
+  root: str  # <cache root>/dispersion_packed
+  name: str  # directory of the packed dataset
+  fingerprint: str  # of input, tokenizer, seq_len and format version
+  base: dict  # what the fingerprint hashes, less seq_len (JSON)
   seq_len: int
-  tokenizer: str                  # the tokenizer's stable name ("gpt2", "hf-<hash>")
-  tokenizer_spec: str             # the tokenizer argument ("gpt2" or a directory), for the worker processes
+  tokenizer: str  # the tokenizer's stable name ("gpt2", "hf-<hash>")
+  tokenizer_spec: str  # the tokenizer argument ("gpt2" or a directory), for the worker processes
   vocab_size: int
   eos_id: int
   dtype: str
@@ -109,15 +118,33 @@ def identify(cfg: DataConfig, *, tokenizer: str, seq_len: int) -> Identity:
   except ValueError as e:
     raise DataError(f"tokenizer: {e}") from None
   inputs = inputs_lib.describe_inputs(cfg)
-  base = {"format": FORMAT_VERSION, "input": inputs.identity, "validation_fraction": _validation_fraction(),
-          "tokenizer": tok.name, "eos_id": tok.eos_id, "vocab_size": tok.vocab_size}
+  base = {
+      "format": FORMAT_VERSION,
+      "input": inputs.identity,
+      "validation_fraction": _validation_fraction(),
+      "tokenizer": tok.name,
+      "eos_id": tok.eos_id,
+      "vocab_size": tok.vocab_size,
+  }
   fingerprint = _hash({**base, "seq_len": seq_len})
-  return Identity(cache_root(cfg), f"{inputs.label}-{tok.name}-L{seq_len}-{fingerprint}", fingerprint, base,
-                  seq_len, tok.name, tokenizer, tok.vocab_size, tok.eos_id, token_dtype(tok.vocab_size).name, inputs)
+  return Identity(
+      cache_root(cfg),
+      f"{inputs.label}-{tok.name}-L{seq_len}-{fingerprint}",
+      fingerprint,
+      base,
+      seq_len,
+      tok.name,
+      tokenizer,
+      tok.vocab_size,
+      tok.eos_id,
+      token_dtype(tok.vocab_size).name,
+      inputs,
+  )
 
 
 def _validation_fraction() -> float:
   from dispersion_jax.data import corpus  # noqa: PLC0415
+
   return corpus.VALIDATION_FRACTION
 
 
@@ -130,11 +157,14 @@ class PackedDataset:
       with open(meta_path) as fh:
         self.meta = json.load(fh)
     except (OSError, json.JSONDecodeError) as e:
-      raise DataError(f"{path} is not a built dataset ({META_FILE}: {type(e).__name__}); rebuild it with "
-                      f"`{BUILD_COMMAND}`") from None
+      raise DataError(
+          f"{path} is not a built dataset ({META_FILE}: {type(e).__name__}); rebuild it with " f"`{BUILD_COMMAND}`"
+      ) from None
     if self.meta.get("format") != FORMAT_VERSION:
-      raise DataError(f"{path} was built by another version of the data format ({self.meta.get('format')}, "
-                      f"this code reads {FORMAT_VERSION}); rebuild it with `{BUILD_COMMAND}`")
+      raise DataError(
+          f"{path} was built by another version of the data format ({self.meta.get('format')}, "
+          f"this code reads {FORMAT_VERSION}); rebuild it with `{BUILD_COMMAND}`"
+      )
     self.path = path
     self.fingerprint: str = self.meta["fingerprint"]
     self.seq_len: int = self.meta["seq_len"]
@@ -155,6 +185,7 @@ class PackedDataset:
   @functools.cached_property
   def _builder(self):
     import tensorflow_datasets as tfds  # noqa: PLC0415
+
     return tfds.builder_from_directory(self.path)
 
   @functools.lru_cache(maxsize=None)  # noqa: B019 - one source per split for the dataset's lifetime
@@ -198,9 +229,12 @@ class PackedDataset:
 def _parse(record: bytes, dtype) -> tuple[np.ndarray, np.ndarray]:
   """A record (tf.Example with two BYTES tensors) -> (tokens, doc_starts)."""
   from tensorflow_datasets.proto import tf_example_pb2  # noqa: PLC0415 - protobuf (upb), no TensorFlow
+
   feature = tf_example_pb2.Example.FromString(record).features.feature
-  return (np.frombuffer(feature["tokens"].bytes_list.value[0], dtype),
-          np.frombuffer(feature["doc_starts"].bytes_list.value[0], np.int32))
+  return (
+      np.frombuffer(feature["tokens"].bytes_list.value[0], dtype),
+      np.frombuffer(feature["doc_starts"].bytes_list.value[0], np.int32),
+  )
 
 
 def open_path(path: str) -> PackedDataset:
@@ -219,30 +253,39 @@ def open_packed(cfg: DataConfig, *, tokenizer: str, seq_len: int) -> PackedDatas
 
 def open_identity(ident: Identity) -> PackedDataset:
   if not os.path.isdir(ident.path):
-    others = sorted(n for n in os.listdir(ident.root) if n.startswith(f"{ident.inputs.label}-")) \
-        if os.path.isdir(ident.root) else []
+    others = (
+        sorted(n for n in os.listdir(ident.root) if n.startswith(f"{ident.inputs.label}-"))
+        if os.path.isdir(ident.root)
+        else []
+    )
     hint = f" ({len(others)} other build(s) of this input exist: inputs, tokenizer or seq_len differ)" if others else ""
-    raise DataError(f"no built dataset for {ident.inputs.describe()} with tokenizer {ident.tokenizer} and "
-                    f"seq_len={ident.seq_len} in {ident.root}{hint}; build it with `{BUILD_COMMAND}` "
-                    "(the training config and --config.* flags)")
+    raise DataError(
+        f"no built dataset for {ident.inputs.describe()} with tokenizer {ident.tokenizer} and "
+        f"seq_len={ident.seq_len} in {ident.root}{hint}; build it with `{BUILD_COMMAND}` "
+        "(the training config and --config.* flags)"
+    )
   ds = PackedDataset(ident.path)
   if ds.fingerprint != ident.fingerprint:
-    raise DataError(f"{ident.path} has fingerprint {ds.fingerprint}, expected {ident.fingerprint}; delete it and "
-                    f"rebuild with `{BUILD_COMMAND}`")
+    raise DataError(
+        f"{ident.path} has fingerprint {ds.fingerprint}, expected {ident.fingerprint}; delete it and "
+        f"rebuild with `{BUILD_COMMAND}`"
+    )
   return ds
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage C worker: one shard of blocks of a split's stream -> one ArrayRecord file.
 
+
 def write_shard(task: dict) -> tuple[str, int, int, int]:
   """Writes blocks [b0, b1) of a split into `task["out"]`; returns (split, shard, file size, blocks). Runs in a
   worker process."""
   from tensorflow_datasets.core import file_adapters  # noqa: PLC0415
+
   seq_len, dtype = task["seq_len"], np.dtype(task["dtype"])
   width = seq_len + 1
-  segments = np.load(task["segments"])       # int64[n, 4]: unit, split code, token lo, token hi
-  starts = np.load(task["starts"], mmap_mode="r")   # int64[docs]: stream offset of each document's first token
+  segments = np.load(task["segments"])  # int64[n, 4]: unit, split code, token lo, token hi
+  starts = np.load(task["starts"], mmap_mode="r")  # int64[docs]: stream offset of each document's first token
   o0, o1 = task["b0"] * width, task["b1"] * width
   seg_end = np.cumsum(segments[:, 3] - segments[:, 2])
   seg_begin = seg_end - (segments[:, 3] - segments[:, 2])
@@ -256,16 +299,16 @@ def write_shard(task: dict) -> tuple[str, int, int, int]:
     tokens = np.load(inputs_lib.unit_file(task["token_dir"], unit, SPLITS[split_code], "tok"), mmap_mode="r")
     a = lo + (pos - seg_begin[s])
     n = min(o1 - pos, seg_end[s] - pos)
-    buf[pos - o0: pos - o0 + n] = tokens[a: a + n]
+    buf[pos - o0 : pos - o0 + n] = tokens[a : a + n]
     pos += n
   blocks = buf.reshape(-1, width)
-  inner = np.asarray(starts[np.searchsorted(starts, o0, side="right"): np.searchsorted(starts, o1, side="left")])
+  inner = np.asarray(starts[np.searchsorted(starts, o0, side="right") : np.searchsorted(starts, o1, side="left")])
   rel = inner - o0
   inner_block, inner_pos = rel // width, (rel % width).astype(np.int32)
-  keep = inner_pos > 0                       # a document starting a block gets segment id 1 anyway
+  keep = inner_pos > 0  # a document starting a block gets segment id 1 anyway
   inner_block, inner_pos = inner_block[keep], inner_pos[keep]
   bounds = np.searchsorted(inner_block, np.arange(len(blocks) + 1))
   serialize = record_serializer(seq_len, dtype)
-  records = ((None, serialize(blocks[i], inner_pos[bounds[i]: bounds[i + 1]])) for i in range(len(blocks)))
+  records = ((None, serialize(blocks[i], inner_pos[bounds[i] : bounds[i + 1]])) for i in range(len(blocks)))
   file_adapters.ArrayRecordFileAdapter.write_examples(task["out"], records)
   return task["split"], task["shard"], os.path.getsize(task["out"]), len(blocks)

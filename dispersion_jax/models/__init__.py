@@ -11,6 +11,7 @@ sows `intermediates/embed` (embedding output), `h_{i}/hidden` or scanned `h/hidd
 `Config` and `Model` for its config class and module class.
 Shared code goes through the functions here, never through `if family == ...`.
 """
+
 import types
 
 import flax.linen as nn
@@ -31,8 +32,9 @@ def family(cfg) -> types.ModuleType:
   try:
     return _BY_CONFIG[type(cfg)]
   except KeyError:
-    raise TypeError(f"{type(cfg).__name__} is not a model config; use one of "
-                    f"{', '.join(c.__name__ for c in _BY_CONFIG)}") from None
+    raise TypeError(
+        f"{type(cfg).__name__} is not a model config; use one of " f"{', '.join(c.__name__ for c in _BY_CONFIG)}"
+    ) from None
 
 
 def build_model(cfg) -> nn.Module:
@@ -92,6 +94,20 @@ def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-__all__ = ["FAMILIES", "GPT", "GPTConfig", "ModelConfig", "Qwen3", "Qwen3Config", "build_model", "count_params",
-           "family", "flops_per_token", "hidden_states", "init_params", "lm_head", "param_logical_axes",
-           "param_shapes"]
+__all__ = [
+    "FAMILIES",
+    "GPT",
+    "GPTConfig",
+    "ModelConfig",
+    "Qwen3",
+    "Qwen3Config",
+    "build_model",
+    "count_params",
+    "family",
+    "flops_per_token",
+    "hidden_states",
+    "init_params",
+    "lm_head",
+    "param_logical_axes",
+    "param_shapes",
+]

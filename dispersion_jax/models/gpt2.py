@@ -3,6 +3,7 @@
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `mlp`, `layers`) that `sharding.py` maps onto the
 mesh. Dense kernels are [in, out], the layout of Hugging Face's Conv1D weights, so conversion is a rename.
 """
+
 import dataclasses
 import math
 from typing import Any
@@ -14,10 +15,10 @@ import jax.numpy as jnp
 from dispersion_jax.baselines import add_embedding_noise
 
 PRESETS: dict[str, dict[str, int]] = {
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),            # 124M
-    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),    # 355M
-    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),     # 774M
-    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),        # 1.5B
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),  # 355M
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),  # 1.5B
     "tiny": dict(n_layer=4, n_embd=256, n_head=4, n_positions=256),
     "test": dict(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=128),
 }
@@ -36,14 +37,14 @@ class GPTConfig:
   n_embd: int = 768
   n_layer: int = 12
   n_head: int = 12
-  n_inner: int | None = None            # MLP width; None = 4 * n_embd
+  n_inner: int | None = None  # MLP width; None = 4 * n_embd
   layer_norm_epsilon: float = 1e-5
-  dropout: float = 0.0                  # embedding and residual dropout (GPT-2's embd_pdrop / resid_pdrop)
-  dtype: str = "float32"                # compute dtype; logits and softmax stay float32
+  dropout: float = 0.0  # embedding and residual dropout (GPT-2's embd_pdrop / resid_pdrop)
+  dtype: str = "float32"  # compute dtype; logits and softmax stay float32
   param_dtype: str = "float32"
-  remat: str = "none"                   # none | full | dots
-  scan_layers: bool = False             # nn.scan over blocks: one compiled block, params stacked on `layers`
-  attention: str = "auto"               # auto (cuDNN on GPU in bf16/fp16, else xla) | xla | cudnn
+  remat: str = "none"  # none | full | dots
+  scan_layers: bool = False  # nn.scan over blocks: one compiled block, params stacked on `layers`
+  attention: str = "auto"  # auto (cuDNN on GPU in bf16/fp16, else xla) | xla | cudnn
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
@@ -65,17 +66,27 @@ class GPTConfig:
 
 
 def _dense(features: int, names: tuple[str, str], std: float, cfg: GPTConfig, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), names),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
+  return nn.Dense(
+      features,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
+  )
 
 
 def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
   # use_fast_variance=False: E[(x - mean)^2], the PyTorch formula (E[x^2] - mean^2 loses digits).
-  return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                      use_fast_variance=False, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_epsilon,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      use_fast_variance=False,
+      name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+  )
 
 
 class Attention(nn.Module):
@@ -147,10 +158,22 @@ class GPT(nn.Module):
     B, L = input_ids_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
-    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="wte",
-                   embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
-    wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="wpe",
-                   embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")))
+    wte = nn.Embed(
+        cfg.vocab_size,
+        cfg.n_embd,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name="wte",
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+    )
+    wpe = nn.Embed(
+        cfg.n_positions,
+        cfg.n_embd,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name="wpe",
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+    )
     x_BxLxD = wte(input_ids_BxL) + wpe(positions_BxL)
     if embed_noise_alpha:  # NEFTune-style noise (baselines.py); on wte's output or after wpe: the same sum
       x_BxLxD = add_embedding_noise(x_BxLxD, embed_noise_alpha, self.make_rng("noise"))
@@ -164,9 +187,13 @@ class GPT(nn.Module):
       # CSE barriers prevent_cse inserts would only cost speed (jax.checkpoint's documented advice).
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
-                      split_rngs={"params": True, "dropout": True}, length=cfg.n_layer,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+          block,
+          variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True},
+          length=cfg.n_layer,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       x_BxLxD, _ = stack(cfg, deterministic, name="h")(x_BxLxD, None)
     else:
       for i in range(cfg.n_layer):
@@ -176,8 +203,9 @@ class GPT(nn.Module):
     self.sow("intermediates", "final", x_BxLxD)
     # Tied LM head; logits accumulate in float32 (or wider) whatever the compute dtype.
     acc = jnp.promote_types(cfg.dtype, jnp.float32)
-    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(cfg.dtype), wte.embedding.astype(cfg.dtype),
-                      preferred_element_type=acc)
+    return jnp.einsum(
+        "bld,vd->blv", x_BxLxD.astype(cfg.dtype), wte.embedding.astype(cfg.dtype), preferred_element_type=acc
+    )
 
 
 def lm_head(params: dict, cfg: GPTConfig) -> jax.Array:
@@ -186,7 +214,7 @@ def lm_head(params: dict, cfg: GPTConfig) -> jax.Array:
 
 
 EMBED_PATH = ("wte", "embedding")  # the input token embedding [V, D] (active forgetting re-draws it)
-NEFTUNE_ALPHA = 1.0                # the authors' GPT-2 default
+NEFTUNE_ALPHA = 1.0  # the authors' GPT-2 default
 
 
 def lookup_params(cfg: GPTConfig) -> int:

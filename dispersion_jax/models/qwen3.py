@@ -8,6 +8,7 @@ Names mirror HF's (`embed_tokens`, `self_attn/q_proj`, `mlp/gate_proj`, `norm`, 
 mechanical; blocks are `h_{i}` (scanned: `h`) as in GPT-2, which `models.hidden_states` relies on. Dense kernels are
 [in, out] (HF's nn.Linear weights transposed).
 """
+
 import dataclasses
 import functools
 import math
@@ -35,10 +36,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-width_768": dict(_TITAN, n_embd=768, n_head=6, n_kv_head=6, n_inner=2304),
     # CPU sizes. `tiny` has GPT-2's vocabulary: it trains on the offline GPT-2 BPE (the Qwen tokenizer needs an HF
     # tokenizer directory, and its 151,936-row embedding alone would be 39M parameters at this width).
-    "tiny": dict(vocab_size=50257, n_positions=256, n_embd=256, n_layer=4, n_head=4, n_kv_head=2, head_dim=64,
-                 n_inner=768),
-    "test": dict(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=16,
-                 n_inner=64),  # H * K = 64 != D = 32 and GQA, like the real sizes
+    "tiny": dict(
+        vocab_size=50257, n_positions=256, n_embd=256, n_layer=4, n_head=4, n_kv_head=2, head_dim=64, n_inner=768
+    ),
+    "test": dict(
+        vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, n_inner=64
+    ),  # H * K = 64 != D = 32 and GQA, like the real sizes
 }
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 
@@ -46,37 +49,40 @@ _ACT = ("activation_batch", "activation_length", "activation_embed")
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
   vocab_size: int = 151936
-  n_positions: int = 40960              # max_position_embeddings; RoPE itself has no length limit
-  n_embd: int = 1024                    # hidden_size D
+  n_positions: int = 40960  # max_position_embeddings; RoPE itself has no length limit
+  n_embd: int = 1024  # hidden_size D
   n_layer: int = 28
-  n_head: int = 16                      # query heads H
-  n_kv_head: int = 8                    # key/value heads G; query head h reads kv head h // (H / G)
-  head_dim: int = 128                   # K, independent of n_embd / n_head
-  n_inner: int = 3072                   # intermediate_size F
+  n_head: int = 16  # query heads H
+  n_kv_head: int = 8  # key/value heads G; query head h reads kv head h // (H / G)
+  head_dim: int = 128  # K, independent of n_embd / n_head
+  n_inner: int = 3072  # intermediate_size F
   rope_theta: float = 1e6
   rms_norm_eps: float = 1e-6
-  tie_embeddings: bool = True           # logits = h @ embed_tokens^T; False: a separate lm_head
-  dropout: float = 0.0                  # Qwen3 has no dropout; kept so shared code can read cfg.dropout
-  dtype: str = "float32"                # compute dtype; logits, softmax and RMSNorm statistics stay >= float32
+  tie_embeddings: bool = True  # logits = h @ embed_tokens^T; False: a separate lm_head
+  dropout: float = 0.0  # Qwen3 has no dropout; kept so shared code can read cfg.dropout
+  dtype: str = "float32"  # compute dtype; logits, softmax and RMSNorm statistics stay >= float32
   param_dtype: str = "float32"
-  remat: str = "none"                   # none | full | dots
-  scan_layers: bool = False             # nn.scan over blocks: one compiled block, params stacked on `layers`
-  attention: str = "auto"               # auto (cuDNN on GPU in bf16/fp16, else xla) | xla | cudnn
+  remat: str = "none"  # none | full | dots
+  scan_layers: bool = False  # nn.scan over blocks: one compiled block, params stacked on `layers`
+  attention: str = "auto"  # auto (cuDNN on GPU in bf16/fp16, else xla) | xla | cudnn
 
   def __post_init__(self):
     for f in _SHAPES:
       if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
         raise ValueError(f"{f}={getattr(self, f)!r} must be a positive integer")
     if self.n_head % self.n_kv_head:
-      raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} (grouped-query "
-                       "attention); change n_kv_head")
+      raise ValueError(
+          f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} (grouped-query "
+          "attention); change n_kv_head"
+      )
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even (rotary embeddings rotate pairs of dimensions)")
     if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
       raise ValueError(f"rope_theta={self.rope_theta} and rms_norm_eps={self.rms_norm_eps} must be positive")
     if self.dropout != 0.0:
-      raise ValueError(f"dropout={self.dropout}: Qwen3 has no dropout (attention_dropout is 0 in every "
-                       "checkpoint); set dropout=0")
+      raise ValueError(
+          f"dropout={self.dropout}: Qwen3 has no dropout (attention_dropout is 0 in every " "checkpoint); set dropout=0"
+      )
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
     if self.attention not in ATTENTION_IMPLS:
@@ -95,12 +101,20 @@ class Qwen3Config:
 
 def _dense(features: int, names: tuple[str, str], cfg: Qwen3Config, name: str, **kw) -> nn.Dense:
   # HF's _init_weights: every Linear N(0, initializer_range=0.02); Qwen3 projections have no biases.
-  return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names), **kw)
+  return nn.Dense(
+      features,
+      use_bias=False,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
+      **kw,
+  )
 
 
 class RMSNorm(nn.Module):
   """HF Qwen3RMSNorm: statistics in float32 or wider, cast back to the input dtype, THEN times the weight."""
+
   eps: float
   axis_name: str | None
   param_dtype: str
@@ -108,8 +122,9 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype
+    )
     acc = jnp.promote_types(x.dtype, jnp.float32)  # HF always uses float32; float64 parity tests keep float64
     x_acc = x.astype(acc)
     y = x_acc * jax.lax.rsqrt(jnp.mean(x_acc * x_acc, axis=-1, keepdims=True) + self.eps)
@@ -192,8 +207,9 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK):
     # nn.scan's (carry, *xs) -> (carry, y): the residual stream is the carry, the RoPE tables are broadcast.
     cfg = self.cfg
-    x_BxLxD = x_BxLxD + Attention(cfg, name="self_attn")(_rms_norm(cfg, "input_layernorm")(x_BxLxD),
-                                                          cos_BxLxK, sin_BxLxK)
+    x_BxLxD = x_BxLxD + Attention(cfg, name="self_attn")(
+        _rms_norm(cfg, "input_layernorm")(x_BxLxD), cos_BxLxK, sin_BxLxK
+    )
     x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(_rms_norm(cfg, "post_attention_layernorm")(x_BxLxD))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACT)
     self.sow("intermediates", "hidden", x_BxLxD)
@@ -210,8 +226,14 @@ class Qwen3(nn.Module):
     B, L = input_ids_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
-    embed = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed_tokens",
-                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+    embed = nn.Embed(
+        cfg.vocab_size,
+        cfg.n_embd,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name="embed_tokens",
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+    )
     x_BxLxD = embed(input_ids_BxL)  # no scaling, no position embedding
     if embed_noise_alpha:  # NEFTune-style noise (baselines.py): the whole embedding output
       x_BxLxD = add_embedding_noise(x_BxLxD, embed_noise_alpha, self.make_rng("noise"))
@@ -224,9 +246,14 @@ class Qwen3(nn.Module):
       # Under nn.scan the loop already keeps XLA from merging the recomputation into the forward pass (see gpt2.py).
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+      stack = nn.scan(
+          block,
+          variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast),
+          length=cfg.n_layer,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       x_BxLxD, _ = stack(cfg, name="h")(x_BxLxD, cos_BxLxK, sin_BxLxK)
     else:
       for i in range(cfg.n_layer):
@@ -237,10 +264,16 @@ class Qwen3(nn.Module):
     # Logits accumulate in float32 (or wider) whatever the compute dtype.
     acc = jnp.promote_types(cfg.dtype, jnp.float32)
     if cfg.tie_embeddings:
-      return jnp.einsum("bld,vd->blv", x_BxLxD.astype(cfg.dtype), embed.embedding.astype(cfg.dtype),
-                        preferred_element_type=acc)
-    head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head",
-                  dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=acc))
+      return jnp.einsum(
+          "bld,vd->blv", x_BxLxD.astype(cfg.dtype), embed.embedding.astype(cfg.dtype), preferred_element_type=acc
+      )
+    head = _dense(
+        cfg.vocab_size,
+        ("embed", "vocab"),
+        cfg,
+        "lm_head",
+        dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=acc),
+    )
     return head(x_BxLxD)
 
 
@@ -252,7 +285,7 @@ def lm_head(params: dict, cfg: Qwen3Config) -> jax.Array:
 
 
 EMBED_PATH = ("embed_tokens", "embedding")  # the input token embedding [V, D] (active forgetting re-draws it)
-NEFTUNE_ALPHA = 5.0                          # the authors' Qwen3 default
+NEFTUNE_ALPHA = 5.0  # the authors' Qwen3 default
 
 
 def lookup_params(cfg: Qwen3Config) -> int:

@@ -12,6 +12,7 @@ MFU = tokens/s x FLOPs/token / peak; peak = the accelerator's bf16 datasheet num
 measured float32 matmul rate (or `peak_flops`). Peak memory: `dry_run.memory_per_device` (XLA's buffer assignment,
 what must fit at once) and, on GPU, `device.memory_stats()["peak_bytes_in_use"]` (process-wide).
 """
+
 import dataclasses
 import functools
 import statistics
@@ -33,11 +34,26 @@ from dispersion_jax.research import sweep
 from dispersion_jax.train_step import init_state, jit_train_step, logical_context, state_shardings, train_step
 
 # Row columns taken from each point's config (the names docs/benchmarks.md uses).
-FIELDS = {"preset": "model.preset", "family": "model.family", "layers": "model.n_layer", "dim": "model.n_embd",
-          "heads": "model.n_head", "vocab": "model.vocab_size", "seq": "seq_len", "batch": "batch_size",
-          "variant": "dispersion.variant", "coeff": "dispersion.coeff", "max_tokens": "dispersion.max_tokens",
-          "block_size": "dispersion.block_size", "impl": "dispersion.impl", "ce_chunk": "ce_chunk", "remat": "model.remat",
-          "scan": "model.scan_layers", "dtype": "model.dtype", "attention": "model.attention"}
+FIELDS = {
+    "preset": "model.preset",
+    "family": "model.family",
+    "layers": "model.n_layer",
+    "dim": "model.n_embd",
+    "heads": "model.n_head",
+    "vocab": "model.vocab_size",
+    "seq": "seq_len",
+    "batch": "batch_size",
+    "variant": "dispersion.variant",
+    "coeff": "dispersion.coeff",
+    "max_tokens": "dispersion.max_tokens",
+    "block_size": "dispersion.block_size",
+    "impl": "dispersion.impl",
+    "ce_chunk": "ce_chunk",
+    "remat": "model.remat",
+    "scan": "model.scan_layers",
+    "dtype": "model.dtype",
+    "attention": "model.attention",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +61,10 @@ class Options:
   warmup: int = 1
   repeats: int = 5
   steps_per_repeat: int = 1
-  compile_only: bool = False          # lower + compile + memory analysis; nothing allocated or run
-  torch_baseline: bool = False        # also Hugging Face GPT-2 + a PyTorch dispersion loss (bench_torch.py)
+  compile_only: bool = False  # lower + compile + memory analysis; nothing allocated or run
+  torch_baseline: bool = False  # also Hugging Face GPT-2 + a PyTorch dispersion loss (bench_torch.py)
   torch_compile: bool = False
-  data_batches: int = 0               # also the input pipeline alone over this many batches
+  data_batches: int = 0  # also the input pipeline alone over this many batches
   peak_flops: float | None = None
 
 
@@ -100,7 +116,7 @@ def peak_flops(override: float | None) -> tuple[float, str]:
   mm = jax.jit(lambda x: x @ x)
   mm(a).block_until_ready()
   best = min(_timed(lambda: mm(a).block_until_ready()) for _ in range(5))
-  return 2 * n ** 3 / best, f"measured float32 {n}^3 matmul on {dev.device_kind}"
+  return 2 * n**3 / best, f"measured float32 {n}^3 matmul on {dev.device_kind}"
 
 
 def _timed(fn) -> float:
@@ -113,8 +129,12 @@ def _batch(cfg: ConfigDict, vocab: int, mesh) -> dict:
   rng = np.random.default_rng(0)
   b, s = cfg.batch_size, cfg.seq_len
   ids = rng.integers(0, vocab, (b, s + 1), dtype=np.int32)
-  batch = dict(input_ids=ids[:, :-1], targets=ids[:, 1:], segment_ids=np.ones((b, s), np.int32),
-               positions=np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)))
+  batch = dict(
+      input_ids=ids[:, :-1],
+      targets=ids[:, 1:],
+      segment_ids=np.ones((b, s), np.int32),
+      positions=np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)),
+  )
   return jax.device_put({k: np.ascontiguousarray(v) for k, v in batch.items()}, sharding.batch_sharding(mesh))
 
 
@@ -125,14 +145,29 @@ def prepare_jax(cfg: ConfigDict, opts: Options) -> tuple[dict, Callable[[], Any]
   opt_cfg, steps = config_lib.optimizer_config(cfg), config_lib.loop_config(cfg).steps
   model, tx, schedule = build_model(model_cfg), make_optimizer(opt_cfg, steps), lr_schedule(opt_cfg, steps)
   abstract, shardings = state_shardings(model_cfg, tx, mesh)
-  row: dict[str, Any] = dict(params=count_params(abstract.params), attention_impl=model_cfg.attention,
-                             flops_per_token=flops_per_token(model_cfg, cfg.seq_len))
+  row: dict[str, Any] = dict(
+      params=count_params(abstract.params),
+      attention_impl=model_cfg.attention,
+      flops_per_token=flops_per_token(model_cfg, cfg.seq_len),
+  )
   with logical_context(mesh):
-    step = jit_train_step(functools.partial(train_step, model=model, disp=disp, tx=tx, schedule=schedule,
-                                            grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk), mesh, shardings)
+    step = jit_train_step(
+        functools.partial(
+            train_step,
+            model=model,
+            disp=disp,
+            tx=tx,
+            schedule=schedule,
+            grad_accum=cfg.grad_accum,
+            ce_chunk=cfg.ce_chunk,
+        ),
+        mesh,
+        shardings,
+    )
     batch = _batch(cfg, model_cfg.vocab_size, mesh)
-    state = abstract if opts.compile_only else \
-        jax.jit(lambda: init_state(model_cfg, tx, 0), out_shardings=shardings)()  # abstract: nothing allocated
+    state = (
+        abstract if opts.compile_only else jax.jit(lambda: init_state(model_cfg, tx, 0), out_shardings=shardings)()
+    )  # abstract: nothing allocated
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     row["compile_s"] = time.perf_counter() - t0
@@ -154,11 +189,23 @@ def prepare_jax(cfg: ConfigDict, opts: Options) -> tuple[dict, Callable[[], Any]
 
 def prepare_torch(cfg: ConfigDict, opts: Options) -> tuple[dict, Callable[[], Any]]:
   from dispersion_jax.research import bench_torch  # noqa: PLC0415 - torch is an optional extra
+
   m, d = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
-  return bench_torch.prepare(layers=m.n_layer, dim=m.n_embd, heads=m.n_head, vocab=m.vocab_size, seq=cfg.seq_len,
-                             batch=cfg.batch_size, variant=d.variant, coeff=d.coeff, max_tokens=d.max_tokens,
-                             compile=opts.torch_compile, warmup=opts.warmup, n_positions=m.n_positions,
-                             clamp_threshold=d.clamp_threshold)
+  return bench_torch.prepare(
+      layers=m.n_layer,
+      dim=m.n_embd,
+      heads=m.n_head,
+      vocab=m.vocab_size,
+      seq=cfg.seq_len,
+      batch=cfg.batch_size,
+      variant=d.variant,
+      coeff=d.coeff,
+      max_tokens=d.max_tokens,
+      compile=opts.torch_compile,
+      warmup=opts.warmup,
+      n_positions=m.n_positions,
+      clamp_threshold=d.clamp_threshold,
+  )
 
 
 def time_interleaved(steps: list[Callable[[], Any]], repeats: int, steps_per_repeat: int) -> list[list[float]]:
@@ -192,9 +239,12 @@ def measure_pipeline(cfg: ConfigDict, num_batches: int) -> float:
 def run(config_path: str, overrides: Sequence[tuple[str, str]], opts: Options) -> list[dict]:
   peak, peak_src = peak_flops(opts.peak_flops)
   cfgs = points(config_path, overrides)
-  frameworks = ["jax"] + (["torch-compile" if opts.torch_compile else "torch-eager"]
-                          if opts.torch_baseline and not opts.compile_only else [])
-  entries, seen = [], set()   # (framework, config, row, step); the torch points once per distinct setting
+  frameworks = ["jax"] + (
+      ["torch-compile" if opts.torch_compile else "torch-eager"]
+      if opts.torch_baseline and not opts.compile_only
+      else []
+  )
+  entries, seen = [], set()  # (framework, config, row, step); the torch points once per distinct setting
   for cfg in cfgs:
     for fw in frameworks:
       point = cfg if fw == "jax" else torch_point(cfg)
@@ -208,9 +258,13 @@ def run(config_path: str, overrides: Sequence[tuple[str, str]], opts: Options) -
     for (fw, cfg, row, _), samples in zip(entries, secs):
       sec = statistics.median(samples)
       tps = cfg.batch_size * cfg.seq_len / sec
-      row.update(step_ms=1e3 * sec, step_ms_samples=[round(1e3 * t, 1) for t in samples], tokens_per_s=tps,
-                 mfu=tps * flops_per_token(config_lib.model_config(cfg), cfg.seq_len) / peak,
-                 loss=float(row["loss"]) if "loss" in row else None)
+      row.update(
+          step_ms=1e3 * sec,
+          step_ms_samples=[round(1e3 * t, 1) for t in samples],
+          tokens_per_s=tps,
+          mfu=tps * flops_per_token(config_lib.model_config(cfg), cfg.seq_len) / peak,
+          loss=float(row["loss"]) if "loss" in row else None,
+      )
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:  # process-wide peak over every prepared setting
       for _, _, row, _ in entries:
@@ -246,12 +300,32 @@ def torch_point(cfg: ConfigDict) -> ConfigDict:
 
 
 _GIB = lambda b: f"{b / 2**30:.2f} GiB"
-COLUMNS = (("framework", "{}"), ("preset", "{}"), ("compute_dtype", "{}"), ("layers", "{}"), ("dim", "{}"),
-           ("batch", "{}"), ("seq", "{}"), ("variant", "{}"), ("coeff", "{:g}"), ("max_tokens", "{}"),
-           ("block_size", "{}"), ("impl", "{}"), ("ce_chunk", "{}"), ("remat", "{}"), ("scan", "{:d}"),
-           ("tokens_per_s", "{:,.0f}"), ("step_ms", "{:.1f}"), ("compile_s", "{:.1f}"), ("peak_memory_bytes", _GIB),
-           ("temp_bytes", _GIB), ("mfu", "{:.1%}"), ("dispersion_overhead", "{:.1%}"), ("jax_over_torch", "{:.2f}"),
-           ("pipeline_tokens_per_s", "{:,.0f}"))
+COLUMNS = (
+    ("framework", "{}"),
+    ("preset", "{}"),
+    ("compute_dtype", "{}"),
+    ("layers", "{}"),
+    ("dim", "{}"),
+    ("batch", "{}"),
+    ("seq", "{}"),
+    ("variant", "{}"),
+    ("coeff", "{:g}"),
+    ("max_tokens", "{}"),
+    ("block_size", "{}"),
+    ("impl", "{}"),
+    ("ce_chunk", "{}"),
+    ("remat", "{}"),
+    ("scan", "{:d}"),
+    ("tokens_per_s", "{:,.0f}"),
+    ("step_ms", "{:.1f}"),
+    ("compile_s", "{:.1f}"),
+    ("peak_memory_bytes", _GIB),
+    ("temp_bytes", _GIB),
+    ("mfu", "{:.1%}"),
+    ("dispersion_overhead", "{:.1%}"),
+    ("jax_over_torch", "{:.2f}"),
+    ("pipeline_tokens_per_s", "{:,.0f}"),
+)
 
 
 def table(rows: list[dict]) -> str:

@@ -8,6 +8,7 @@ Measures the data layer on the embedded default corpus (~2.1M GPT-2 tokens):
   pipeline beside it is docs/benchmarks/data_cpu_2core.json.
 Prints a table and writes JSON with the machine (lscpu model name, nproc, load average).
 """
+
 import json
 import os
 import platform
@@ -33,8 +34,12 @@ def _machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
   except (OSError, subprocess.SubprocessError):
     pass
-  return {"cpu_model": model, "nproc": os.cpu_count(), "load_average": list(os.getloadavg()),
-          "python": platform.python_version()}
+  return {
+      "cpu_model": model,
+      "nproc": os.cpu_count(),
+      "load_average": list(os.getloadavg()),
+      "python": platform.python_version(),
+  }
 
 
 def _read_rate(batches, steps: int, start: int = 0, *, global_arrays: bool) -> dict:
@@ -74,12 +79,27 @@ def _per_worker_rate(work: str, seq_len: int) -> dict:
   t0 = time.perf_counter()
   tokens = 0
   for i, u in enumerate(units):
-    stats = inputs.tokenize_unit({"index": i, "unit": u, "token_dir": token_dir, "dtype": ident.dtype,
-                                  "tokenizer": "gpt2", "text_key": "text", "grouping": "row", "threads": False})
+    stats = inputs.tokenize_unit(
+        {
+            "index": i,
+            "unit": u,
+            "token_dir": token_dir,
+            "dtype": ident.dtype,
+            "tokenizer": "gpt2",
+            "text_key": "text",
+            "grouping": "row",
+            "threads": False,
+        }
+    )
     tokens += sum(stats["tokens"].values())
   seconds = time.perf_counter() - t0
-  return {"what": "tokenize only, 1 thread (per worker)", "workers": 1, "seconds": seconds, "tokens": tokens,
-          "tokens_per_s": tokens / seconds}
+  return {
+      "what": "tokenize only, 1 thread (per worker)",
+      "workers": 1,
+      "seconds": seconds,
+      "tokens": tokens,
+      "tokens_per_s": tokens / seconds,
+  }
 
 
 def run(args) -> dict:
@@ -91,21 +111,37 @@ def run(args) -> dict:
     for w in [int(x) for x in args.workers.split(",") if x]:
       cfg = DataConfig(cache_dir=os.path.join(work, f"build_w{w}"))
       report = build_lib.build(cfg, tokenizer="gpt2", seq_len=args.seq_len, workers=w, progress=False)
-      results["build"].append({"what": "build", "workers": w, "seconds": report.seconds,
-                               "tokens": sum(report.tokens.values()), "tokens_per_s": report.tokens_per_s})
+      results["build"].append(
+          {
+              "what": "build",
+              "workers": w,
+              "seconds": report.seconds,
+              "tokens": sum(report.tokens.values()),
+              "tokens_per_s": report.tokens_per_s,
+          }
+      )
     results["build"].append(_per_worker_rate(os.path.join(work, "per_worker"), args.seq_len))
     repack = build_lib.build(cfg, tokenizer="gpt2", seq_len=args.seq_len // 2, workers=1, progress=False)
-    results["build"].append({"what": "re-pack (new seq_len, no tokenizing)", "workers": 1, "seconds": repack.seconds,
-                             "tokens": sum(repack.tokens.values()), "tokens_per_s": repack.tokens_per_s})
+    results["build"].append(
+        {
+            "what": "re-pack (new seq_len, no tokenizing)",
+            "workers": 1,
+            "seconds": repack.seconds,
+            "tokens": sum(repack.tokens.values()),
+            "tokens_per_s": repack.tokens_per_s,
+        }
+    )
     ds = packed.open_path(report.path)
     sharding = NamedSharding(Mesh(np.asarray(jax.devices()[:1]), ("data",)), PartitionSpec("data"))
     for b in [int(x) for x in args.batch_sizes.split(",") if x]:
       one = loader.TrainBatches(ds, global_batch=b, seed=0, sharding=sharding, read_threads=0)
       threaded = loader.TrainBatches(ds, global_batch=b, seed=0, sharding=sharding, read_threads=args.read_threads)
-      row = {"batch": b,
-             "new_numpy_1thread": _read_rate(one, args.steps, global_arrays=False),
-             "new_global_arrays_1thread": _read_rate(one, args.steps, global_arrays=True),
-             f"new_prefetch_{args.read_threads}threads": _threaded_rate(threaded, args.steps)}
+      row = {
+          "batch": b,
+          "new_numpy_1thread": _read_rate(one, args.steps, global_arrays=False),
+          "new_global_arrays_1thread": _read_rate(one, args.steps, global_arrays=True),
+          f"new_prefetch_{args.read_threads}threads": _threaded_rate(threaded, args.steps),
+      }
       results["read"].append(row)
   finally:
     if not args.work_dir:

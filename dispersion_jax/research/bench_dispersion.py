@@ -7,6 +7,7 @@ of every configuration per round, so drifts of the machine hit all alike); a sam
 divided by `--inner`, alternating between two inputs. The median over rounds is reported. A configuration that
 fails (e.g. the Pallas kernel on an unsupported jax) is recorded with its error and the rest still run.
 """
+
 import os
 import platform
 import statistics
@@ -26,11 +27,19 @@ PRESETS = {"gpt2": (16, 1024, 768), "gpt2_b8": (8, 1024, 768), "cpu": (2, 512, 1
 
 def machine() -> dict:
   d = jax.devices()[0]
-  info = dict(backend=jax.default_backend(), device_kind=d.device_kind, device_count=jax.device_count(),
-              jax=jax.__version__, python=platform.python_version(), processor=platform.processor(),
-              machine=platform.machine(), cpu_count=os.cpu_count())
+  info = dict(
+      backend=jax.default_backend(),
+      device_kind=d.device_kind,
+      device_count=jax.device_count(),
+      jax=jax.__version__,
+      python=platform.python_version(),
+      processor=platform.processor(),
+      machine=platform.machine(),
+      cpu_count=os.cpu_count(),
+  )
   try:
     import jaxlib
+
     info["jaxlib"] = jaxlib.__version__
   except Exception:  # noqa: BLE001
     pass
@@ -51,8 +60,9 @@ def _configs(args):
 
 
 def _compile(cfg, args, z):
-  kw = dict(clamp_threshold=args.clamp_threshold, max_tokens=args.max_tokens, block_size=cfg["block_size"],
-            impl=cfg["impl"])
+  kw = dict(
+      clamp_threshold=args.clamp_threshold, max_tokens=args.max_tokens, block_size=cfg["block_size"], impl=cfg["impl"]
+  )
   key = jax.random.PRNGKey(0) if args.max_tokens else None
   fn = jax.jit(jax.value_and_grad(lambda z: dispersion_loss(z, cfg["variant"], key=key, **kw)))
   if "tile_n" in cfg:  # a module constant, read at trace time: retrace
@@ -63,8 +73,11 @@ def _compile(cfg, args, z):
   row = dict(compile_s=time.perf_counter() - t)
   try:
     mem = compiled.memory_analysis()
-    row.update(temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes),
-               output_bytes=int(mem.output_size_in_bytes))
+    row.update(
+        temp_bytes=int(mem.temp_size_in_bytes),
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+    )
   except Exception:  # noqa: BLE001  (not every backend reports it)
     row.update(temp_bytes=None)
   try:
@@ -83,8 +96,9 @@ def run(args) -> dict:
   inputs = [jnp.asarray(base + rng.normal(size=(B, L, F)).astype(np.float32), args.dtype) for _ in range(2)]
   rows, fns = [], []
   for cfg in _configs(args):
-    row = dict(cfg, batch=B, seq=L, dim=F, dtype=args.dtype, clamp_threshold=args.clamp_threshold,
-               max_tokens=args.max_tokens)
+    row = dict(
+        cfg, batch=B, seq=L, dim=F, dtype=args.dtype, clamp_threshold=args.clamp_threshold, max_tokens=args.max_tokens
+    )
     try:
       compiled, info = _compile(cfg, args, inputs[0])
       row.update(info)
@@ -118,10 +132,14 @@ def table(result: dict) -> str:
   ref = {(r["variant"], r["block_size"]): r.get("median_ms") for r in rows if r["impl"] == "reference"}
   ref_dense = {r["variant"]: r.get("median_ms") for r in rows if r["impl"] == "reference" and r["block_size"] is None}
   m = result["machine"]
-  lines = [f"dispersion term, value+grad | {m['backend']} {m['device_kind']} | jax {m['jax']} | "
-           f"B={rows[0]['batch']} L={rows[0]['seq']} F={rows[0]['dim']} {rows[0]['dtype']}" if rows else "",
-           f"{'variant':20s} {'impl':10s} {'block':>6s} {'median ms':>10s} {'p25-p75 ms':>15s} {'vs ref':>7s} "
-           f"{'temp MiB':>9s} {'compile s':>9s}"]
+  lines = [
+      f"dispersion term, value+grad | {m['backend']} {m['device_kind']} | jax {m['jax']} | "
+      f"B={rows[0]['batch']} L={rows[0]['seq']} F={rows[0]['dim']} {rows[0]['dtype']}"
+      if rows
+      else "",
+      f"{'variant':20s} {'impl':10s} {'block':>6s} {'median ms':>10s} {'p25-p75 ms':>15s} {'vs ref':>7s} "
+      f"{'temp MiB':>9s} {'compile s':>9s}",
+  ]
   for r in rows:
     if "error" in r:
       lines.append(f"{r['variant']:20s} {r['impl']:10s} {str(r['block_size']):>6s}  error: {r['error'][:70]}")
@@ -130,6 +148,8 @@ def table(result: dict) -> str:
     speed = f"{base / r['median_ms']:.2f}x" if base else "-"
     temp = f"{r['temp_bytes'] / 2**20:.1f}" if r.get("temp_bytes") is not None else "-"
     impl = r["impl"] + (f"/{r['tile_n']}" if "tile_n" in r else "")
-    lines.append(f"{r['variant']:20s} {impl:10s} {str(r['block_size']):>6s} {r['median_ms']:10.3f} "
-                 f"{r['p25_ms']:7.3f}-{r['p75_ms']:<7.3f} {speed:>7s} {temp:>9s} {r['compile_s']:9.2f}")
+    lines.append(
+        f"{r['variant']:20s} {impl:10s} {str(r['block_size']):>6s} {r['median_ms']:10.3f} "
+        f"{r['p25_ms']:7.3f}-{r['p75_ms']:<7.3f} {speed:>7s} {temp:>9s} {r['compile_s']:9.2f}"
+    )
   return "\n".join(lines)

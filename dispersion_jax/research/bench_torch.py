@@ -4,6 +4,7 @@ This is what the paper's authors run (HF GPT-2, eager, optionally torch.compile)
 with global-norm clipping, CE + coeff * mean dispersion over hidden_states[1:] (blocks 1..n-1 and the final one
 after ln_f). torch and transformers are optional extras (requirements-bench.txt).
 """
+
 import math
 import time
 from typing import Any, Callable
@@ -17,14 +18,23 @@ def require_torch():
     import torch
     import transformers
   except ImportError as e:
-    raise ConfigError(f"--torch_baseline needs torch and transformers: pip install -r requirements-bench.txt ({e})") \
-        from None
+    raise ConfigError(
+        f"--torch_baseline needs torch and transformers: pip install -r requirements-bench.txt ({e})"
+    ) from None
   return torch, transformers
 
 
-def dispersion_loss(z_BxLxF, variant: str = "angular_spread", *, tau_l2: float = 1.0, tau_cos: float = 1.0,
-                    margin: float = 0.5, epsilon: float = 1e-2, clamp_threshold: float = 0.25,
-                    max_tokens: int | None = None):
+def dispersion_loss(
+    z_BxLxF,
+    variant: str = "angular_spread",
+    *,
+    tau_l2: float = 1.0,
+    tau_cos: float = 1.0,
+    margin: float = 0.5,
+    epsilon: float = 1e-2,
+    clamp_threshold: float = 0.25,
+    max_tokens: int | None = None,
+):
   """The five variants of shared/docs/dispersion-spec.md, dense per sequence, pairwise part in float32 (or wider)."""
   torch, _ = require_torch()
   z = z_BxLxF if z_BxLxF.dtype == torch.float64 else z_BxLxF.float()
@@ -66,25 +76,56 @@ def dispersion_loss(z_BxLxF, variant: str = "angular_spread", *, tau_l2: float =
 
 
 def _model(torch, transformers, *, layers: int, dim: int, heads: int, vocab: int, n_positions: int):
-  cfg = transformers.GPT2Config(n_layer=layers, n_embd=dim, n_head=heads, vocab_size=vocab, n_positions=n_positions,
-                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+  cfg = transformers.GPT2Config(
+      n_layer=layers,
+      n_embd=dim,
+      n_head=heads,
+      vocab_size=vocab,
+      n_positions=n_positions,
+      resid_pdrop=0.0,
+      embd_pdrop=0.0,
+      attn_pdrop=0.0,
+      bos_token_id=0,
+      eos_token_id=0,
+  )
   return transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
 
 
-def prepare(*, layers: int, dim: int, heads: int, vocab: int, seq: int, batch: int, variant: str, coeff: float,
-            max_tokens: int | None, compile: bool = False, warmup: int = 1, n_positions: int = 1024,
-            clamp_threshold: float = 0.1, seed: int = 0) -> tuple[dict[str, Any], Callable[[], None]]:
+def prepare(
+    *,
+    layers: int,
+    dim: int,
+    heads: int,
+    vocab: int,
+    seq: int,
+    batch: int,
+    variant: str,
+    coeff: float,
+    max_tokens: int | None,
+    compile: bool = False,
+    warmup: int = 1,
+    n_positions: int = 1024,
+    clamp_threshold: float = 0.1,
+    seed: int = 0,
+) -> tuple[dict[str, Any], Callable[[], None]]:
   """One HF GPT-2 training step (forward, backward, clip, AdamW) on the same shapes, warmed up; returns
   (row facts, run-one-step-and-wait)."""
   torch, transformers = require_torch()
   torch.manual_seed(seed)
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  model = _model(torch, transformers, layers=layers, dim=dim, heads=heads, vocab=vocab,
-                 n_positions=n_positions).to(dev).train()
+  model = (
+      _model(torch, transformers, layers=layers, dim=dim, heads=heads, vocab=vocab, n_positions=n_positions)
+      .to(dev)
+      .train()
+  )
   decay = [p for p in model.parameters() if p.dim() >= 2]  # as the JAX step: no decay on biases / LN
   rest = [p for p in model.parameters() if p.dim() < 2]
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                          lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+  opt = torch.optim.AdamW(
+      [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+      lr=3e-4,
+      betas=(0.9, 0.95),
+      eps=1e-8,
+  )
   ids = torch.randint(0, vocab, (batch, seq + 1), device=dev)
   inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
   amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -95,8 +136,10 @@ def prepare(*, layers: int, dim: int, heads: int, vocab: int, seq: int, batch: i
     ce = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, vocab), targets.reshape(-1))
     if coeff == 0.0:
       return ce
-    disp = [dispersion_loss(h, variant, clamp_threshold=clamp_threshold, max_tokens=max_tokens)
-            for h in out.hidden_states[1:]]
+    disp = [
+        dispersion_loss(h, variant, clamp_threshold=clamp_threshold, max_tokens=max_tokens)
+        for h in out.hidden_states[1:]
+    ]
     return ce + coeff * torch.stack(disp).mean()
 
   fwd = torch.compile(loss_fn) if compile else loss_fn
@@ -118,9 +161,15 @@ def prepare(*, layers: int, dim: int, heads: int, vocab: int, seq: int, batch: i
   for _ in range(max(warmup - 1, 0)):
     one_step()
   n_params = sum(p.numel() for p in model.parameters())
-  row.update(compile_s=first_s if compile else None, first_step_s=first_s, params=n_params,
-             peak_memory_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
-             torch_version=torch.__version__, transformers_version=transformers.__version__,
-             torch_threads=torch.get_num_threads(), device_torch=str(dev),
-             compute_dtype="bfloat16" if dev.type == "cuda" else "float32")
+  row.update(
+      compile_s=first_s if compile else None,
+      first_step_s=first_s,
+      params=n_params,
+      peak_memory_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+      torch_version=torch.__version__,
+      transformers_version=transformers.__version__,
+      torch_threads=torch.get_num_threads(),
+      device_torch=str(dev),
+      compute_dtype="bfloat16" if dev.type == "cuda" else "float32",
+  )
   return row, one_step

@@ -3,6 +3,7 @@
 Writes OUT/condensation.json, OUT/condensation_heatmap.png (layers x cosine, density as colour),
 OUT/condensation_mean.png (m_l vs depth) and, with --compare, OUT/condensation_compare.png.
 """
+
 import json
 import math
 import os
@@ -14,8 +15,12 @@ import numpy as np
 from dispersion_jax.data.corpus import default_docs
 from dispersion_jax.tokenizer import get_tokenizer
 
-FILES = {"json": "condensation.json", "heatmap": "condensation_heatmap.png", "mean": "condensation_mean.png",
-         "compare": "condensation_compare.png"}
+FILES = {
+    "json": "condensation.json",
+    "heatmap": "condensation_heatmap.png",
+    "mean": "condensation_mean.png",
+    "compare": "condensation_compare.png",
+}
 
 
 def token_ids_from_npy(path: str) -> list[list[int]]:
@@ -56,7 +61,7 @@ def load_token_lists(args, tokenizer_name: str) -> list[list[int]]:
   if not texts:
     raise ValueError(f"no non-empty text in {args.texts}")
   tok = get_tokenizer(tokenizer_name)
-  return [ids[:args.max_length] for ids in tok.encode_batch(texts)]
+  return [ids[: args.max_length] for ids in tok.encode_batch(texts)]
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -64,6 +69,7 @@ def density_norm(summaries: Sequence[dict[str, Any]]):
   """One log colour scale for the density of several heatmaps (condensed layers pile most mass into a few bins
   near 1); None if no histogram has mass."""
   from matplotlib.colors import LogNorm
+
   positive = np.concatenate([np.asarray(s["histograms"]["density"], float).ravel() for s in summaries])
   positive = positive[positive > 0]
   return LogNorm(vmin=max(positive.min(), positive.max() * 1e-4), vmax=positive.max()) if positive.size else None
@@ -73,12 +79,20 @@ def _heatmap(ax, summary: dict[str, Any], title: str, norm=None, legend: bool = 
   """Layers x cosine with density as colour, and the per-layer mean; `norm`: a shared colour scale (default: this
   summary's own)."""
   from matplotlib.ticker import MaxNLocator
+
   hist = summary["histograms"]
   density_NxK = np.asarray(hist["density"], float)
   norm = density_norm([summary]) if norm is None else norm
   n = density_NxK.shape[0]
-  im = ax.imshow(np.ma.masked_equal(density_NxK.T, 0), origin="lower", aspect="auto", norm=norm, cmap="viridis",
-                 extent=(-0.5, n - 0.5, hist["bin_edges"][0], hist["bin_edges"][-1]), interpolation="nearest")
+  im = ax.imshow(
+      np.ma.masked_equal(density_NxK.T, 0),
+      origin="lower",
+      aspect="auto",
+      norm=norm,
+      cmap="viridis",
+      extent=(-0.5, n - 0.5, hist["bin_edges"][0], hist["bin_edges"][-1]),
+      interpolation="nearest",
+  )
   ax.plot(range(n), summary["mean_cossim_by_layer"], ".-", color="tab:red", lw=1, label="mean (with diagonal)")
   ax.set(xlabel="layer (0 = embeddings)", ylabel="token-token cosine similarity", title=title)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -93,11 +107,23 @@ def fmt(x: float | None) -> str:
 
 def _means(ax, summary: dict[str, Any], label: str, color: str | None = None) -> None:
   from matplotlib.ticker import MaxNLocator
+
   n = len(summary["mean_cossim_by_layer"])
-  ax.plot(range(n), summary["mean_cossim_by_layer"], "o-", color=color,
-          label=f"{label} (spearman {fmt(summary['spearman'])}, kendall {fmt(summary['kendall'])})")
-  ax.plot(range(n), summary["mean_cossim_by_layer_offdiag"], "s--", color=color, alpha=0.6,
-          label=f"{label} off-diagonal (spearman {fmt(summary['spearman_offdiag'])})")
+  ax.plot(
+      range(n),
+      summary["mean_cossim_by_layer"],
+      "o-",
+      color=color,
+      label=f"{label} (spearman {fmt(summary['spearman'])}, kendall {fmt(summary['kendall'])})",
+  )
+  ax.plot(
+      range(n),
+      summary["mean_cossim_by_layer_offdiag"],
+      "s--",
+      color=color,
+      alpha=0.6,
+      label=f"{label} off-diagonal (spearman {fmt(summary['spearman_offdiag'])})",
+  )
   ax.set(xlabel="layer (0 = embeddings)", ylabel="mean cosine similarity")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
@@ -106,8 +132,10 @@ def _means(ax, summary: dict[str, Any], label: str, color: str | None = None) ->
 
 def write_plots(summary: dict[str, Any], out_dir: str, title: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
   fig.colorbar(_heatmap(ax, summary, title), ax=ax, label="density")
   fig.savefig(os.path.join(out_dir, FILES["heatmap"]), dpi=120, bbox_inches="tight")
@@ -122,8 +150,10 @@ def write_plots(summary: dict[str, Any], out_dir: str, title: str) -> None:
 def write_compare(summaries: Sequence[dict[str, Any]], labels: Sequence[str], out_dir: str) -> str:
   """m_l of both runs overlaid, and both heatmaps side by side."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 3, figsize=(18, 4.8), layout="constrained")
   for s, label, color in zip(summaries, labels, ("tab:blue", "tab:orange")):
     _means(axes[0], s, label, color)

@@ -11,6 +11,7 @@ checkpoint directory is unchanged (its modification time), so a re-trained run i
   condensation_training_mean.png       mean cosine of each layer vs step (one panel per run) and Spearman vs step
   condensation_training.md / .csv      mean cosine per layer, Spearman and Kendall per step per run
 """
+
 import csv
 import hashlib
 import json
@@ -29,9 +30,13 @@ from dispersion_jax.research.evaluate import load_model
 
 CACHE_DIR = "condensation_cache"
 _VERSION = 1  # bump when a cached summary changes meaning
-FILES = {"json": "condensation_training.json", "heatmaps": "condensation_training_heatmaps.png",
-         "mean": "condensation_training_mean.png", "md": "condensation_training.md",
-         "csv": "condensation_training.csv"}
+FILES = {
+    "json": "condensation_training.json",
+    "heatmaps": "condensation_training_heatmaps.png",
+    "mean": "condensation_training_mean.png",
+    "md": "condensation_training.md",
+    "csv": "condensation_training.csv",
+}
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -42,8 +47,9 @@ def checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
-def pick_steps(steps: Sequence[int], only: Sequence[int] | None = None,
-               max_checkpoints: int | None = None) -> list[int]:
+def pick_steps(
+    steps: Sequence[int], only: Sequence[int] | None = None, max_checkpoints: int | None = None
+) -> list[int]:
   """`steps` restricted to `only` (if given), then thinned to at most `max_checkpoints` evenly spaced ones that
   keep the first and the last."""
   out = sorted(set(steps) & set(only)) if only is not None else sorted(steps)
@@ -75,8 +81,12 @@ def run_steps(workdir: str, only: Sequence[int] | None = None, max_checkpoints: 
 
 # ------------------------------------------------------------------------------------------------ statistics
 def settings_key(token_lists: Sequence[Sequence[int]], *, max_length: int, batch_size: int, num_bins: int) -> str:
-  h = hashlib.sha256(json.dumps({"version": _VERSION, "max_length": max_length, "batch_size": batch_size,
-                                 "num_bins": num_bins}, sort_keys=True).encode())
+  h = hashlib.sha256(
+      json.dumps(
+          {"version": _VERSION, "max_length": max_length, "batch_size": batch_size, "num_bins": num_bins},
+          sort_keys=True,
+      ).encode()
+  )
   for ids in token_lists:
     h.update(np.asarray(list(ids), np.int64).tobytes())
     h.update(b"|")
@@ -91,9 +101,17 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)  # a killed run never leaves half a cache entry
 
 
-def checkpoint_statistics(workdir: str, step: int, token_lists: Sequence[Sequence[int]], *, max_length: int,
-                          batch_size: int = 8, num_bins: int = NUM_BINS, source: str | None = None,
-                          model: tuple | None = None) -> dict[str, Any]:
+def checkpoint_statistics(
+    workdir: str,
+    step: int,
+    token_lists: Sequence[Sequence[int]],
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    num_bins: int = NUM_BINS,
+    source: str | None = None,
+    model: tuple | None = None,
+) -> dict[str, Any]:
   """`model_statistics` of one checkpoint (float32, XLA attention: evaluate.load_model), cached in the run.
   `model`: that checkpoint's (config, params, tokenizer name) when the caller has loaded it already."""
   key = settings_key(token_lists, max_length=max_length, batch_size=batch_size, num_bins=num_bins)
@@ -108,8 +126,7 @@ def checkpoint_statistics(workdir: str, step: int, token_lists: Sequence[Sequenc
     except (OSError, json.JSONDecodeError, KeyError):
       pass  # unreadable: measure again
   cfg, params, tok_name = model if model is not None else load_model(workdir, step)
-  summary = model_statistics(cfg, params, token_lists, max_length=max_length, batch_size=batch_size,
-                             num_bins=num_bins)
+  summary = model_statistics(cfg, params, token_lists, max_length=max_length, batch_size=batch_size, num_bins=num_bins)
   summary["settings"].update(model=f"{workdir}@{step}", step=step, source=source, tokenizer=tok_name)
   write_json(path, {"stamp": stamp, "summary": summary})
   return summary
@@ -119,10 +136,19 @@ def run_tokenizer(workdir: str) -> str:
   return train.load_run_config(workdir).tokenizer or "gpt2"
 
 
-def over_training(workdirs: Sequence[str], token_lists_for: Callable[[str], list[list[int]]], *, max_length: int,
-                  labels: Sequence[str] | None = None, steps: Sequence[int] | None = None,
-                  max_checkpoints: int | None = None, batch_size: int = 8, num_bins: int = NUM_BINS,
-                  source: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def over_training(
+    workdirs: Sequence[str],
+    token_lists_for: Callable[[str], list[list[int]]],
+    *,
+    max_length: int,
+    labels: Sequence[str] | None = None,
+    steps: Sequence[int] | None = None,
+    max_checkpoints: int | None = None,
+    batch_size: int = 8,
+    num_bins: int = NUM_BINS,
+    source: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """The condensation summary of every (selected) checkpoint of every run.
 
   token_lists_for(tokenizer name) gives the texts as token ids for a run's tokenizer (called once per tokenizer).
@@ -141,11 +167,14 @@ def over_training(workdirs: Sequence[str], token_lists_for: Callable[[str], list
     summaries = {}
     for step in run_steps_:
       log(f"[condensation] {label}: step {step}")
-      summaries[step] = checkpoint_statistics(workdir, step, tokens[tok], max_length=max_length,
-                                              batch_size=batch_size, num_bins=num_bins, source=source)
+      summaries[step] = checkpoint_statistics(
+          workdir, step, tokens[tok], max_length=max_length, batch_size=batch_size, num_bins=num_bins, source=source
+      )
     runs.append({"label": label, "workdir": workdir, "tokenizer": tok, "steps": run_steps_, "summaries": summaries})
-  return {"settings": {"max_length": max_length, "batch_size": batch_size, "num_bins": num_bins, "source": source},
-          "runs": runs}
+  return {
+      "settings": {"max_length": max_length, "batch_size": batch_size, "num_bins": num_bins, "source": source},
+      "runs": runs,
+  }
 
 
 # ------------------------------------------------------------------------------------------------ reports
@@ -155,8 +184,15 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
   for run in result["runs"]:
     for step in run["steps"]:
       s = run["summaries"][step]
-      row = {"run": run["label"], "step": step, "num_texts": s["num_texts"], "num_tokens": s["num_tokens"],
-             "spearman": s["spearman"], "kendall": s["kendall"], "spearman_offdiag": s["spearman_offdiag"]}
+      row = {
+          "run": run["label"],
+          "step": step,
+          "num_texts": s["num_texts"],
+          "num_tokens": s["num_tokens"],
+          "spearman": s["spearman"],
+          "kendall": s["kendall"],
+          "spearman_offdiag": s["spearman_offdiag"],
+      }
       row.update({f"layer_{i}": m for i, m in enumerate(s["mean_cossim_by_layer"])})
       rows.append(row)
   return rows
@@ -182,14 +218,20 @@ def write_tables(result: dict[str, Any], out_dir: str) -> list[dict[str, Any]]:
     w.writeheader()
     w.writerows(rows)
   st = result["settings"]
-  lines = ["# Condensation over training", "",
-           f"Mean token-token cosine similarity per layer (layer_0 = embeddings, the last = after the final norm; "
-           f"diagonal included) and its rank correlation with depth, on {rows[0]['num_texts'] if rows else 0} texts "
-           f"({st.get('source')}, max_length {st['max_length']}).", "",
-           "| " + " | ".join(cols[:-2]) + " |", "|" + "---|" * (len(cols) - 2)]
+  lines = [
+      "# Condensation over training",
+      "",
+      f"Mean token-token cosine similarity per layer (layer_0 = embeddings, the last = after the final norm; "
+      f"diagonal included) and its rank correlation with depth, on {rows[0]['num_texts'] if rows else 0} texts "
+      f"({st.get('source')}, max_length {st['max_length']}).",
+      "",
+      "| " + " | ".join(cols[:-2]) + " |",
+      "|" + "---|" * (len(cols) - 2),
+  ]
   for r in rows:
-    lines.append("| " + " | ".join(_cell(r.get(c, None)) if c not in ("run", "step") else str(r[c])
-                                   for c in cols[:-2]) + " |")
+    lines.append(
+        "| " + " | ".join(_cell(r.get(c, None)) if c not in ("run", "step") else str(r[c]) for c in cols[:-2]) + " |"
+    )
   with open(os.path.join(out_dir, FILES["md"]), "w") as fh:
     fh.write("\n".join(lines) + "\n")
   return rows
@@ -198,13 +240,21 @@ def write_tables(result: dict[str, Any], out_dir: str) -> list[dict[str, Any]]:
 def write_heatmaps(result: dict[str, Any], out_dir: str) -> str:
   """One row per run, one column per checkpoint step (the union over runs; a run without that step: empty)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   runs = result["runs"]
   steps = sorted({s for r in runs for s in r["steps"]})
   norm = rep.density_norm([s for r in runs for s in r["summaries"].values()])
-  fig, axes = plt.subplots(len(runs), len(steps), figsize=(3.3 * len(steps) + 1.2, 3.1 * len(runs)),
-                           squeeze=False, sharey=True, layout="constrained")
+  fig, axes = plt.subplots(
+      len(runs),
+      len(steps),
+      figsize=(3.3 * len(steps) + 1.2, 3.1 * len(runs)),
+      squeeze=False,
+      sharey=True,
+      layout="constrained",
+  )
   im = None
   for i, run in enumerate(runs):
     for j, step in enumerate(steps):
@@ -214,8 +264,13 @@ def write_heatmaps(result: dict[str, Any], out_dir: str) -> str:
         ax.set_axis_off()
         ax.set_title(f"{run['label']}: no step {step}", fontsize=8)
         continue
-      im = rep._heatmap(ax, s, f"{run['label']}\nstep {step}, spearman {rep.fmt(s['spearman'])}", norm=norm,
-                        legend=(i == 0 and j == 0))
+      im = rep._heatmap(
+          ax,
+          s,
+          f"{run['label']}\nstep {step}, spearman {rep.fmt(s['spearman'])}",
+          norm=norm,
+          legend=(i == 0 and j == 0),
+      )
       ax.title.set_fontsize(8)
       if i < len(runs) - 1:
         ax.set_xlabel("")
@@ -232,14 +287,16 @@ def write_heatmaps(result: dict[str, Any], out_dir: str) -> str:
 def write_mean_plot(result: dict[str, Any], out_dir: str) -> str:
   """Per run: the mean cosine of each layer vs step (colour = depth); last panel: Spearman vs step per run."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   runs = result["runs"]
   ncols = min(5, len(runs) + 1)
   nrows = math.ceil((len(runs) + 1) / ncols)
   fig, grid = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False, layout="constrained")
   axes = [ax for row in grid for ax in row]
-  for ax in axes[len(runs) + 1:]:
+  for ax in axes[len(runs) + 1 :]:
     ax.set_axis_off()
   means = [m for r in runs for s in r["steps"] for m in r["summaries"][s]["mean_cossim_by_layer"]]
   lo, hi = min(means), max(means)
@@ -251,8 +308,12 @@ def write_mean_plot(result: dict[str, Any], out_dir: str) -> str:
     for layer in range(n):
       name = "embeddings" if layer == 0 else f"layer {layer}" + (" (final norm)" if layer == n - 1 else "")
       ax.plot(steps, by_layer[:, layer], "o-", ms=3, color=colors[layer], label=name)
-    ax.set(xlabel="step", ylabel="mean token-token cosine", title=run["label"],
-           ylim=(lo - 0.05 * (hi - lo) - 1e-3, hi + 0.05 * (hi - lo) + 1e-3))  # one scale for every run
+    ax.set(
+        xlabel="step",
+        ylabel="mean token-token cosine",
+        title=run["label"],
+        ylim=(lo - 0.05 * (hi - lo) - 1e-3, hi + 0.05 * (hi - lo) + 1e-3),
+    )  # one scale for every run
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
   ax = axes[len(runs)]
@@ -270,9 +331,16 @@ def write_mean_plot(result: dict[str, Any], out_dir: str) -> str:
 
 
 def _json_ready(result: dict[str, Any]) -> dict[str, Any]:
-  return {"settings": result["settings"],
-          "runs": [{**{k: v for k, v in r.items() if k != "summaries"},
-                    "summaries": {str(s): v for s, v in r["summaries"].items()}} for r in result["runs"]]}
+  return {
+      "settings": result["settings"],
+      "runs": [
+          {
+              **{k: v for k, v in r.items() if k != "summaries"},
+              "summaries": {str(s): v for s, v in r["summaries"].items()},
+          }
+          for r in result["runs"]
+      ],
+  }
 
 
 def write_report(result: dict[str, Any], out_dir: str) -> dict[str, str]:

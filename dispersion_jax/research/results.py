@@ -25,6 +25,7 @@ runs without training. A sweep keeps every checkpoint with "max_to_keep": None i
 3; a pruned point is reported). Several sweep configs run in one sweep_dir (e.g. a dispersion.coeff sweep and a
 baseline.method sweep, since baselines are CE only) are tabulated together; a run seen twice counts once.
 """
+
 import csv
 import hashlib
 import json
@@ -48,9 +49,9 @@ RULES = {
     "last": "the last checkpoint of each seed",
     "val": "each seed's checkpoint with the lowest validation loss",
     "test": "each seed's checkpoint with the highest mean task accuracy: TEST-SET SELECTION (the authors' rule; "
-            "optimistic, the same examples choose the checkpoint and score it)",
+    "optimistic, the same examples choose the checkpoint and score it)",
     "test_group": "one step per group, the highest mean over seeds of the mean task accuracy: TEST-SET SELECTION "
-                  "(the authors' width-study aggregator; optimistic)",
+    "(the authors' width-study aggregator; optimistic)",
 }
 DEFAULT_RULES = ("last", "val", "test")
 DEFAULT_REFERENCE = {"dispersion.coeff": 0.0, "baseline.method": "none"}
@@ -78,8 +79,12 @@ def selection_metrics(rows: Sequence[Mapping]) -> list[str]:
 def metric_columns(rows: Sequence[Mapping]) -> list[str]:
   """Every metric present, in a fixed order: losses, acc/<task>, acc_norm/<task>, means, condensation."""
   keys = {k for r in rows for k in r}
-  return ([m for m in _FIRST if m in keys] + sorted(k for k in keys if k.startswith("acc/"))
-          + sorted(k for k in keys if k.startswith("acc_norm/")) + [m for m in _LAST if m in keys])
+  return (
+      [m for m in _FIRST if m in keys]
+      + sorted(k for k in keys if k.startswith("acc/"))
+      + sorted(k for k in keys if k.startswith("acc_norm/"))
+      + [m for m in _LAST if m in keys]
+  )
 
 
 def _score(row: Mapping, metrics: Sequence[str]) -> float:
@@ -108,8 +113,9 @@ def group_key(row: Mapping, group_by: Sequence[str]) -> tuple:
   return tuple(row.get(k) for k in group_by)
 
 
-def select(rows: Sequence[Mapping], rule: str, *, group_by: Sequence[str] = (),
-           select_metrics: Sequence[str] | None = None) -> list[dict]:
+def select(
+    rows: Sequence[Mapping], rule: str, *, group_by: Sequence[str] = (), select_metrics: Sequence[str] | None = None
+) -> list[dict]:
   """One row per point (`name`), chosen by `rule` (see RULES); each gets `selected_by` and, for the test rules,
   `selection_score`. A point with no usable row for the rule (no val_loss, no accuracy) is left out."""
   if rule not in RULES:
@@ -137,8 +143,9 @@ def select(rows: Sequence[Mapping], rule: str, *, group_by: Sequence[str] = (),
         continue
       best = steps[max(ok, key=lambda i: (means[i], -i))]
       for m in members:
-        chosen += [{**r, "selected_by": rule, "selection_score": means[steps.index(best)]}
-                   for r in m if r["step"] == best]
+        chosen += [
+            {**r, "selected_by": rule, "selection_score": means[steps.index(best)]} for r in m if r["step"] == best
+        ]
     return sorted(chosen, key=lambda r: list(points).index(r["name"]))
   out = []
   for prow in points.values():
@@ -163,8 +170,12 @@ def aggregate(rows: Sequence[Mapping], group_by: Sequence[str], metrics: Sequenc
     groups.setdefault(group_key(r, group_by), []).append(r)
   out = []
   for key, members in groups.items():
-    g: dict[str, Any] = {**dict(zip(group_by, key)), "n": len(members), "points": [m["name"] for m in members],
-                         "steps": [m["step"] for m in members]}
+    g: dict[str, Any] = {
+        **dict(zip(group_by, key)),
+        "n": len(members),
+        "points": [m["name"] for m in members],
+        "steps": [m["step"] for m in members],
+    }
     for m in metrics:
       v = np.asarray([_num(r.get(m)) for r in members], np.float64)
       g[m] = float(np.mean(v))
@@ -204,21 +215,32 @@ def same(a: Any, b: Any) -> bool:
   return a == b
 
 
-def with_deltas(groups: Sequence[Mapping], group_by: Sequence[str], reference: Mapping[str, Any],
-                metrics: Sequence[str] | None = None) -> list[dict]:
+def with_deltas(
+    groups: Sequence[Mapping],
+    group_by: Sequence[str],
+    reference: Mapping[str, Any],
+    metrics: Sequence[str] | None = None,
+) -> list[dict]:
   """Each group plus `reference_group` (the key of its reference group, or None), `is_reference`, and
   `delta/<metric>` = its mean - the reference's mean. The reference of a group matches `reference` on the
   reference keys that are grouping keys and equals the group on the other grouping keys."""
   ref_keys = [k for k in reference if k in group_by]
   others = [k for k in group_by if k not in ref_keys]
-  metrics = list(metrics) if metrics is not None else [k for k in (groups[0] if groups else {})
-                                                       if f"{k}_std" in groups[0]]
+  metrics = (
+      list(metrics) if metrics is not None else [k for k in (groups[0] if groups else {}) if f"{k}_std" in groups[0]]
+  )
   out = []
   for g in groups:
     ref = None
     if ref_keys:
-      ref = next((h for h in groups if all(same(h[k], reference[k]) for k in ref_keys)
-                  and all(same(h[k], g[k]) for k in others)), None)
+      ref = next(
+          (
+              h
+              for h in groups
+              if all(same(h[k], reference[k]) for k in ref_keys) and all(same(h[k], g[k]) for k in others)
+          ),
+          None,
+      )
     d = dict(g)
     d["is_reference"] = ref is g
     d["reference_group"] = None if ref is None else group_key(ref, group_by)
@@ -275,20 +297,26 @@ def _mark_column(group_by: Sequence[str], tables: Mapping[str, Sequence[Mapping]
   return max(len(group_by) - 1, 0)
 
 
-def to_markdown(tables: Mapping[str, Sequence[Mapping]], group_by: Sequence[str], metrics: Sequence[str],
-                title: str = "Results") -> str:
+def to_markdown(
+    tables: Mapping[str, Sequence[Mapping]], group_by: Sequence[str], metrics: Sequence[str], title: str = "Results"
+) -> str:
   """One table per selection rule; a cell reads `mean ± std (Δ vs reference)`."""
-  lines = [f"# {title}", "",
-           "Mean ± sample std over seeds (ddof 1); in brackets the difference to the group's CE-only reference "
-           "(marked *ref*). Accuracies in percent. `steps`: the checkpoint chosen for each seed.", ""]
+  lines = [
+      f"# {title}",
+      "",
+      "Mean ± sample std over seeds (ddof 1); in brackets the difference to the group's CE-only reference "
+      "(marked *ref*). Accuracies in percent. `steps`: the checkpoint chosen for each seed.",
+      "",
+  ]
   mark = _mark_column(group_by, tables)
   for rule, groups in tables.items():
     lines += [f"## Checkpoint selection `{rule}`: {RULES[rule]}", ""]
     head = [*group_by, "n", "steps", *(display(m)[0] for m in metrics)]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-      keys = [_key_text(g[k]) + (" *ref*" if g.get("is_reference") and i == mark else "")
-              for i, k in enumerate(group_by)]
+      keys = [
+          _key_text(g[k]) + (" *ref*" if g.get("is_reference") and i == mark else "") for i, k in enumerate(group_by)
+      ]
       cells = []
       for m in metrics:
         mean, std, delta = cell_parts(g, m)
@@ -298,8 +326,18 @@ def to_markdown(tables: Mapping[str, Sequence[Mapping]], group_by: Sequence[str]
   return "\n".join(lines)
 
 
-_TEX_ESCAPE = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX_ESCAPE = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def tex_escape(text: str) -> str:
@@ -312,12 +350,18 @@ def to_latex(tables: Mapping[str, Sequence[Mapping]], group_by: Sequence[str], m
   mark = _mark_column(group_by, tables)
   for rule, groups in tables.items():
     cols = "l" * len(group_by) + "rr" + "c" * len(metrics)
-    out += [r"\begin{table}[t]", r"\centering", r"\small",
-            rf"\caption{{Mean $\pm$ std over seeds; in brackets the difference to the CE-only reference. "
-            rf"Checkpoint selection \texttt{{{tex_escape(rule)}}}: {tex_escape(RULES[rule])}.}}",
-            rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
-            " & ".join([*(tex_escape(k) for k in group_by), "$n$", "steps",
-                        *(tex_escape(display(m)[0]) for m in metrics)]) + r" \\", r"\midrule"]
+    out += [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\caption{{Mean $\pm$ std over seeds; in brackets the difference to the CE-only reference. "
+        rf"Checkpoint selection \texttt{{{tex_escape(rule)}}}: {tex_escape(RULES[rule])}.}}",
+        rf"\begin{{tabular}}{{{cols}}}",
+        r"\toprule",
+        " & ".join([*(tex_escape(k) for k in group_by), "$n$", "steps", *(tex_escape(display(m)[0]) for m in metrics)])
+        + r" \\",
+        r"\midrule",
+    ]
     for g in groups:
       keys = [tex_escape(_key_text(g[k])) for k in group_by]
       if g.get("is_reference") and keys:
@@ -340,21 +384,30 @@ def _value_order(v: Any) -> tuple:
 def order_groups(groups: Sequence[Mapping], group_by: Sequence[str], reference: Mapping[str, Any]) -> list[dict]:
   """Sorted by the grouping keys in their order, numbers by value; on a reference key its reference value first
   (e.g. model.n_inner, dispersion.coeff: 64/0 (ref), 64/0.1, 256/0, ...)."""
+
   def key(g):
     return tuple((0 if k in reference and same(g[k], reference[k]) else 1, *_value_order(g[k])) for k in group_by)
+
   return sorted(groups, key=key)
 
 
-def build_tables(rows: Sequence[Mapping], group_by: Sequence[str], *, rules: Sequence[str] = DEFAULT_RULES,
-                 reference: Mapping[str, Any] = DEFAULT_REFERENCE, metrics: Sequence[str] | None = None,
-                 select_metrics: Sequence[str] | None = None) -> dict[str, list[dict]]:
+def build_tables(
+    rows: Sequence[Mapping],
+    group_by: Sequence[str],
+    *,
+    rules: Sequence[str] = DEFAULT_RULES,
+    reference: Mapping[str, Any] = DEFAULT_REFERENCE,
+    metrics: Sequence[str] | None = None,
+    select_metrics: Sequence[str] | None = None,
+) -> dict[str, list[dict]]:
   """rule -> groups with deltas, from per-checkpoint rows (the whole pure pipeline)."""
   metrics = list(metrics) if metrics is not None else metric_columns(rows)
   tables = {}
   for rule in rules:
     chosen = select(rows, rule, group_by=group_by, select_metrics=select_metrics)
-    tables[rule] = order_groups(with_deltas(aggregate(chosen, group_by, metrics), group_by, reference, metrics),
-                                group_by, reference)
+    tables[rule] = order_groups(
+        with_deltas(aggregate(chosen, group_by, metrics), group_by, reference, metrics), group_by, reference
+    )
   return tables
 
 
@@ -415,8 +468,9 @@ def evaluate_checkpoint(p: sweep.Point, step: int, ev: Mapping[str, Any]) -> dic
     r = eval_rows[step]
     row.update(val_loss=r["val_loss"], val_ppl=r["val_ppl"], val_dispersion=r.get("val_dispersion"))
   else:  # the same batches train.evaluate uses
-    pp = evaluate.perplexity(model_cfg, params, p.cfg, num_batches=p.cfg.eval_batches,
-                             batch_size=p.cfg.batch_size // p.cfg.grad_accum)
+    pp = evaluate.perplexity(
+        model_cfg, params, p.cfg, num_batches=p.cfg.eval_batches, batch_size=p.cfg.batch_size // p.cfg.grad_accum
+    )
     row.update(val_loss=pp["loss"], val_ppl=pp["ppl"], val_dispersion=None)
   tokenizer = get_tokenizer(tok_name)
   accs, norms = [], []
@@ -427,12 +481,13 @@ def evaluate_checkpoint(p: sweep.Point, step: int, ev: Mapping[str, Any]) -> dic
     accs.append(res["acc"])
     norms.append(res["acc_norm"])
   row["mean_acc"], row["mean_acc_norm"] = float(np.mean(accs)), float(np.mean(norms))
-  tokens = [ids[:ev["max_length"]] for ids in tokenizer.encode_batch(corpus_texts(ev["num_texts"]))]
-  summary = ct.checkpoint_statistics(p.workdir, step, tokens, max_length=ev["max_length"],
-                                     source="corpus:default",
-                                     model=(model_cfg, params, tok_name))
-  row.update(spearman=summary["spearman"], kendall=summary["kendall"],
-             mean_cos_by_layer=summary["mean_cossim_by_layer"])
+  tokens = [ids[: ev["max_length"]] for ids in tokenizer.encode_batch(corpus_texts(ev["num_texts"]))]
+  summary = ct.checkpoint_statistics(
+      p.workdir, step, tokens, max_length=ev["max_length"], source="corpus:default", model=(model_cfg, params, tok_name)
+  )
+  row.update(
+      spearman=summary["spearman"], kendall=summary["kendall"], mean_cos_by_layer=summary["mean_cossim_by_layer"]
+  )
   ct.write_json(path, {"stamp": stamp, "settings": settings, "row": row})
   return row
 
@@ -442,17 +497,25 @@ def expected_steps(cfg) -> list[int]:
   return sorted(set(range(cfg.checkpoint_every, cfg.steps + 1, cfg.checkpoint_every)) | {cfg.steps})
 
 
-def collect(config_paths: str | Sequence[str], sweep_dir: str, *, group_by: Sequence[str] | None = None,
-            tasks: Sequence[str] | None = None, steps: Sequence[int] | None = None,
-            max_checkpoints: int | None = None,
-            log: Callable[[str], None] = print) -> tuple[list[dict], list[str], dict[str, str]]:
+def collect(
+    config_paths: str | Sequence[str],
+    sweep_dir: str,
+    *,
+    group_by: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    steps: Sequence[int] | None = None,
+    max_checkpoints: int | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict], list[str], dict[str, str]]:
   """Evaluates every selected checkpoint of every finished point of one or several sweep configs run in the same
   sweep_dir (e.g. a dispersion.coeff sweep and a baseline.method sweep): (rows, group_by, notes by point). A
   point seen twice (the same workdir, or the same run config in another workdir) counts once."""
   paths = [config_paths] if isinstance(config_paths, str) else list(config_paths)
   if not os.path.isdir(sweep_dir):
-    raise ConfigError(f"--sweep_dir {sweep_dir} is not a directory; run the sweep first: python -m "
-                      f"dispersion_jax.sweep --config {paths[0]} --workdir {sweep_dir}")
+    raise ConfigError(
+        f"--sweep_dir {sweep_dir} is not a directory; run the sweep first: python -m "
+        f"dispersion_jax.sweep --config {paths[0]} --workdir {sweep_dir}"
+    )
   specs = [sweep.load_sweep(path) for path in paths]
   evs = []
   for spec in specs:
@@ -461,8 +524,10 @@ def collect(config_paths: str | Sequence[str], sweep_dir: str, *, group_by: Sequ
       ev["tasks"] = list(tasks)
     evs.append(ev)
   if any(eval_settings(e) != eval_settings(evs[0]) for e in evs):
-    raise ConfigError(f"the sweep configs {', '.join(paths)} evaluate differently (eval: tasks, num_texts, "
-                      "max_length); give them the same eval settings (or the same --tasks)")
+    raise ConfigError(
+        f"the sweep configs {', '.join(paths)} evaluate differently (eval: tasks, num_texts, "
+        "max_length); give them the same eval settings (or the same --tasks)"
+    )
   ev = evs[0]
   for t in ev["tasks"] or []:
     if not os.path.isfile(t):
@@ -486,8 +551,10 @@ def collect(config_paths: str | Sequence[str], sweep_dir: str, *, group_by: Sequ
     seen[os.path.abspath(p.workdir)] = seen[ident] = p.name
     want = expected_steps(p.cfg)
     if len(set(want) & set(have)) < len(want):
-      notes[p.name] = (f"{len(have)} of {len(want)} checkpoints kept (max_to_keep={p.cfg.max_to_keep}); set "
-                       "\"max_to_keep\": None in the sweep's overrides to keep them all")
+      notes[p.name] = (
+          f"{len(have)} of {len(want)} checkpoints kept (max_to_keep={p.cfg.max_to_keep}); set "
+          '"max_to_keep": None in the sweep\'s overrides to keep them all'
+      )
     chosen = ct.pick_steps(have, steps, max_checkpoints)
     if not chosen:
       notes[p.name] = f"none of the steps {sorted(steps or [])} saved (it has {have}): left out"
@@ -497,8 +564,10 @@ def collect(config_paths: str | Sequence[str], sweep_dir: str, *, group_by: Sequ
       log(f"[results] {p.name}: step {s}")
       rows.append({"name": p.name, "seed": p.cfg.seed, **values, **evaluate_checkpoint(p, s, ev)})
   if not rows:
-    raise DataError(f"no finished point with checkpoints in {sweep_dir}; train it first: python -m "
-                    f"dispersion_jax.sweep --config {paths[0]} --workdir {sweep_dir}")
+    raise DataError(
+        f"no finished point with checkpoints in {sweep_dir}; train it first: python -m "
+        f"dispersion_jax.sweep --config {paths[0]} --workdir {sweep_dir}"
+    )
   return rows, group_by, notes
 
 
@@ -513,24 +582,41 @@ def _strict(x: Any) -> Any:
   return x
 
 
-def write_results(rows: Sequence[Mapping], group_by: Sequence[str], out_dir: str, *,
-                  rules: Sequence[str] = DEFAULT_RULES, reference: Mapping[str, Any] = DEFAULT_REFERENCE,
-                  metrics: Sequence[str] | None = None, select_metrics: Sequence[str] | None = None,
-                  notes: Mapping[str, str] | None = None, title: str = "Results") -> dict[str, list[dict]]:
+def write_results(
+    rows: Sequence[Mapping],
+    group_by: Sequence[str],
+    out_dir: str,
+    *,
+    rules: Sequence[str] = DEFAULT_RULES,
+    reference: Mapping[str, Any] = DEFAULT_REFERENCE,
+    metrics: Sequence[str] | None = None,
+    select_metrics: Sequence[str] | None = None,
+    notes: Mapping[str, str] | None = None,
+    title: str = "Results",
+) -> dict[str, list[dict]]:
   """OUT/results_table.md, results_table.tex, results_table.json (the groups per rule), results_checkpoints.csv
   (every evaluated checkpoint) and results_selected.csv (the chosen checkpoint of each point per rule)."""
   os.makedirs(out_dir, exist_ok=True)
   metrics = list(metrics) if metrics is not None else metric_columns(rows)
   unknown = [m for m in metrics if m not in metric_columns(rows)]
   if unknown:
-    raise ConfigError(f"metric {unknown[0]!r} is not in the evaluation rows; use some of "
-                      f"{', '.join(metric_columns(rows))}")
-  tables = build_tables(rows, group_by, rules=rules, reference=reference, metrics=metrics,
-                        select_metrics=select_metrics)
+    raise ConfigError(
+        f"metric {unknown[0]!r} is not in the evaluation rows; use some of " f"{', '.join(metric_columns(rows))}"
+    )
+  tables = build_tables(
+      rows, group_by, rules=rules, reference=reference, metrics=metrics, select_metrics=select_metrics
+  )
   md = to_markdown(tables, group_by, metrics, title)
   ref_keys = [k for k in reference if k in group_by]
-  md += ("\nReference: " + (", ".join(f"{k} = {_key_text(reference[k])}" for k in ref_keys) if ref_keys else
-                            "none of the reference keys is a grouping key, so there are no differences") + "\n")
+  md += (
+      "\nReference: "
+      + (
+          ", ".join(f"{k} = {_key_text(reference[k])}" for k in ref_keys)
+          if ref_keys
+          else "none of the reference keys is a grouping key, so there are no differences"
+      )
+      + "\n"
+  )
   if notes:
     md += "\nNotes:\n" + "".join(f"- {name}: {text}\n" for name, text in notes.items())
   with open(os.path.join(out_dir, "results_table.md"), "w") as fh:
@@ -538,8 +624,19 @@ def write_results(rows: Sequence[Mapping], group_by: Sequence[str], out_dir: str
   with open(os.path.join(out_dir, "results_table.tex"), "w") as fh:
     fh.write(to_latex(tables, group_by, metrics))
   with open(os.path.join(out_dir, "results_table.json"), "w") as fh:
-    json.dump(_strict({"group_by": list(group_by), "reference": dict(reference),
-                       "rules": {r: RULES[r] for r in tables}, "tables": tables}), fh, indent=1, default=str)
+    json.dump(
+        _strict(
+            {
+                "group_by": list(group_by),
+                "reference": dict(reference),
+                "rules": {r: RULES[r] for r in tables},
+                "tables": tables,
+            }
+        ),
+        fh,
+        indent=1,
+        default=str,
+    )
   cols = ["name", "seed", *group_by, "step", *metric_columns(rows)]
   with open(os.path.join(out_dir, "results_checkpoints.csv"), "w", newline="") as fh:
     w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
@@ -553,20 +650,40 @@ def write_results(rows: Sequence[Mapping], group_by: Sequence[str], out_dir: str
   return tables
 
 
-def run_results(config_path: str | Sequence[str], sweep_dir: str, out_dir: str | None = None, *, group_by=None, tasks=None,
-                steps=None, max_checkpoints=None, rules: Sequence[str] = DEFAULT_RULES,
-                reference: Mapping[str, Any] = DEFAULT_REFERENCE, metrics=None, select_metrics=None,
-                log: Callable[[str], None] = print) -> dict[str, list[dict]]:
+def run_results(
+    config_path: str | Sequence[str],
+    sweep_dir: str,
+    out_dir: str | None = None,
+    *,
+    group_by=None,
+    tasks=None,
+    steps=None,
+    max_checkpoints=None,
+    rules: Sequence[str] = DEFAULT_RULES,
+    reference: Mapping[str, Any] = DEFAULT_REFERENCE,
+    metrics=None,
+    select_metrics=None,
+    log: Callable[[str], None] = print,
+) -> dict[str, list[dict]]:
   """Evaluate (cached) and tabulate a finished sweep (or several sweep configs run in one sweep_dir); returns
   rule -> groups."""
   paths = [config_path] if isinstance(config_path, str) else list(config_path)
   for r in rules:
     if r not in RULES:
       raise ConfigError(f"unknown selection rule {r!r}; use some of {', '.join(RULES)}")
-  rows, group_by, notes = collect(paths, sweep_dir, group_by=group_by, tasks=tasks, steps=steps,
-                                  max_checkpoints=max_checkpoints, log=log)
+  rows, group_by, notes = collect(
+      paths, sweep_dir, group_by=group_by, tasks=tasks, steps=steps, max_checkpoints=max_checkpoints, log=log
+  )
   for name, text in notes.items():
     log(f"[results] {name}: {text}")
-  return write_results(rows, group_by, out_dir or sweep_dir, rules=rules, reference=reference, metrics=metrics,
-                       select_metrics=select_metrics, notes=notes,
-                       title=f"Results of {', '.join(pathlib.Path(c).stem for c in paths)} ({sweep_dir})")
+  return write_results(
+      rows,
+      group_by,
+      out_dir or sweep_dir,
+      rules=rules,
+      reference=reference,
+      metrics=metrics,
+      select_metrics=select_metrics,
+      notes=notes,
+      title=f"Results of {', '.join(pathlib.Path(c).stem for c in paths)} ({sweep_dir})",
+  )

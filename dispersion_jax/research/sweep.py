@@ -11,6 +11,7 @@ interrupted ones. --vmap trains points that differ only in seed / dispersion.coe
 (vmap_train.py). Then each point is evaluated once (cached in its WORKDIR/sweep_eval.json) and WORKDIR gets
 results.csv, results.md (per point, and mean ± std over seeds) and sweep_summary.png, condensation_by_layer.png.
 """
+
 import csv
 import dataclasses
 import itertools
@@ -56,16 +57,22 @@ def load_sweep(path: str) -> dict[str, Any]:
   raw = raw.to_dict() if isinstance(raw, ConfigDict) else dict(raw)
   unknown = set(raw) - {"base", "overrides", "axes", "eval"}
   if unknown or not isinstance(raw.get("base"), str) or not raw.get("axes"):
-    raise ConfigError(f"{path}: get_config() needs base (a config file) and axes (key -> list), may have "
-                                 f"overrides and eval; got {sorted(raw)}")
+    raise ConfigError(
+        f"{path}: get_config() needs base (a config file) and axes (key -> list), may have "
+        f"overrides and eval; got {sorted(raw)}"
+    )
   axes = traverse_util.flatten_dict(raw["axes"], sep=".")
   for k, v in axes.items():
     if not isinstance(v, (list, tuple)) or not v:
       raise ConfigError(f"{path}: axes[{k!r}] must be a non-empty list of values")
   order = [k for k in axes if k != "seed"] + (["seed"] if "seed" in axes else [])
   ev = {**EVAL_DEFAULTS, **dict(raw.get("eval") or {})}
-  return {"base": raw["base"], "overrides": traverse_util.flatten_dict(raw.get("overrides") or {}, sep="."),
-          "axes": {k: list(axes[k]) for k in order}, "eval": ev}
+  return {
+      "base": raw["base"],
+      "overrides": traverse_util.flatten_dict(raw.get("overrides") or {}, sep="."),
+      "axes": {k: list(axes[k]) for k in order},
+      "eval": ev,
+  }
 
 
 def _text(v: Any) -> str:
@@ -112,8 +119,14 @@ def latest_step(workdir: str) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------ training
-def train_points(points: list[Point], *, vmap: bool = False, max_members: int | None = None,
-                 stop_at: int | None = None, devices: list | None = None) -> dict[str, str]:
+def train_points(
+    points: list[Point],
+    *,
+    vmap: bool = False,
+    max_members: int | None = None,
+    stop_at: int | None = None,
+    devices: list | None = None,
+) -> dict[str, str]:
   """Trains what is not finished; returns name -> status (finished, stopped at N, failed: ...)."""
   status = {}
   todo = []
@@ -128,7 +141,9 @@ def train_points(points: list[Point], *, vmap: bool = False, max_members: int | 
   for i, p in enumerate(todo):  # points sharing shapes and static settings AND their resume step train together
     key = (vmap_train.group_key(p.cfg), latest_step(p.workdir)) if vmap else i
     groups.setdefault(key, []).append(p)
-  chunks = [g[i:i + (max_members or len(g))] for g in groups.values() for i in range(0, len(g), max_members or len(g))]
+  chunks = [
+      g[i : i + (max_members or len(g))] for g in groups.values() for i in range(0, len(g), max_members or len(g))
+  ]
   for chunk in chunks:
     names = ", ".join(p.name for p in chunk)
     print(f"[sweep] training {names}" + (f" ({len(chunk)} members in one vmapped step)" if len(chunk) > 1 else ""))
@@ -180,8 +195,9 @@ def evaluate_point(p: Point, ev: Mapping[str, Any]) -> dict[str, Any]:
   if val:  # the run's own final evaluation
     row.update(val_loss=val[-1]["val_loss"], val_ppl=val[-1]["val_ppl"], val_dispersion=val[-1]["val_dispersion"])
   else:  # same batches as train.evaluate would use
-    pp = evaluate.perplexity(model_cfg, params, p.cfg, num_batches=p.cfg.eval_batches,
-                             batch_size=p.cfg.batch_size // p.cfg.grad_accum)
+    pp = evaluate.perplexity(
+        model_cfg, params, p.cfg, num_batches=p.cfg.eval_batches, batch_size=p.cfg.batch_size // p.cfg.grad_accum
+    )
     row.update(val_loss=pp["loss"], val_ppl=pp["ppl"], val_dispersion=None)
   tokenizer = get_tokenizer(tok_name)
   accs = []
@@ -191,13 +207,14 @@ def evaluate_point(p: Point, ev: Mapping[str, Any]) -> dict[str, Any]:
     row[f"acc/{name}"], row[f"acc_norm/{name}"] = res["acc"], res["acc_norm"]
     accs.append(res["acc"])
   row["mean_acc"] = float(np.mean(accs))
-  tokens = [ids[:ev["max_length"]] for ids in tokenizer.encode_batch(corpus_texts(ev["num_texts"]))]
+  tokens = [ids[: ev["max_length"]] for ids in tokenizer.encode_batch(corpus_texts(ev["num_texts"]))]
   summary = model_statistics(model_cfg, params, tokens, max_length=ev["max_length"])
   summary["settings"].update(model=p.workdir, source="corpus:default", tokenizer=tok_name)
   with open(os.path.join(p.workdir, "condensation.json"), "w") as fh:
     json.dump(summary, fh, indent=1)
-  row.update(spearman=summary["spearman"], kendall=summary["kendall"],
-             mean_cos_by_layer=summary["mean_cossim_by_layer"])
+  row.update(
+      spearman=summary["spearman"], kendall=summary["kendall"], mean_cos_by_layer=summary["mean_cossim_by_layer"]
+  )
   with open(cache_path, "w") as fh:
     json.dump({"step": step, "settings": settings, "row": row}, fh, indent=1)
   return row
@@ -249,11 +266,20 @@ def write_results(rows: list[dict], axes: list[str], out_dir: str) -> list[dict]
   groups = group_rows(rows, axes)
   others = [a for a in axes if a != "seed"]
   gcols = [m for m in (*METRICS, *[c for c in cols if c.startswith("acc")]) if any(m in g for g in groups)]
-  lines = ["# Sweep results", "", "## Mean ± std over seeds", "",
-           "| " + " | ".join([*others, "n", *gcols]) + " |", "|" + "---|" * (len(others) + 1 + len(gcols))]
+  lines = [
+      "# Sweep results",
+      "",
+      "## Mean ± std over seeds",
+      "",
+      "| " + " | ".join([*others, "n", *gcols]) + " |",
+      "|" + "---|" * (len(others) + 1 + len(gcols)),
+  ]
   for g in groups:
-    lines.append("| " + " | ".join([*(str(g[a]) for a in others), str(g["n"]),
-                                    *(_fmt(g.get(m), g.get(f"{m}_std")) for m in gcols)]) + " |")
+    lines.append(
+        "| "
+        + " | ".join([*(str(g[a]) for a in others), str(g["n"]), *(_fmt(g.get(m), g.get(f"{m}_std")) for m in gcols)])
+        + " |"
+    )
   lines += ["", "## Every point", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:  # metrics as 4 significant digits; names, axis values and steps verbatim
     lines.append("| " + " | ".join(_fmt(_num(r.get(c))) if c in gcols else str(r.get(c)) for c in cols) + " |")
@@ -268,23 +294,31 @@ def write_plots(groups: list[dict], others: list[str], out_dir: str) -> None:
   """sweep_summary.png: val loss, spearman, mean acc vs the x axis (coeff if swept), one line per other combination;
   condensation_by_layer.png: mean cosine vs depth per group (mean over seeds)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   x_key = "dispersion.coeff" if "dispersion.coeff" in others else (others[0] if others else None)
   line_keys = [a for a in others if a != x_key]
   lines: dict[tuple, list[dict]] = {}
   for g in groups:
     lines.setdefault(tuple(g[a] for a in line_keys), []).append(g)
   fig, axs = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
-  for ax, (m, label) in zip(axs, (("val_loss", "validation loss"), ("spearman", "condensation spearman"),
-                                  ("mean_acc", "mean task accuracy"))):
+  for ax, (m, label) in zip(
+      axs, (("val_loss", "validation loss"), ("spearman", "condensation spearman"), ("mean_acc", "mean task accuracy"))
+  ):
     for key, gs in lines.items():
       xs = [g[x_key] if x_key else 0 for g in gs]
       numeric = all(isinstance(x, (int, float)) for x in xs)
       pos = xs if numeric else list(range(len(xs)))
-      ax.errorbar(pos, [g.get(m, np.nan) for g in gs], yerr=[np.nan_to_num(g.get(f"{m}_std", 0.0)) for g in gs],
-                  marker="o", capsize=3, label=", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(line_keys, key))
-                  or None)
+      ax.errorbar(
+          pos,
+          [g.get(m, np.nan) for g in gs],
+          yerr=[np.nan_to_num(g.get(f"{m}_std", 0.0)) for g in gs],
+          marker="o",
+          capsize=3,
+          label=", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(line_keys, key)) or None,
+      )
       if not numeric:
         ax.set_xticks(pos, [str(x) for x in xs])
     ax.set(xlabel=x_key or "", ylabel=label, title=f"{label} (mean ± std over seeds)")
@@ -306,8 +340,16 @@ def write_plots(groups: list[dict], others: list[str], out_dir: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def run_sweep(config_path: str, workdir: str | None = None, *, vmap: bool = False, max_members: int | None = None,
-              evaluate: bool = True, stop_at: int | None = None, devices: list | None = None) -> list[dict]:
+def run_sweep(
+    config_path: str,
+    workdir: str | None = None,
+    *,
+    vmap: bool = False,
+    max_members: int | None = None,
+    evaluate: bool = True,
+    stop_at: int | None = None,
+    devices: list | None = None,
+) -> list[dict]:
   """Train (skip / resume), evaluate the finished points, write the reports; returns one row per point."""
   sweep = load_sweep(config_path)
   workdir = workdir or os.path.join("runs", "sweeps", pathlib.Path(config_path).stem)

@@ -12,6 +12,7 @@ metrics.jsonl), so any member can be resumed, evaluated, or continued alone by `
 Benchmark (vmapped step vs the members' ordinary steps one by one, synthetic batches):
   python -m dispersion_jax.bench --vmap_members 4,8 --config configs/gpt2_tiny.py [--config.KEY=VALUE ...]
 """
+
 import dataclasses
 import functools
 import json
@@ -51,14 +52,22 @@ def vmapped_step(cfg: ConfigDict, with_dispersion: bool):
   disp = config_lib.dispersion_config(cfg)
   tx, schedule, baseline_kw = train.optimizer_and_step(cfg, model_cfg)
   # All members at coeff 0: the plain objective, exactly as the individual runs compute it (no dispersion term).
-  step = functools.partial(train_step if with_dispersion else _step_without_dispersion, model=build_model(model_cfg),
-                           disp=disp if with_dispersion else dataclasses.replace(disp, coeff=0.0),
-                           tx=tx, schedule=schedule, grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk, **baseline_kw)
+  step = functools.partial(
+      train_step if with_dispersion else _step_without_dispersion,
+      model=build_model(model_cfg),
+      disp=disp if with_dispersion else dataclasses.replace(disp, coeff=0.0),
+      tx=tx,
+      schedule=schedule,
+      grad_accum=cfg.grad_accum,
+      ce_chunk=cfg.ce_chunk,
+      **baseline_kw,
+  )
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def fn(states, batches_SxBxL, stream_K, coeffs_K):
     batch_KxBxL = jax.tree.map(lambda x: x[stream_K], batches_SxBxL)  # gathered on device: no host copies
     return jax.vmap(step)(states, batch_KxBxL, coeffs_K)
+
   return fn
 
 
@@ -116,17 +125,21 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
   states = stack(states)
   start = start or 0
   vstep = vmapped_step(base, with_dispersion=bool(np.any(coeffs_K != 0)))
-  eval_fn = train.jit_eval_step(build_model(model_cfg), config_lib.dispersion_config(base), mesh,
-                                state_shardings(model_cfg, tx, mesh)[1].params)
+  eval_fn = train.jit_eval_step(
+      build_model(model_cfg), config_lib.dispersion_config(base), mesh, state_shardings(model_cfg, tx, mesh)[1].params
+  )
   val_batches = train.validation_batches(base, ds, mesh) if loop_cfg.eval_every else []
   loggers = [MetricsLogger(w, loop_cfg.steps, start, progress=k == 0) for k, w in enumerate(workdirs)]  # one bar
-  loggers[0].write(f"{'resuming from step ' + str(start) if start else 'starting'}: {K} members in one vmapped "
-                   f"step ({len(seeds)} data streams), {model_cfg.n_layer} layers, width {model_cfg.n_embd}")
+  loggers[0].write(
+      f"{'resuming from step ' + str(start) if start else 'starting'}: {K} members in one vmapped "
+      f"step ({len(seeds)} data streams), {model_cfg.n_layer} layers, width {model_cfg.n_embd}"
+  )
 
   def log(step, m, tokens_per_s):  # tokens/s per member
     for k, lg in enumerate(loggers):
-      row = {key: v[k] for key, v in m.items()
-             if coeffs_K[k] != 0 or not key.startswith("dispersion/")}  # as its individual run logs
+      row = {
+          key: v[k] for key, v in m.items() if coeffs_K[k] != 0 or not key.startswith("dispersion/")
+      }  # as its individual run logs
       lg.log(step, {**row, "tokens_per_s": tokens_per_s})
 
   def save(step, states):
@@ -145,13 +158,25 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
     for rows in zip(*streams):
       yield {key: np.stack([b[key] for b in rows]) for key in rows[0]}
 
-  hooks = Hooks(log=log, save=save, evaluate=evaluate, last_checkpoint=ckpts[0].latest_step,
-                advance=lambda: [lg.advance() for lg in loggers],
-                should_stop=lambda step: preempt.requested or step == stop_at,
-                name_member=lambda k: f" in {workdirs[k]}")
+  hooks = Hooks(
+      log=log,
+      save=save,
+      evaluate=evaluate,
+      last_checkpoint=ckpts[0].latest_step,
+      advance=lambda: [lg.advance() for lg in loggers],
+      should_stop=lambda step: preempt.requested or step == stop_at,
+      name_member=lambda k: f" in {workdirs[k]}",
+  )
   try:
-    out = run_loop(lambda st, b: vstep(st, b, stream_K, coeffs_K), states, batches(), start=start, cfg=loop_cfg,
-                   hooks=hooks, tokens_per_step=base.batch_size * base.seq_len)
+    out = run_loop(
+        lambda st, b: vstep(st, b, stream_K, coeffs_K),
+        states,
+        batches(),
+        start=start,
+        cfg=loop_cfg,
+        hooks=hooks,
+        tokens_per_step=base.batch_size * base.seq_len,
+    )
     if out.preempted:
       loggers[0].write(f"preempted at step {out.step}: checkpoints saved; re-run the same command to resume")
   finally:
@@ -176,8 +201,12 @@ def benchmark(cfg: ConfigDict, members: list[int], steps: int = 5, repeats: int 
   model, disp, schedule = build_model(model_cfg), config_lib.dispersion_config(cfg), lr_schedule(opt_cfg, n_steps)
   ids_BxL = jax.random.randint(jax.random.PRNGKey(0), (cfg.batch_size, cfg.seq_len), 0, model_cfg.vocab_size)
   batch = {"input_ids": ids_BxL, "targets": jnp.roll(ids_BxL, -1, 1)}
-  single = jax.jit(functools.partial(train_step, model=model, disp=disp, tx=tx, schedule=schedule,
-                                     grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk), donate_argnums=(0,))
+  single = jax.jit(
+      functools.partial(
+          train_step, model=model, disp=disp, tx=tx, schedule=schedule, grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk
+      ),
+      donate_argnums=(0,),
+  )
   init = jax.jit(lambda s: init_state(model_cfg, tx, s))
   rows, single_s = [], None
   for K in sorted(set(members) | {1}):
@@ -209,16 +238,29 @@ def benchmark(cfg: ConfigDict, members: list[int], steps: int = 5, repeats: int 
     seq, vm = best[one_by_one], best[vmapped]
     single_s = single_s or seq  # K = 1 comes first
     tokens = K * cfg.batch_size * cfg.seq_len
-    rows.append({"members": K, "separate_s": K * single_s, "interleaved_s": seq, "vmap_s": vm,
-                 "speedup_vs_separate": K * single_s / vm, "speedup_vs_interleaved": seq / vm,
-                 "vmap_tok_s": tokens / vm})
+    rows.append(
+        {
+            "members": K,
+            "separate_s": K * single_s,
+            "interleaved_s": seq,
+            "vmap_s": vm,
+            "speedup_vs_separate": K * single_s / vm,
+            "speedup_vs_interleaved": seq / vm,
+            "vmap_tok_s": tokens / vm,
+        }
+    )
   return [r for r in rows if r["members"] in members]
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| K | separate runs (K x one model, s/step) | interleaved in one process (s/step) | vmap (s/step) | "
-           "vmap speed-up vs separate | vs interleaved | vmap tokens/s (all members) |", "|---|---|---|---|---|---|---|"]
+  lines = [
+      "| K | separate runs (K x one model, s/step) | interleaved in one process (s/step) | vmap (s/step) | "
+      "vmap speed-up vs separate | vs interleaved | vmap tokens/s (all members) |",
+      "|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
-    lines.append(f"| {r['members']} | {r['separate_s']:.3f} | {r['interleaved_s']:.3f} | {r['vmap_s']:.3f} | "
-                 f"{r['speedup_vs_separate']:.2f}x | {r['speedup_vs_interleaved']:.2f}x | {r['vmap_tok_s']:,.0f} |")
+    lines.append(
+        f"| {r['members']} | {r['separate_s']:.3f} | {r['interleaved_s']:.3f} | {r['vmap_s']:.3f} | "
+        f"{r['speedup_vs_separate']:.2f}x | {r['speedup_vs_interleaved']:.2f}x | {r['vmap_tok_s']:,.0f} |"
+    )
   return "\n".join(lines)
