@@ -1,6 +1,6 @@
 """The controlled width study (configs/sweeps/width_study.py) cut to a 2-core CPU: MLP width n_inner 64 / 256 /
 1024 / 4096 at a fixed residual width, CE only (dispersion.coeff 0) vs angular_spread dispersion (coeff 0.1),
-two seeds: 16 runs of a 4-layer, width-64 GPT-2 on the embedded English corpus, 120 steps of 8 x 64 tokens each.
+three seeds: 24 runs of a 4-layer, width-64 GPT-2 on the embedded English corpus, 120 steps of 8 x 64 tokens each.
 
   python -m dispersion_jax.sweep --config configs/sweeps/width_study_cpu.py --workdir runs/sweeps/width_cpu --vmap
   python -m dispersion_jax.cli.results --sweep_dir runs/sweeps/width_cpu --config configs/sweeps/width_study_cpu.py \
@@ -9,13 +9,14 @@ two seeds: 16 runs of a 4-layer, width-64 GPT-2 on the embedded English corpus, 
       --workdirs runs/sweeps/width_cpu/coeff-0.0_n_inner-64_seed-0 runs/sweeps/width_cpu/coeff-0.1_n_inner-64_seed-0 \
       --labels "F=64 CE only,F=64 dispersion 0.1" --out runs/sweeps/width_cpu/over_training
 
-With --vmap each width is one group of 4 members (2 coefficients x 2 seeds) trained in one compiled step (members
+With --vmap each width is one group of 6 members (2 coefficients x 3 seeds) trained in one compiled step (members
 of a group may differ only in seed and dispersion.coeff). Every checkpoint is kept (max_to_keep None) and
 evaluated at steps 40 / 80 / 120, so the results table can select checkpoints. A demonstration of the
 tooling at a size that runs here, not the paper's experiment: 61,440 training tokens per model, and the 50257-way
 tied LM head (3.2M of the parameters) dominates every width's compute. Measured on 2 shared CPU cores (load
-average 2-7 from other jobs): the sweep with --vmap took 12.0 min wall (training, about 3 min per width group,
-and the sweep's own evaluation), then cli.results 1.1 min (48 checkpoints evaluated; 2 s once cached).
+average 2-7 from other jobs): seeds 0 and 1 with --vmap took 12.0 min wall (training, about 3 min per width group,
+and the sweep's own evaluation), seed 2 added later 4.1 min, then cli.results 1.5 min (72 checkpoints evaluated;
+seconds once cached). Results: docs/experiment.md.
 """
 
 from ml_collections import ConfigDict
@@ -44,7 +45,7 @@ def get_config() -> ConfigDict:
               "dispersion.loc": "all",
               "dispersion.clamp_threshold": 0.1,
           },
-          "axes": {"model.n_inner": [64, 256, 1024, 4096], "dispersion.coeff": [0.0, 0.1], "seed": [0, 1]},
+          "axes": {"model.n_inner": [64, 256, 1024, 4096], "dispersion.coeff": [0.0, 0.1], "seed": [0, 1, 2]},
           "eval": {"num_texts": 32, "max_length": 64},
       },
       allow_dotted_keys=True,
