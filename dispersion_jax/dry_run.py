@@ -6,7 +6,6 @@ FLOP count. With `dry_run_memory_budget_gb > 0` it fails (ConfigError, one line)
 Simulate a big mesh on one CPU machine with XLA_FLAGS=--xla_force_host_platform_device_count=64.
 """
 
-import functools
 import math
 import time
 
@@ -17,8 +16,8 @@ from ml_collections import ConfigDict
 from dispersion_jax import config as config_lib
 from dispersion_jax import sharding, train
 from dispersion_jax.errors import ConfigError
-from dispersion_jax.models import build_model, flops_per_token
-from dispersion_jax.train_step import jit_train_step, logical_context, state_shardings, train_step
+from dispersion_jax.models import flops_per_token
+from dispersion_jax.train_step import jit_train_step, logical_context, state_shardings
 
 # The batch of data/loader.py: int32[batch, seq_len] each.
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions")
@@ -35,19 +34,9 @@ def abstract_inputs(cfg: ConfigDict, model_cfg, tx, mesh):
 
 def compile_train_step(cfg: ConfigDict, mesh):
   """The compiled train step of `cfg` on `mesh`, the abstract state, and the compile time in seconds."""
-  model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
-  tx, schedule, baseline_kw = train.optimizer_and_step(cfg, model_cfg)
+  model_cfg = config_lib.model_config(cfg)
+  fn, tx = train.step_function(cfg, model_cfg)
   state, batch, shard = abstract_inputs(cfg, model_cfg, tx, mesh)
-  fn = functools.partial(
-      train_step,
-      model=build_model(model_cfg),
-      disp=disp,
-      tx=tx,
-      schedule=schedule,
-      grad_accum=cfg.grad_accum,
-      ce_chunk=cfg.ce_chunk,
-      **baseline_kw,
-  )
   start = time.perf_counter()
   with logical_context(mesh):
     compiled = jit_train_step(fn, mesh, shard).lower(state, batch).compile()

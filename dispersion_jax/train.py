@@ -22,7 +22,7 @@ from dispersion_jax.data import build, loader
 from dispersion_jax.data.packed import PackedDataset
 from dispersion_jax import models
 from dispersion_jax.baselines import Forgetting
-from dispersion_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
+from dispersion_jax.errors import CheckpointError, ConfigError, DataError
 from dispersion_jax.loop import Hooks, run_loop
 from dispersion_jax.metrics import MetricsLogger
 from dispersion_jax.models import build_model, flops_per_token
@@ -90,10 +90,27 @@ def optimizer_and_step(cfg: ConfigDict, model_cfg):
         raise DataError(f"tokenizer: {e}") from e
     if not 0 <= pad < model_cfg.vocab_size:
       raise ConfigError(
-          f"baseline.pad_id={pad} is outside the vocabulary [0, {model_cfg.vocab_size}); set " "baseline.pad_id"
+          f"baseline.pad_id={pad} is outside the vocabulary [0, {model_cfg.vocab_size}); set baseline.pad_id"
       )
     kw["forgetting"] = Forgetting(base.forget_every, base.forget_std, pad, tuple(family.EMBED_PATH))
   return tx, lr_schedule(opt, steps), kw
+
+
+def step_function(cfg: ConfigDict, model_cfg, disp=None):
+  """(the run's train step with every setting bound, not jitted; its optimizer): the one construction that
+  training, the dry run, bench and vmapped sweeps share. `disp` replaces the run's DispersionConfig."""
+  tx, schedule, baseline_kw = optimizer_and_step(cfg, model_cfg)
+  fn = functools.partial(
+      train_step,
+      model=build_model(model_cfg),
+      disp=config_lib.dispersion_config(cfg) if disp is None else disp,
+      tx=tx,
+      schedule=schedule,
+      grad_accum=cfg.grad_accum,
+      ce_chunk=cfg.ce_chunk,
+      **baseline_kw,
+  )
+  return fn, tx
 
 
 def check_vocab(cfg: ConfigDict, model_cfg) -> None:
@@ -171,7 +188,7 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
   mesh = sharding.make_mesh(config_lib.mesh_config(cfg), devices)
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
   model = build_model(model_cfg)
-  tx, schedule, baseline_kw = optimizer_and_step(cfg, model_cfg)
+  train_fn, tx = step_function(cfg, model_cfg)
   check_vocab(cfg, model_cfg)
   ds = open_data(cfg)
 
@@ -186,20 +203,7 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
       state = jax.jit(lambda p: init_state(model_cfg, tx, cfg.seed, p), out_shardings=shardings)(params)
     else:
       state = ckpt.restore(start, target)
-    step_fn = jit_train_step(
-        functools.partial(
-            train_step,
-            model=model,
-            disp=disp,
-            tx=tx,
-            schedule=schedule,
-            grad_accum=cfg.grad_accum,
-            ce_chunk=cfg.ce_chunk,
-            **baseline_kw,
-        ),
-        mesh,
-        shardings,
-    )
+    step_fn = jit_train_step(train_fn, mesh, shardings)
     eval_fn = jit_eval_step(model, disp, mesh, shardings.params)
     val_batches = validation_batches(cfg, ds, mesh) if loop_cfg.eval_every else []
   start = start or 0

@@ -1,4 +1,3 @@
-import json
 import os
 
 # Eight fake CPU devices for the sharding tests; must be set before JAX initialises its backend.

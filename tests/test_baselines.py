@@ -14,7 +14,6 @@ import pytest
 from dispersion_jax import config as config_lib
 from dispersion_jax import train
 from dispersion_jax.baselines import BaselineConfig, Forgetting, add_embedding_noise, forgetting_lr, neftune_bound
-from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.models import GPTConfig, build_model, init_params
 from dispersion_jax.objective import DispersionConfig, objective
 from dispersion_jax.optim import OptimizerConfig, make_optimizer

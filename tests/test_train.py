@@ -17,7 +17,6 @@ pytestmark = pytest.mark.slow  # trains models: deselect with -m 'not slow'
 from dispersion_jax import config as config_lib
 from dispersion_jax import train
 from dispersion_jax.checkpoint import CheckpointError
-from dispersion_jax import sharding
 from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.cli.train import main as train_main
 from dispersion_jax.errors import TrainingError
@@ -192,7 +191,6 @@ def test_mid_training_from_hf_starts_at_the_hf_loss(gpt2_golden, data_dir):
   )
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
   assert (model_cfg.n_layer, model_cfg.vocab_size) == (3, 512)
-  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   tx, schedule = optimizer(cfg)
   state = init_state(model_cfg, tx, cfg.seed, train.pretrained_params(cfg, model_cfg))
   ids = jnp.asarray(ref["input_ids"], jnp.int32)

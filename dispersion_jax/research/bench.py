@@ -14,7 +14,6 @@ what must fit at once) and, on GPU, `device.memory_stats()["peak_bytes_in_use"]`
 """
 
 import dataclasses
-import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -28,10 +27,9 @@ from ml_collections import ConfigDict
 from dispersion_jax import config as config_lib
 from dispersion_jax import sharding, train
 from dispersion_jax.dry_run import memory_per_device
-from dispersion_jax.models import build_model, count_params, flops_per_token
-from dispersion_jax.optim import lr_schedule, make_optimizer
+from dispersion_jax.models import count_params, flops_per_token
 from dispersion_jax.research import sweep
-from dispersion_jax.train_step import init_state, jit_train_step, logical_context, state_shardings, train_step
+from dispersion_jax.train_step import init_state, jit_train_step, logical_context, state_shardings
 
 # Row columns taken from each point's config (the names docs/benchmarks.md uses).
 FIELDS = {
@@ -141,9 +139,8 @@ def _batch(cfg: ConfigDict, vocab: int, mesh) -> dict:
 def prepare_jax(cfg: ConfigDict, opts: Options) -> tuple[dict, Callable[[], Any] | None]:
   """Compile the step (and, unless compile_only, warm it up); returns (row, run-one-step-and-block)."""
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
-  opt_cfg, steps = config_lib.optimizer_config(cfg), config_lib.loop_config(cfg).steps
-  model, tx, schedule = build_model(model_cfg), make_optimizer(opt_cfg, steps), lr_schedule(opt_cfg, steps)
+  model_cfg = config_lib.model_config(cfg)
+  train_fn, tx = train.step_function(cfg, model_cfg)
   abstract, shardings = state_shardings(model_cfg, tx, mesh)
   row: dict[str, Any] = dict(
       params=count_params(abstract.params),
@@ -151,19 +148,7 @@ def prepare_jax(cfg: ConfigDict, opts: Options) -> tuple[dict, Callable[[], Any]
       flops_per_token=flops_per_token(model_cfg, cfg.seq_len),
   )
   with logical_context(mesh):
-    step = jit_train_step(
-        functools.partial(
-            train_step,
-            model=model,
-            disp=disp,
-            tx=tx,
-            schedule=schedule,
-            grad_accum=cfg.grad_accum,
-            ce_chunk=cfg.ce_chunk,
-        ),
-        mesh,
-        shardings,
-    )
+    step = jit_train_step(train_fn, mesh, shardings)
     batch = _batch(cfg, model_cfg.vocab_size, mesh)
     state = (
         abstract if opts.compile_only else jax.jit(lambda: init_state(model_cfg, tx, 0), out_shardings=shardings)()

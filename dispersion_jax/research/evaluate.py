@@ -18,9 +18,7 @@ Command line: python -m dispersion_jax.evaluate (cli/evaluate.py).
 
 import dataclasses
 import functools
-import itertools
 import json
-import math
 import os
 import pathlib
 import shutil

@@ -31,8 +31,7 @@ from dispersion_jax.errors import CheckpointError, ConfigError, TrainingError
 from dispersion_jax.loop import Hooks, run_loop
 from dispersion_jax.metrics import MetricsLogger
 from dispersion_jax.models import build_model
-from dispersion_jax.optim import lr_schedule, make_optimizer
-from dispersion_jax.train_step import init_state, state_shardings, train_step
+from dispersion_jax.train_step import init_state, state_shardings
 
 MEMBER_KEYS = ("seed", "dispersion.coeff")  # what may differ inside one compiled group
 
@@ -50,18 +49,12 @@ def vmapped_step(cfg: ConfigDict, with_dispersion: bool):
   """jit(vmap(step)): (states [K...], batches [S, b, L], member -> data-stream index [K], coeffs [K])."""
   model_cfg = config_lib.model_config(cfg)
   disp = config_lib.dispersion_config(cfg)
-  tx, schedule, baseline_kw = train.optimizer_and_step(cfg, model_cfg)
   # All members at coeff 0: the plain objective, exactly as the individual runs compute it (no dispersion term).
-  step = functools.partial(
-      train_step if with_dispersion else _step_without_dispersion,
-      model=build_model(model_cfg),
-      disp=disp if with_dispersion else dataclasses.replace(disp, coeff=0.0),
-      tx=tx,
-      schedule=schedule,
-      grad_accum=cfg.grad_accum,
-      ce_chunk=cfg.ce_chunk,
-      **baseline_kw,
-  )
+  if with_dispersion:
+    step, _ = train.step_function(cfg, model_cfg)
+  else:
+    plain, _ = train.step_function(cfg, model_cfg, disp=dataclasses.replace(disp, coeff=0.0))
+    step = lambda state, batch, coeff: plain(state, batch)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def fn(states, batches_SxBxL, stream_K, coeffs_K):
@@ -69,11 +62,6 @@ def vmapped_step(cfg: ConfigDict, with_dispersion: bool):
     return jax.vmap(step)(states, batch_KxBxL, coeffs_K)
 
   return fn
-
-
-def _step_without_dispersion(state, batch, coeff, **kw):
-  del coeff
-  return train_step(state, batch, **kw)
 
 
 def stack(trees: list):
@@ -196,17 +184,11 @@ def benchmark(cfg: ConfigDict, members: list[int], steps: int = 5, repeats: int 
   Synthetic token batches (the data pipeline is not timed); compile excluded. They are timed in alternating
   windows of `steps` steps and the fastest window of each is kept (robust to other jobs on a shared machine).
   """
-  opt_cfg, n_steps = config_lib.optimizer_config(cfg), config_lib.loop_config(cfg).steps
-  model_cfg, tx = config_lib.model_config(cfg), make_optimizer(opt_cfg, n_steps)
-  model, disp, schedule = build_model(model_cfg), config_lib.dispersion_config(cfg), lr_schedule(opt_cfg, n_steps)
+  model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
+  step_fn, tx = train.step_function(cfg, model_cfg)
   ids_BxL = jax.random.randint(jax.random.PRNGKey(0), (cfg.batch_size, cfg.seq_len), 0, model_cfg.vocab_size)
   batch = {"input_ids": ids_BxL, "targets": jnp.roll(ids_BxL, -1, 1)}
-  single = jax.jit(
-      functools.partial(
-          train_step, model=model, disp=disp, tx=tx, schedule=schedule, grad_accum=cfg.grad_accum, ce_chunk=cfg.ce_chunk
-      ),
-      donate_argnums=(0,),
-  )
+  single = jax.jit(step_fn, donate_argnums=(0,))
   init = jax.jit(lambda s: init_state(model_cfg, tx, s))
   rows, single_s = [], None
   for K in sorted(set(members) | {1}):
