@@ -20,25 +20,9 @@ from dispersion_jax.cli.common import Parser, run_main
 from dispersion_jax.config import load
 from dispersion_jax.research import bench, vmap_train
 
-# old flag -> config key
-ALIASES = {
-    "preset": "model.preset",
-    "layers": "model.n_layer",
-    "dim": "model.n_embd",
-    "heads": "model.n_head",
-    "vocab": "model.vocab_size",
-    "seq": "seq_len",
-    "batch": "batch_size",
-    "variant": "dispersion.variant",
-    "coeff": "dispersion.coeff",
-    "max_tokens": "dispersion.max_tokens",
-    "block_size": "dispersion.block_size",
-    "ce_chunk": "ce_chunk",
-    "remat": "model.remat",
-    "scan": "model.scan_layers",
-    "dtype": "model.dtype",
-    "attention": "model.attention",
-}
+# The previous release's flags -> the config keys they set: the row columns of research/bench.py, which bear the
+# same names, except the two added since (family, impl), which exist only as --config.* overrides.
+ALIASES = {flag: key for flag, key in bench.FIELDS.items() if flag not in ("family", "impl")}
 _NONE_IF_ZERO = {"max_tokens", "block_size", "ce_chunk"}
 
 
