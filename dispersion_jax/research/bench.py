@@ -15,6 +15,7 @@ what must fit at once) and, on GPU, `device.memory_stats()["peak_bytes_in_use"]`
 
 import dataclasses
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from ml_collections import ConfigDict
 from dispersion_jax import config as config_lib
 from dispersion_jax import sharding, train
 from dispersion_jax.dry_run import memory_per_device
+from dispersion_jax.errors import UserError
 from dispersion_jax.models import count_params, flops_per_token
 from dispersion_jax.research import sweep
 from dispersion_jax.train_step import init_state, jit_train_step, logical_context, state_shardings
@@ -236,11 +238,18 @@ def run(config_path: str, overrides: Sequence[tuple[str, str]], opts: Options) -
       if (fw, point.to_json()) in seen:
         continue
       seen.add((fw, point.to_json()))
-      row, fn = (prepare_jax if fw == "jax" else prepare_torch)(point, opts)
+      try:
+        row, fn = (prepare_jax if fw == "jax" else prepare_torch)(point, opts)
+      except UserError:
+        raise
+      except Exception as ex:  # noqa: BLE001 - one point that cannot compile or run (a kernel on a new jax, OOM)
+        row, fn = {"error": f"{type(ex).__name__}: {(str(ex).splitlines() or [''])[0][:300]}"}, None
+        print(f"[skip] {fw} {describe(point)}: {row['error']}", file=sys.stderr)  # the other points still run
       entries.append((fw, point, {"framework": fw, **describe(point), **row}, fn))
+  timed = [e for e in entries if e[3] is not None]
   if not opts.compile_only:
-    secs = time_interleaved([fn for *_, fn in entries], opts.repeats, opts.steps_per_repeat)
-    for (fw, cfg, row, _), samples in zip(entries, secs):
+    secs = time_interleaved([fn for *_, fn in timed], opts.repeats, opts.steps_per_repeat)
+    for (fw, cfg, row, _), samples in zip(timed, secs):
       sec = statistics.median(samples)
       tps = cfg.batch_size * cfg.seq_len / sec
       row.update(
@@ -262,16 +271,18 @@ def run(config_path: str, overrides: Sequence[tuple[str, str]], opts: Options) -
     rows.append(row)
     if fw != "jax":
       row.update(block_size=None, impl=None, ce_chunk=None, remat=None, scan=None, attention="sdpa")
-    if opts.compile_only:
+    if opts.compile_only or "error" in row:
       continue
-    row["dispersion_overhead"] = 1 - row["tokens_per_s"] / by_key[(fw, baseline(cfg).to_json())]["tokens_per_s"]
+    twin = by_key.get((fw, baseline(cfg).to_json()), {})
+    if "tokens_per_s" in twin:
+      row["dispersion_overhead"] = 1 - row["tokens_per_s"] / twin["tokens_per_s"]
     if fw == "jax" and opts.data_batches:
       key = (cfg.seq_len, cfg.batch_size)
       if key not in pipe:
         pipe[key] = measure_pipeline(cfg, opts.data_batches)
       row.update(pipeline_tokens_per_s=pipe[key], pipeline_keeps_up=pipe[key] >= row["tokens_per_s"])
     torch_row = next((by_key.get((f, torch_point(cfg).to_json())) for f in frameworks[1:]), None)
-    if fw == "jax" and torch_row is not None:
+    if fw == "jax" and torch_row is not None and "tokens_per_s" in torch_row:
       row["jax_over_torch"] = row["tokens_per_s"] / torch_row["tokens_per_s"]
   return rows
 
@@ -310,6 +321,7 @@ COLUMNS = (
     ("dispersion_overhead", "{:.1%}"),
     ("jax_over_torch", "{:.2f}"),
     ("pipeline_tokens_per_s", "{:,.0f}"),
+    ("error", "{:.80}"),
 )
 
 
