@@ -1,4 +1,6 @@
+import json
 import os
+import pathlib
 
 # Eight fake CPU devices for the sharding tests; must be set before JAX initialises its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -65,3 +67,44 @@ def make_run():
 def corpus_dir(tmp_path_factory) -> str:
   """One data dir for the built default-corpus caches of the training tests (built once per seq_len)."""
   return str(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> tuple[pathlib.Path, list[tuple[str, str]]]:
+  """Parquet (several row groups), jsonl (with a blank line and a blank text) and nested txt files, and the
+  (doc id, text) of every document in build order."""
+  import pyarrow as pa  # noqa: PLC0415 - only the data-build tests need it
+  import pyarrow.parquet as pq  # noqa: PLC0415
+
+  from data_build_helpers import random_text  # noqa: PLC0415
+
+  root = tmp_path_factory.mktemp("mixed")
+  rng = np.random.default_rng(0)
+  docs = []
+  (root / "a").mkdir()
+  texts = [random_text(i, rng) for i in range(70)]
+  pq.write_table(pa.table({"id": list(range(70)), "text": texts}), root / "a" / "part.parquet", row_group_size=9)
+  docs += [(f"a/part.parquet:{i}", t) for i, t in enumerate(texts)]
+  lines, offset = [], 0
+  for i in range(70, 140):
+    line = json.dumps({"text": random_text(i, rng), "n": i}) + "\n"
+    docs.append((f"b.jsonl@{offset}", json.loads(line)["text"]))
+    lines.append(line)
+    offset += len(line.encode())
+    if i == 100:
+      lines.append("\n")  # a blank line: skipped
+      offset += 1
+  lines.append(json.dumps({"text": "   "}) + "\n")  # a blank document: dropped
+  (root / "b.jsonl").write_text("".join(lines))
+  (root / "c" / "d").mkdir(parents=True)
+  for i in range(140, 170):
+    rel = f"c/{'d/' if i % 2 else ''}{i}.txt"
+    (root / rel).write_text(random_text(i, rng))
+    docs.append((rel, (root / rel).read_text()))
+  (root / "notes.md").write_text("not an input")
+  (root / ".hidden.txt").write_text("hidden: not an input")
+  order = {
+      rel: k for k, rel in enumerate(sorted(["a/part.parquet", "b.jsonl", *(d for d, _ in docs if d.endswith(".txt"))]))
+  }
+  ranked = sorted(enumerate(docs), key=lambda kd: (order[kd[1][0].split(":")[0].split("@")[0]], kd[0]))
+  return root, [d for _, d in ranked]

@@ -25,6 +25,7 @@ import numpy as np
 
 from dispersion_jax import tokenizer as tokenizer_lib
 from dispersion_jax.data import inputs as inputs_lib
+from dispersion_jax.data import token_files
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.errors import DataError
 
@@ -296,7 +297,7 @@ def write_shard(task: dict) -> tuple[str, int, int, int]:
     if pos >= o1:
       break
     unit, split_code, lo, _ = (int(x) for x in segments[s])
-    tokens = np.load(inputs_lib.unit_file(task["token_dir"], unit, SPLITS[split_code], "tok"), mmap_mode="r")
+    tokens = np.load(token_files.unit_file(task["token_dir"], unit, SPLITS[split_code], "tok"), mmap_mode="r")
     a = lo + (pos - seg_begin[s])
     n = min(o1 - pos, seg_end[s] - pos)
     buf[pos - o0 : pos - o0 + n] = tokens[a : a + n]

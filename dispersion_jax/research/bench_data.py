@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dispersion_jax.data import build as build_lib
-from dispersion_jax.data import inputs, loader, packed
+from dispersion_jax.data import inputs, loader, packed, token_files
 from dispersion_jax.data.config import DataConfig
 
 
@@ -79,7 +79,7 @@ def _per_worker_rate(work: str, seq_len: int) -> dict:
   t0 = time.perf_counter()
   tokens = 0
   for i, u in enumerate(units):
-    stats = inputs.tokenize_unit(
+    stats = token_files.tokenize_unit(
         {
             "index": i,
             "unit": u,
