@@ -18,7 +18,6 @@ from dispersion_jax.tokenizer import get_tokenizer
 
 from data_build_helpers import EOS, L, all_blocks, text_dir_cfg
 
-
 WIKI = [
     "",
     " = Alpha = \n",
