@@ -108,3 +108,39 @@ def mixed(tmp_path_factory) -> tuple[pathlib.Path, list[tuple[str, str]]]:
   }
   ranked = sorted(enumerate(docs), key=lambda kd: (order[kd[1][0].split(":")[0].split("@")[0]], kd[0]))
   return root, [d for _, d in ranked]
+
+
+# The tiny GPT-2 run of test_train.py and test_train_resume.py (both import these: `from conftest import ...`).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--config.model.n_layer=2",
+    "--config.model.n_embd=32",
+    "--config.model.n_head=4",
+    "--config.model.n_positions=32",
+    "--config.seq_len=32",
+    "--config.batch_size=8",
+    "--config.eval_every=0",
+    "--config.log_every=1",
+    "--config.optimizer.lr=3e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(corpus_dir):
+  return corpus_dir
+
+
+def tiny_cfg(data_dir: str, *overrides: str):
+  from dispersion_jax import config as config_lib
+
+  flags = [*TINY, f"--config.data.data_dir={data_dir}", *overrides]
+  return config_lib.load(os.path.join(REPO, "configs/gpt2_tiny.py"), [f.removeprefix("--config.") for f in flags])
+
+
+def optimizer(cfg):
+  """The run's optimizer and schedule, as train.run builds them."""
+  from dispersion_jax import config as config_lib
+  from dispersion_jax.optim import lr_schedule, make_optimizer
+
+  opt, steps = config_lib.optimizer_config(cfg), config_lib.loop_config(cfg).steps
+  return make_optimizer(opt, steps), lr_schedule(opt, steps)

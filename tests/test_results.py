@@ -12,6 +12,8 @@ import pytest
 
 from dispersion_jax.cli import results as cli
 from dispersion_jax.research import results as res
+from dispersion_jax.research import results_render as render
+from dispersion_jax.research import results_select as sel
 
 GROUP_BY = ["baseline.method", "dispersion.coeff"]
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sweeps", "demo.py")
@@ -61,7 +63,7 @@ def _pick(rows, name, step):
 
 def test_the_three_rules_pick_different_checkpoints():
   rows = made_up_rows()
-  picked = {rule: {r["name"]: r["step"] for r in res.select(rows, rule)} for rule in ("last", "val", "test")}
+  picked = {rule: {r["name"]: r["step"] for r in sel.select(rows, rule)} for rule in ("last", "val", "test")}
   assert picked["last"]["none_0.1_seed-0"] == 300
   assert picked["val"]["none_0.1_seed-0"] == 200
   assert picked["test"]["none_0.1_seed-0"] == 100
@@ -69,7 +71,7 @@ def test_the_three_rules_pick_different_checkpoints():
   for rule in picked:
     assert len(picked[rule]) == 9
     assert all(s == 300 for n, s in picked[rule].items() if n != "none_0.1_seed-0")
-  chosen = res.select(rows, "test")
+  chosen = sel.select(rows, "test")
   special = next(r for r in chosen if r["name"] == "none_0.1_seed-0")
   assert special["selected_by"] == "test" and special["selection_score"] == pytest.approx(0.85)
 
@@ -79,19 +81,19 @@ def test_selection_ties_take_the_earliest_step_and_missing_values_are_skipped():
       {"name": "p", "step": s, "val_loss": v, "acc/t": a}
       for s, v, a in ((10, 2.0, 0.5), (20, 2.0, 0.7), (30, None, 0.7), (40, float("nan"), 0.1))
   ]
-  assert res.select(rows, "val")[0]["step"] == 10  # tie at 2.0; None / NaN are not candidates
-  assert res.select(rows, "test")[0]["step"] == 20  # tie at 0.7
-  assert res.select(rows, "last")[0]["step"] == 40
-  assert res.select([{"name": "q", "step": 1, "val_loss": None, "acc/t": 0.3}], "val") == []
+  assert sel.select(rows, "val")[0]["step"] == 10  # tie at 2.0; None / NaN are not candidates
+  assert sel.select(rows, "test")[0]["step"] == 20  # tie at 0.7
+  assert sel.select(rows, "last")[0]["step"] == 40
+  assert sel.select([{"name": "q", "step": 1, "val_loss": None, "acc/t": 0.3}], "val") == []
   with pytest.raises(ValueError, match="unknown selection rule"):
-    res.select(rows, "best")
+    sel.select(rows, "best")
   with pytest.raises(ValueError, match="selection metric 'acc/x'"):
-    res.select(rows, "test", select_metrics=["acc/x"])
+    sel.select(rows, "test", select_metrics=["acc/x"])
 
 
 def test_mean_and_sample_std_over_seeds_match_numpy():
   rows = made_up_rows()
-  groups = res.aggregate(res.select(rows, "val"), GROUP_BY)
+  groups = sel.aggregate(sel.select(rows, "val"), GROUP_BY)
   assert [(g["baseline.method"], g["dispersion.coeff"], g["n"]) for g in groups] == [
       ("none", 0.0, 3),
       ("none", 0.1, 3),
@@ -104,17 +106,17 @@ def test_mean_and_sample_std_over_seeds_match_numpy():
     assert g[m] == pytest.approx(v.mean(), rel=1e-12)
     assert g[f"{m}_std"] == pytest.approx(np.std(v, ddof=1), rel=1e-12)
     assert g[f"{m}_std"] != pytest.approx(np.std(v, ddof=0))  # sample std, not population std
-  one = res.aggregate([rows[0]], GROUP_BY)[0]
+  one = sel.aggregate([rows[0]], GROUP_BY)[0]
   assert one["n"] == 1 and math.isnan(one["val_loss_std"])
-  holey = [dict(r) for r in res.select(rows, "last")]
+  holey = [dict(r) for r in sel.select(rows, "last")]
   holey[0]["spearman"] = None  # a missing value: the group's mean is NaN, not a mean over fewer seeds
-  assert math.isnan(res.aggregate(holey, GROUP_BY)[0]["spearman"])
+  assert math.isnan(sel.aggregate(holey, GROUP_BY)[0]["spearman"])
 
 
 def test_delta_against_the_ce_only_reference():
   rows = made_up_rows()
-  groups = res.with_deltas(
-      res.aggregate(res.select(rows, "last"), GROUP_BY), GROUP_BY, res.DEFAULT_REFERENCE, ["val_loss", "mean_acc"]
+  groups = sel.with_deltas(
+      sel.aggregate(sel.select(rows, "last"), GROUP_BY), GROUP_BY, sel.DEFAULT_REFERENCE, ["val_loss", "mean_acc"]
   )
   ref, disp, nef = groups
   assert ref["is_reference"] and not disp["is_reference"] and not nef["is_reference"]
@@ -126,8 +128,8 @@ def test_delta_against_the_ce_only_reference():
   assert ref["delta/val_loss"] == 0.0
   assert disp["delta/val_loss"] == pytest.approx(last("none_0.1") - last("none_0.0")) == pytest.approx(-0.1 + 0.1 / 3)
   # A configurable reference: against neftune instead.
-  alt = res.with_deltas(
-      res.aggregate(res.select(rows, "last"), GROUP_BY),
+  alt = sel.with_deltas(
+      sel.aggregate(sel.select(rows, "last"), GROUP_BY),
       GROUP_BY,
       {"baseline.method": "neftune", "dispersion.coeff": 0},
       ["val_loss"],
@@ -151,22 +153,22 @@ def test_reference_per_width_and_value_matching():
       for s in (0, 1)
   ]
   keys = ["model.n_inner", "dispersion.coeff"]
-  groups = res.with_deltas(res.aggregate(res.select(rows, "last"), keys), keys, res.DEFAULT_REFERENCE, ["val_loss"])
+  groups = sel.with_deltas(sel.aggregate(sel.select(rows, "last"), keys), keys, sel.DEFAULT_REFERENCE, ["val_loss"])
   assert [g["is_reference"] for g in groups] == [True, False, True, False]
   assert groups[1]["reference_group"] == (64, 0) and groups[3]["reference_group"] == (4096, 0)
   assert groups[3]["delta/val_loss"] == pytest.approx(-0.1)
   shuffled = [groups[i] for i in (3, 1, 2, 0)]
   assert [
-      (g["model.n_inner"], g["dispersion.coeff"]) for g in res.order_groups(shuffled, keys, res.DEFAULT_REFERENCE)
+      (g["model.n_inner"], g["dispersion.coeff"]) for g in render.order_groups(shuffled, keys, sel.DEFAULT_REFERENCE)
   ] == [
       (64, 0),
       (64, 0.1),
       (4096, 0),
       (4096, 0.1),
   ]  # by width, the CE-only group first
-  assert res.same(None, "none") and res.same(0, 0.0) and res.same("NEFTune", "neftune") and not res.same(0.1, 0)
+  assert sel.same(None, "none") and sel.same(0, 0.0) and sel.same("NEFTune", "neftune") and not sel.same(0.1, 0)
   none_rows = [{**r, "dispersion.coeff": None} for r in rows[:2]]  # no reference key matches: no deltas
-  g = res.with_deltas(res.aggregate(none_rows, keys), keys, {"dispersion.coeff": 0.0}, ["val_loss"])[0]
+  g = sel.with_deltas(sel.aggregate(none_rows, keys), keys, {"dispersion.coeff": 0.0}, ["val_loss"])[0]
   assert g["reference_group"] is None and math.isnan(g["delta/val_loss"])
 
 
@@ -175,7 +177,7 @@ def test_the_authors_group_rule_takes_one_step_per_group():
   for r in rows:  # group (none, 0.0): seed 2 peaks at step 200 so strongly that the seed mean peaks there too
     if r["name"] == "none_0.0_seed-2" and r["step"] == 200:
       r["acc/arith"] = r["acc/cloze"] = 1.0
-  chosen = res.select(rows, "test_group", group_by=GROUP_BY)
+  chosen = sel.select(rows, "test_group", group_by=GROUP_BY)
   steps = {}
   for r in chosen:
     steps.setdefault((r["baseline.method"], r["dispersion.coeff"]), set()).add(r["step"])
@@ -189,19 +191,19 @@ def test_the_authors_group_rule_takes_one_step_per_group():
 def test_markdown_and_latex_render_the_numbers():
   rows = made_up_rows()
   metrics = ["val_loss", "acc/cloze", "mean_acc", "spearman"]
-  tables = res.build_tables(rows, GROUP_BY, metrics=metrics)
+  tables = render.build_tables(rows, GROUP_BY, metrics=metrics)
   assert list(tables) == ["last", "val", "test"]
   g = tables["test"][1]  # (none, 0.1)
   v = np.array([_pick(rows, f"none_0.1_seed-{s}", step)["mean_acc"] for s, step in zip(range(3), (100, 300, 300))])
   r = np.array([_pick(rows, f"none_0.0_seed-{s}", 300)["mean_acc"] for s in range(3)])
   mean, std, delta = f"{100 * v.mean():.1f}", f"{100 * np.std(v, ddof=1):.1f}", f"{100 * (v.mean() - r.mean()):+.1f}"
-  md = res.to_markdown(tables, GROUP_BY, metrics)
+  md = render.to_markdown(tables, GROUP_BY, metrics)
   assert "| none | 0.1 | 3 | 100, 300, 300 |" in md
   assert f"{mean} ± {std} ({delta})" in md
   assert "TEST-SET SELECTION" in md and "| none *ref* | 0 | 3 |" in md
   vl = np.array([_pick(rows, f"none_0.1_seed-{s}", 300)["val_loss"] for s in range(3)])
   assert f"{vl.mean():.3f} ± {np.std(vl, ddof=1):.3f}" in md  # the last-checkpoint table
-  tex = res.to_latex(tables, GROUP_BY, metrics)
+  tex = render.to_latex(tables, GROUP_BY, metrics)
   assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == 3
   assert rf"${mean} \pm {std}$ {{\scriptsize$({delta})$}}" in tex
   assert r"baseline.method & dispersion.coeff & $n$ & steps & val\_loss & acc/cloze (\%)" in tex

@@ -15,7 +15,7 @@ results_table.md, results_table.tex, results_table.json, results_checkpoints.csv
 from collections.abc import Sequence
 
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, run_main
-from dispersion_jax.research import results
+from dispersion_jax.research import results, results_select
 
 
 def _list(text: str | None) -> list[str] | None:
@@ -40,8 +40,8 @@ def parser() -> Parser:
   )
   p.add_argument(
       "--rules",
-      default=",".join(results.DEFAULT_RULES),
-      help=f"checkpoint selections, some of {','.join(results.RULES)}",
+      default=",".join(results_select.DEFAULT_RULES),
+      help=f"checkpoint selections, some of {','.join(results_select.RULES)}",
   )
   p.add_argument("--tasks", nargs="+", default=None, help="JSONL task files (default: the sweep config's eval.tasks)")
   p.add_argument("--steps", default=None, help="evaluate only these checkpoint steps (comma-separated)")
@@ -73,12 +73,12 @@ def parse_args(argv: Sequence[str] | None = None):
     key, eq, value = item.partition("=")
     if not eq or not key:
       p.error(f"--reference {item!r}: write KEY=VALUE, e.g. dispersion.coeff=0")
-    reference[key.strip()] = results.parse_value(value.strip())
+    reference[key.strip()] = results_select.parse_value(value.strip())
   args.reference = reference
   args.rules = _list(args.rules)
-  unknown = [r for r in args.rules if r not in results.RULES]
+  unknown = [r for r in args.rules if r not in results_select.RULES]
   if unknown or not args.rules:
-    p.error(f"--rules {unknown[0] if unknown else ''!r}: use some of {', '.join(results.RULES)}")
+    p.error(f"--rules {unknown[0] if unknown else ''!r}: use some of {', '.join(results_select.RULES)}")
   return args
 
 

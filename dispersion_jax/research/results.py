@@ -1,29 +1,19 @@
-"""The results table of a finished sweep (command line: python -m dispersion_jax.cli.results).
+"""The results table of a finished sweep (command line: python -m dispersion_jax.cli.results): collecting and
+evaluating a sweep directory's checkpoints and writing the table files.
 
 Per group of points (default: the sweep's axes except seed, e.g. baseline.method and dispersion.coeff; any run
-config keys with group_by), mean ± sample std (ddof 1) over the group's points (its seeds) of every evaluation
-metric, and each group's difference to its reference group, as Markdown and LaTeX (booktabs). The reference is
-the CE-only group: by default the one with dispersion.coeff == 0 and baseline.method none (None counts as none)
-that shares the group's values of every other grouping key (so a width study compares each width with the CE-only
-run of the same width); only reference keys that are grouping keys take part.
-
-One checkpoint per point (seed) is reported, chosen by each of these rules (ties: the earliest step):
-  last        the newest evaluated checkpoint (the final one unless a step filter leaves it out)
-  val         the lowest validation loss over the point's checkpoints (val_loss from the run's own evaluation rows
-              in metrics.jsonl at that step, else evaluate.perplexity on the same validation batches)
-  test        the authors' rule: the highest mean of the test metrics (every task's acc) over the point's
-              checkpoints. TEST-SET SELECTION: the examples that choose the checkpoint also score it, so the
-              numbers are optimistic
-  test_group  the authors' width-study aggregator: one step for the whole group, the highest mean over seeds of
-              that mean (also test-set selection)
+config keys with group_by), mean ± sample std over seeds of every evaluation metric and each group's difference to
+its CE-only reference group, as Markdown and LaTeX (booktabs), with one checkpoint per point chosen by each rule of
+results_select.RULES (last, val, test, test_group); the text of the tables: results_render.
 
 This needs every checkpoint evaluated: `evaluate_checkpoint` (validation loss, the multiple-choice tasks, the
 condensation statistics of sweep.evaluate_point) caches each point + step + settings in
-POINT/results_eval/<key>/step_<N>.json; `max_checkpoints` / `steps` limit the cost. The table logic (select,
-aggregate, with_deltas, to_markdown, to_latex) takes plain rows {"name", "step", <group keys>, <metrics>}, so it
-runs without training. A sweep keeps every checkpoint with "max_to_keep": None in its overrides (the default keeps
-3; a pruned point is reported). Several sweep configs run in one sweep_dir (e.g. a dispersion.coeff sweep and a
-baseline.method sweep, since baselines are CE only) are tabulated together; a run seen twice counts once.
+POINT/results_eval/<key>/step_<N>.json; `max_checkpoints` / `steps` limit the cost. The table logic (results_select:
+select, aggregate, with_deltas; results_render: to_markdown, to_latex) takes plain rows {"name", "step", <group
+keys>, <metrics>}, so it runs without training. A sweep keeps every checkpoint with "max_to_keep": None in its
+overrides (the default keeps 3; a pruned point is reported). Several sweep configs run in one sweep_dir (e.g. a
+dispersion.coeff sweep and a baseline.method sweep, since baselines are CE only) are tabulated together; a run
+seen twice counts once.
 """
 
 import csv
@@ -43,375 +33,14 @@ from dispersion_jax.errors import ConfigError, DataError
 from dispersion_jax.research import condensation_training as ct
 from dispersion_jax.research import evaluate, sweep
 from dispersion_jax.research.condensation_report import corpus_texts
+from dispersion_jax.research.results_render import build_tables, key_text, to_latex, to_markdown
+from dispersion_jax.research.results_select import DEFAULT_REFERENCE, DEFAULT_RULES, RULES, metric_columns, select
 from dispersion_jax.tokenizer import get_tokenizer
 
-RULES = {
-    "last": "the last checkpoint of each seed",
-    "val": "each seed's checkpoint with the lowest validation loss",
-    "test": "each seed's checkpoint with the highest mean task accuracy: TEST-SET SELECTION (the authors' rule; "
-    "optimistic, the same examples choose the checkpoint and score it)",
-    "test_group": "one step per group, the highest mean over seeds of the mean task accuracy: TEST-SET SELECTION "
-    "(the authors' width-study aggregator; optimistic)",
-}
-DEFAULT_RULES = ("last", "val", "test")
-DEFAULT_REFERENCE = {"dispersion.coeff": 0.0, "baseline.method": "none"}
 _EVAL_VERSION = 1  # bump when a checkpoint's evaluation row changes meaning
 _TAIL = 5  # train_ce: mean CE of the last 5 logged steps up to the checkpoint
-_FIRST = ("train_ce", "val_loss", "val_ppl", "val_dispersion")
-_LAST = ("mean_acc", "mean_acc_norm", "spearman", "kendall")
 
 
-# ------------------------------------------------------------------------------------------------ pure table logic
-def _num(x: Any) -> float:
-  if x is None or isinstance(x, bool):
-    return float("nan")
-  try:
-    return float(x)
-  except (TypeError, ValueError):
-    return float("nan")
-
-
-def selection_metrics(rows: Sequence[Mapping]) -> list[str]:
-  """The authors' selection metrics: every task's accuracy (`acc/<task>`)."""
-  return sorted({k for r in rows for k in r if k.startswith("acc/")})
-
-
-def metric_columns(rows: Sequence[Mapping]) -> list[str]:
-  """Every metric present, in a fixed order: losses, acc/<task>, acc_norm/<task>, means, condensation."""
-  keys = {k for r in rows for k in r}
-  return (
-      [m for m in _FIRST if m in keys]
-      + sorted(k for k in keys if k.startswith("acc/"))
-      + sorted(k for k in keys if k.startswith("acc_norm/"))
-      + [m for m in _LAST if m in keys]
-  )
-
-
-def _score(row: Mapping, metrics: Sequence[str]) -> float:
-  v = [x for x in (_num(row.get(m)) for m in metrics) if math.isfinite(x)]
-  return float(np.mean(v)) if v else float("nan")
-
-
-def _by_point(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
-  out: dict[str, list[Mapping]] = {}
-  for r in rows:
-    out.setdefault(r["name"], []).append(r)
-  return {k: sorted(v, key=lambda r: r["step"]) for k, v in out.items()}
-
-
-def _best(rows: Sequence[Mapping], score: Callable[[Mapping], float], lower: bool) -> Mapping | None:
-  """The row with the best finite score, the earliest step among ties; None if no score is finite."""
-  best, best_v = None, None
-  for r in sorted(rows, key=lambda r: r["step"]):
-    v = score(r)
-    if math.isfinite(v) and (best_v is None or (v < best_v if lower else v > best_v)):
-      best, best_v = r, v
-  return best
-
-
-def group_key(row: Mapping, group_by: Sequence[str]) -> tuple:
-  return tuple(row.get(k) for k in group_by)
-
-
-def select(
-    rows: Sequence[Mapping], rule: str, *, group_by: Sequence[str] = (), select_metrics: Sequence[str] | None = None
-) -> list[dict]:
-  """One row per point (`name`), chosen by `rule` (see RULES); each gets `selected_by` and, for the test rules,
-  `selection_score`. A point with no usable row for the rule (no val_loss, no accuracy) is left out."""
-  if rule not in RULES:
-    raise ConfigError(f"unknown selection rule {rule!r}; use one of {', '.join(RULES)}")
-  metrics = list(select_metrics) if select_metrics else selection_metrics(rows)
-  missing = [m for m in metrics if not any(m in r for r in rows)]
-  if missing:
-    raise ConfigError(f"selection metric {missing[0]!r} is not in the evaluation rows (e.g. acc/<task>)")
-  if rule.startswith("test") and not metrics:
-    raise ConfigError("no test metric (acc/<task>) in the rows: evaluate with tasks, or drop the test rules")
-  points = _by_point(rows)
-  if rule == "test_group":
-    groups: dict[tuple, list[list[Mapping]]] = {}
-    for prow in points.values():
-      groups.setdefault(group_key(prow[0], group_by), []).append(prow)
-    chosen = []
-    for members in groups.values():
-      steps = sorted({r["step"] for m in members for r in m})
-      means = []
-      for s in steps:  # mean over the seeds that have this step, of each seed's mean test metric
-        v = [x for m in members for r in m if r["step"] == s and math.isfinite(x := _score(r, metrics))]
-        means.append(float(np.mean(v)) if v else float("nan"))
-      ok = [i for i, v in enumerate(means) if math.isfinite(v)]
-      if not ok:
-        continue
-      best = steps[max(ok, key=lambda i: (means[i], -i))]
-      for m in members:
-        chosen += [
-            {**r, "selected_by": rule, "selection_score": means[steps.index(best)]} for r in m if r["step"] == best
-        ]
-    return sorted(chosen, key=lambda r: list(points).index(r["name"]))
-  out = []
-  for prow in points.values():
-    if rule == "last":
-      best = prow[-1]
-    elif rule == "val":
-      best = _best(prow, lambda r: _num(r.get("val_loss")), lower=True)
-    else:
-      best = _best(prow, lambda r: _score(r, metrics), lower=False)
-    if best is not None:
-      extra = {"selection_score": _score(best, metrics)} if rule == "test" else {}
-      out.append({**best, "selected_by": rule, **extra})
-  return out
-
-
-def aggregate(rows: Sequence[Mapping], group_by: Sequence[str], metrics: Sequence[str] | None = None) -> list[dict]:
-  """Per group (first-appearance order): n, the points and their steps, mean and sample std (ddof 1; NaN for one
-  point) of each metric. A missing value is NaN and makes that group's mean NaN: nothing is averaged silently."""
-  metrics = list(metrics) if metrics is not None else metric_columns(rows)
-  groups: dict[tuple, list[Mapping]] = {}
-  for r in rows:
-    groups.setdefault(group_key(r, group_by), []).append(r)
-  out = []
-  for key, members in groups.items():
-    g: dict[str, Any] = {
-        **dict(zip(group_by, key)),
-        "n": len(members),
-        "points": [m["name"] for m in members],
-        "steps": [m["step"] for m in members],
-    }
-    for m in metrics:
-      v = np.asarray([_num(r.get(m)) for r in members], np.float64)
-      g[m] = float(np.mean(v))
-      g[f"{m}_std"] = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
-    out.append(g)
-  return out
-
-
-def parse_value(text: str) -> Any:
-  """A reference value from the command line: a number if it reads as one, else the string."""
-  try:
-    return float(text)
-  except ValueError:
-    return text
-
-
-def _norm(v: Any) -> Any:
-  if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "")):
-    return "none"
-  if isinstance(v, bool):
-    return v
-  if isinstance(v, (int, float, np.integer, np.floating)):
-    return float(v)
-  if isinstance(v, str):
-    try:
-      return float(v)
-    except ValueError:
-      return v.strip().lower()
-  return v
-
-
-def same(a: Any, b: Any) -> bool:
-  """Config values equal for grouping: numbers by value (0 == 0.0), strings case-insensitively, None == 'none'."""
-  a, b = _norm(a), _norm(b)
-  if isinstance(a, float) and isinstance(b, float):
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-  return a == b
-
-
-def with_deltas(
-    groups: Sequence[Mapping],
-    group_by: Sequence[str],
-    reference: Mapping[str, Any],
-    metrics: Sequence[str] | None = None,
-) -> list[dict]:
-  """Each group plus `reference_group` (the key of its reference group, or None), `is_reference`, and
-  `delta/<metric>` = its mean - the reference's mean. The reference of a group matches `reference` on the
-  reference keys that are grouping keys and equals the group on the other grouping keys."""
-  ref_keys = [k for k in reference if k in group_by]
-  others = [k for k in group_by if k not in ref_keys]
-  metrics = (
-      list(metrics) if metrics is not None else [k for k in (groups[0] if groups else {}) if f"{k}_std" in groups[0]]
-  )
-  out = []
-  for g in groups:
-    ref = None
-    if ref_keys:
-      ref = next(
-          (
-              h
-              for h in groups
-              if all(same(h[k], reference[k]) for k in ref_keys) and all(same(h[k], g[k]) for k in others)
-          ),
-          None,
-      )
-    d = dict(g)
-    d["is_reference"] = ref is g
-    d["reference_group"] = None if ref is None else group_key(ref, group_by)
-    for m in metrics:
-      d[f"delta/{m}"] = float("nan") if ref is None else g[m] - ref[m]
-    out.append(d)
-  return out
-
-
-# ------------------------------------------------------------------------------------------------ formatting
-def display(metric: str) -> tuple[str, float, int, bool]:
-  """(header, scale, decimals, signed) of a metric's cells: accuracies in percent."""
-  if metric.startswith(("acc/", "acc_norm/")) or metric in ("mean_acc", "mean_acc_norm"):
-    return f"{metric} (%)", 100.0, 1, False
-  if metric in ("spearman", "kendall"):
-    return metric, 1.0, 2, True
-  if metric == "val_ppl":
-    return metric, 1.0, 1, False
-  return metric, 1.0, 3, False
-
-
-def _fmt(x: float, decimals: int, signed: bool = False) -> str:
-  if x is None or not math.isfinite(x):
-    return "n/a"
-  return f"{x:+.{decimals}f}" if signed else f"{x:.{decimals}f}"
-
-
-def cell_parts(g: Mapping, metric: str) -> tuple[str, str | None, str | None]:
-  """(mean, std or None, delta or None) as text, scaled for display."""
-  _, scale, dec, signed = display(metric)
-  mean = _fmt(g.get(metric, float("nan")) * scale, dec, signed)
-  std = g.get(f"{metric}_std", float("nan"))
-  std = None if not math.isfinite(std) else _fmt(std * scale, dec)
-  delta = g.get(f"delta/{metric}")
-  delta = None if delta is None or not math.isfinite(delta) or g.get("is_reference") else _fmt(delta * scale, dec, True)
-  return mean, std, delta
-
-
-def _key_text(v: Any) -> str:
-  return "none" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
-
-
-def _steps_text(steps: Sequence[int]) -> str:
-  return ", ".join(str(s) for s in steps)
-
-
-def _mark_column(group_by: Sequence[str], tables: Mapping[str, Sequence[Mapping]]) -> int:
-  """The column that carries the reference marker: the first grouping key the reference groups share a value of
-  (e.g. dispersion.coeff = 0), else the last."""
-  refs = [g for groups in tables.values() for g in groups if g.get("is_reference")]
-  for i, k in enumerate(group_by):
-    if refs and all(same(g[k], refs[0][k]) for g in refs):
-      return i
-  return max(len(group_by) - 1, 0)
-
-
-def to_markdown(
-    tables: Mapping[str, Sequence[Mapping]], group_by: Sequence[str], metrics: Sequence[str], title: str = "Results"
-) -> str:
-  """One table per selection rule; a cell reads `mean ± std (Δ vs reference)`."""
-  lines = [
-      f"# {title}",
-      "",
-      "Mean ± sample std over seeds (ddof 1); in brackets the difference to the group's CE-only reference "
-      "(marked *ref*). Accuracies in percent. `steps`: the checkpoint chosen for each seed.",
-      "",
-  ]
-  mark = _mark_column(group_by, tables)
-  for rule, groups in tables.items():
-    lines += [f"## Checkpoint selection `{rule}`: {RULES[rule]}", ""]
-    head = [*group_by, "n", "steps", *(display(m)[0] for m in metrics)]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for g in groups:
-      keys = [
-          _key_text(g[k]) + (" *ref*" if g.get("is_reference") and i == mark else "") for i, k in enumerate(group_by)
-      ]
-      cells = []
-      for m in metrics:
-        mean, std, delta = cell_parts(g, m)
-        cells.append(mean + (f" ± {std}" if std else "") + (f" ({delta})" if delta else ""))
-      lines.append("| " + " | ".join([*keys, str(g["n"]), _steps_text(g["steps"]), *cells]) + " |")
-    lines.append("")
-  return "\n".join(lines)
-
-
-_TEX_ESCAPE = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-}
-
-
-def tex_escape(text: str) -> str:
-  return "".join(_TEX_ESCAPE.get(c, c) for c in str(text))
-
-
-def to_latex(tables: Mapping[str, Sequence[Mapping]], group_by: Sequence[str], metrics: Sequence[str]) -> str:
-  """One booktabs table per selection rule (needs \\usepackage{booktabs})."""
-  out = ["% Generated by dispersion_jax.research.results; needs \\usepackage{booktabs}.", ""]
-  mark = _mark_column(group_by, tables)
-  for rule, groups in tables.items():
-    cols = "l" * len(group_by) + "rr" + "c" * len(metrics)
-    out += [
-        r"\begin{table}[t]",
-        r"\centering",
-        r"\small",
-        rf"\caption{{Mean $\pm$ std over seeds; in brackets the difference to the CE-only reference. "
-        rf"Checkpoint selection \texttt{{{tex_escape(rule)}}}: {tex_escape(RULES[rule])}.}}",
-        rf"\begin{{tabular}}{{{cols}}}",
-        r"\toprule",
-        " & ".join([*(tex_escape(k) for k in group_by), "$n$", "steps", *(tex_escape(display(m)[0]) for m in metrics)])
-        + r" \\",
-        r"\midrule",
-    ]
-    for g in groups:
-      keys = [tex_escape(_key_text(g[k])) for k in group_by]
-      if g.get("is_reference") and keys:
-        keys[mark] += " (ref)"
-      cells = []
-      for m in metrics:
-        mean, std, delta = cell_parts(g, m)
-        c = f"${mean}" + (rf" \pm {std}" if std else "") + "$"
-        cells.append(c.replace("$n/a$", "n/a") + (rf" {{\scriptsize$({delta})$}}" if delta else ""))
-      out.append(" & ".join([*keys, str(g["n"]), tex_escape(_steps_text(g["steps"])), *cells]) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-  return "\n".join(out)
-
-
-def _value_order(v: Any) -> tuple:
-  n = _norm(v)
-  return (0, n, "") if isinstance(n, float) else (1, 0.0, str(n))
-
-
-def order_groups(groups: Sequence[Mapping], group_by: Sequence[str], reference: Mapping[str, Any]) -> list[dict]:
-  """Sorted by the grouping keys in their order, numbers by value; on a reference key its reference value first
-  (e.g. model.n_inner, dispersion.coeff: 64/0 (ref), 64/0.1, 256/0, ...)."""
-
-  def key(g):
-    return tuple((0 if k in reference and same(g[k], reference[k]) else 1, *_value_order(g[k])) for k in group_by)
-
-  return sorted(groups, key=key)
-
-
-def build_tables(
-    rows: Sequence[Mapping],
-    group_by: Sequence[str],
-    *,
-    rules: Sequence[str] = DEFAULT_RULES,
-    reference: Mapping[str, Any] = DEFAULT_REFERENCE,
-    metrics: Sequence[str] | None = None,
-    select_metrics: Sequence[str] | None = None,
-) -> dict[str, list[dict]]:
-  """rule -> groups with deltas, from per-checkpoint rows (the whole pure pipeline)."""
-  metrics = list(metrics) if metrics is not None else metric_columns(rows)
-  tables = {}
-  for rule in rules:
-    chosen = select(rows, rule, group_by=group_by, select_metrics=select_metrics)
-    tables[rule] = order_groups(
-        with_deltas(aggregate(chosen, group_by, metrics), group_by, reference, metrics), group_by, reference
-    )
-  return tables
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
 def config_value(p: sweep.Point, key: str) -> Any:
   """A point's value of any run config key (None where the config has no such key)."""
   if key in p.values:
@@ -611,7 +240,7 @@ def write_results(
   md += (
       "\nReference: "
       + (
-          ", ".join(f"{k} = {_key_text(reference[k])}" for k in ref_keys)
+          ", ".join(f"{k} = {key_text(reference[k])}" for k in ref_keys)
           if ref_keys
           else "none of the reference keys is a grouping key, so there are no differences"
       )
