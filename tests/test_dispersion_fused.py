@@ -261,6 +261,47 @@ def test_loss_with_the_kernel_lowers_for_cuda_without_a_gpu():
     assert ("tensor<2x256x256xbf16>" in calls[0].split("->")[-1]) == stores_w
 
 
+@pytest.mark.parametrize("family, scan", [("gpt2", False), ("gpt2", True), ("qwen3", False), ("qwen3", True)])
+def test_train_step_with_the_kernel_lowers_for_cuda_without_a_gpu(monkeypatch, family, scan):
+  """The whole train step of the GPU benchmark (bf16 compute, dispersion.impl="pallas", remat dots, unrolled and
+  nn.scan layers, both families) lowers for CUDA: the kernel (with its W store) is the only pairwise work, inside
+  the model's gradient, the objective and the optimizer update; no arccos left to XLA."""
+  import os
+
+  from dispersion_jax import config as config_lib
+  from dispersion_jax import train
+  from dispersion_jax.train_step import init_state
+
+  resolve = disp.resolve_impl  # its backend check wants a GPU; lowering needs none
+  monkeypatch.setattr(disp, "resolve_impl", lambda impl, variant, backend=None: resolve(impl, variant, "gpu"))
+  shape = [("model.n_layer", "2"), ("model.n_embd", "128"), ("model.n_head", "2"), ("model.vocab_size", "512")]
+  if family == "qwen3":
+    shape += [("model.family", "qwen3"), ("model.preset", "tiny"), ("model.n_kv_head", "1")]
+  cfg = config_lib.load(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "bench.py"),
+      shape
+      + [
+          ("seq_len", "200"),
+          ("batch_size", "2"),
+          ("model.dtype", "bfloat16"),
+          ("model.attention", "xla"),  # cuDNN's lowering checks for the library at trace time
+          ("model.scan_layers", str(scan)),
+          ("model.remat", "dots"),
+          ("dispersion.impl", "pallas"),
+          ("dispersion.block_size", "None"),
+      ],
+  )
+  model_cfg = config_lib.model_config(cfg)
+  step, tx = train.step_function(cfg, model_cfg)
+  state = jax.eval_shape(lambda: init_state(model_cfg, tx, 0))
+  tokens = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+  batch = dict(input_ids=tokens, targets=tokens, segment_ids=tokens, positions=tokens)
+  text = jax.jit(step).trace(state, batch).lower(lowering_platforms=("cuda",)).as_text()
+  calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+  assert calls and all("x256x256xbf16>" in c.split("->")[-1] for c in calls)  # the W tiles stored for backward
+  assert "chlo.acos" not in text and "stablehlo.acos" not in text
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the kernel on hardware")
 @pytest.mark.parametrize("variant", dpal.KERNEL_VARIANTS)
 def test_pallas_on_gpu_equals_xla(variant):
