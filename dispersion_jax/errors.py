@@ -23,3 +23,9 @@ class CheckpointError(UserError):
 
 class TrainingError(UserError):
   """A run that cannot go on (e.g. a non-finite loss)."""
+
+
+def describe_failure(ex: BaseException) -> str:
+  """An unexpected exception as `Type: first line` (at most 300 characters of it): how a benchmark records a point
+  that failed while the other points go on."""
+  return f"{type(ex).__name__}: {(str(ex).splitlines() or [''])[0][:300]}"

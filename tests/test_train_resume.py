@@ -39,20 +39,7 @@ def test_resume_is_exact_bit_for_bit(tmp_path, data_dir):
   assert a == b  # exact float equality: same params, optimizer state, RNG and data order after the restore
 
 
-QWEN3_TINY = [
-    "--config.model.n_layer=2",
-    "--config.model.n_embd=32",
-    "--config.model.n_head=4",
-    "--config.model.n_kv_head=2",
-    "--config.model.head_dim=16",
-    "--config.model.n_inner=64",
-    "--config.model.n_positions=32",
-    "--config.seq_len=32",
-    "--config.batch_size=8",
-    "--config.eval_every=0",
-    "--config.log_every=1",
-    "--config.optimizer.lr=3e-3",
-]
+QWEN3_TINY = [*TINY, "--config.model.n_kv_head=2", "--config.model.head_dim=16", "--config.model.n_inner=64"]
 
 
 def test_qwen3_demo_config_trains_and_resumes_bit_for_bit(tmp_path, data_dir):

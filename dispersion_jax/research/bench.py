@@ -28,7 +28,7 @@ from ml_collections import ConfigDict
 from dispersion_jax import config as config_lib
 from dispersion_jax import sharding, train
 from dispersion_jax.dry_run import memory_per_device
-from dispersion_jax.errors import UserError
+from dispersion_jax.errors import UserError, describe_failure
 from dispersion_jax.models import count_params, flops_per_token
 from dispersion_jax.research import sweep
 from dispersion_jax.train_step import init_state, jit_train_step, logical_context, state_shardings
@@ -243,7 +243,7 @@ def run(config_path: str, overrides: Sequence[tuple[str, str]], opts: Options) -
       except UserError:
         raise
       except Exception as ex:  # noqa: BLE001 - one point that cannot compile or run (a kernel on a new jax, OOM)
-        row, fn = {"error": f"{type(ex).__name__}: {(str(ex).splitlines() or [''])[0][:300]}"}, None
+        row, fn = {"error": describe_failure(ex)}, None
         print(f"[skip] {fw} {describe(point)}: {row['error']}", file=sys.stderr)  # the other points still run
       entries.append((fw, point, {"framework": fw, **describe(point), **row}, fn))
   timed = [e for e in entries if e[3] is not None]

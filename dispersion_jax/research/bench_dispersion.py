@@ -21,6 +21,7 @@ import numpy as np
 from dispersion_jax import dispersion_pallas
 from dispersion_jax.dispersion import dispersion_loss
 from dispersion_jax.dispersion_pallas import KERNEL_VARIANTS
+from dispersion_jax.errors import describe_failure
 
 PRESETS = {"gpt2": (16, 1024, 768), "gpt2_b8": (8, 1024, 768), "cpu": (2, 512, 128), "cpu_small": (2, 256, 64)}
 
@@ -107,7 +108,7 @@ def run(args) -> dict:
       row["loss"] = float(compiled(inputs[0])[0])
       fns.append((row, compiled))
     except Exception as ex:  # noqa: BLE001
-      row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:300] if str(ex) else ''}"
+      row["error"] = describe_failure(ex)
       print(f"[skip] {cfg}: {row['error']}", file=sys.stderr)
     row["samples_ms"] = []
     rows.append(row)

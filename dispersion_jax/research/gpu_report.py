@@ -27,16 +27,20 @@ def load_runs(directory: str) -> dict[str, Any]:
   return runs
 
 
-def _jax_rows(rows: list[dict], **match) -> list[dict]:
-  return [r for r in rows if r.get("framework") == "jax" and all(r.get(k) == v for k, v in match.items())]
+def _jax_rows(rows: list[dict]) -> list[dict]:
+  return [r for r in rows if r.get("framework") == "jax"]
 
 
-def _fmt_tps(row: dict | None) -> str:
-  if row is None:
-    return "not run"
+def _fastest(rows: list[dict]) -> dict | None:
+  """The measured JAX row with dispersion of the highest tokens/s (the impl a user would pick)."""
+  timed = [r for r in _jax_rows(rows) if r.get("coeff") and "tokens_per_s" in r]
+  return max(timed, key=lambda r: r["tokens_per_s"], default=None)
+
+
+def _fmt_tps(row: dict) -> str:
   if "error" in row:
     return f"failed: {row['error'][:60]}"
-  return f"{row['tokens_per_s']:,.0f}"
+  return f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "not run"
 
 
 def _verdict(value: float | None, target: float, higher_is_better: bool = True) -> str:
@@ -70,7 +74,7 @@ def step_table(rows: list[dict], title: str, target: float | None) -> list[str]:
                 r.get("framework", "?"),
                 str(r.get("attention_impl") or r.get("attention") or "-"),
                 impl,
-                _fmt_tps(r) if "error" in r or tps is not None else "not run",
+                _fmt_tps(r),
                 f"{r['step_ms']:.1f}" if r.get("step_ms") else "-",
                 f"{r['mfu']:.1%}" if r.get("mfu") else "-",
                 f"{share:.1%}" if share is not None else "-",
@@ -88,18 +92,20 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
   return a["tokens_per_s"] / b["tokens_per_s"]
 
 
+def _target_line(label: str, row: dict | None, target: float) -> str:
+  if row is None:
+    return f"- {label} tokens/s: not measured"
+  return f"- {label} tokens/s: {_verdict(row['tokens_per_s'], target)} ({row['tokens_per_s']:,.0f}, impl {row['impl']})"
+
+
 def summary(runs: dict[str, Any]) -> list[str]:
   """The verdicts, one line each: the targets, pallas vs xla, cuDNN vs XLA attention, JAX vs PyTorch."""
   lines = ["### Verdicts", ""]
   g = runs.get("bench_train_gpt2", [])
-  with_disp = {r.get("impl"): r for r in _jax_rows(g) if r.get("coeff")}
-  best = max((r for r in with_disp.values() if "tokens_per_s" in r), key=lambda r: r["tokens_per_s"], default=None)
+  best = _fastest(g)
   lines.append(
-      f"- GPT-2 124M, all-token angular_spread, >= {TARGET_124M_TOKENS_PER_S:,} tokens/s: "
-      + (
-          f"{_verdict(best['tokens_per_s'], TARGET_124M_TOKENS_PER_S)} ({best['tokens_per_s']:,.0f}, impl {best['impl']})"
-          if best
-          else "not measured"
+      _target_line(
+          f"GPT-2 124M, all-token angular_spread, >= {TARGET_124M_TOKENS_PER_S:,}", best, TARGET_124M_TOKENS_PER_S
       )
   )
   share = best.get("dispersion_overhead") if best else None
@@ -107,17 +113,11 @@ def summary(runs: dict[str, Any]) -> list[str]:
       f"- dispersion <= {TARGET_DISPERSION_SHARE:.0%} of that step: "
       + (f"{_verdict(share, TARGET_DISPERSION_SHARE, False)} ({share:.1%})" if share is not None else "not measured")
   )
-  m = runs.get("bench_train_355m", [])
-  best_m = max(
-      (r for r in _jax_rows(m) if r.get("coeff") and "tokens_per_s" in r), key=lambda r: r["tokens_per_s"], default=None
-  )
   lines.append(
-      f"- GPT-2 355M >= {TARGET_355M_TOKENS_PER_S:,} tokens/s: "
-      + (
-          f"{_verdict(best_m['tokens_per_s'], TARGET_355M_TOKENS_PER_S)} ({best_m['tokens_per_s']:,.0f}, impl "
-          f"{best_m['impl']})"
-          if best_m
-          else "not measured"
+      _target_line(
+          f"GPT-2 355M >= {TARGET_355M_TOKENS_PER_S:,}",
+          _fastest(runs.get("bench_train_355m", [])),
+          TARGET_355M_TOKENS_PER_S,
       )
   )
   for name in ("bench_train_gpt2", "bench_train_355m", "bench_train_qwen3"):
