@@ -89,7 +89,11 @@ def pair_codes(valid_BxL, seg_BxL, diag_included: bool = False):
 def _static_shift(variant: str, p: Params, dtype):
   """A shift of the logits known before the pass, so no row-max pass: l2_repel's own diagonal pair has x = 0, the
   row maximum, so 0 is exact and every row sum is >= 1; angular_spread's x lies in [-(1 - D_min) / tau, -D_min / tau]
-  with D_min = acos(1 - t) / pi, so exp() cannot underflow unless that range exceeds ~80 (float32); else None."""
+  with D_min = acos(1 - t) / pi, so exp() cannot underflow unless that range exceeds ~80 (float32); else None.
+
+  The shift is an upper bound of every logit, not of the logsumexp: a row with one pair sums to exp(x - m) < 1, so
+  the backward scale exp(m - lse) exceeds 1 (up to exp(range), which the same bound keeps finite). Every row sum of
+  a row with a pair is >= exp(-range) > 0, which the `s > 0` guards rely on."""
   if variant == "l2_repel":
     return 0.0
   if variant == "angular_spread":
@@ -202,7 +206,11 @@ def _forward(variant, p, block_size, zp, code_r, code_c, grad: bool):
   u = out["u"]
   if variant in _SYMMETRIC_LSE:
     coef = 2.0 / (math.pi * p.tau_cos) if variant == "angular_spread" else -4.0 / p.tau_l2
-    scale = jnp.where(has, jnp.exp(jnp.minimum(m - val[:, None], 0.0)), 0.0)  # exp(x - lse) = e * exp(m - lse)
+    # d lse / d x_ij = exp(x_ij - lse) = e_ij * exp(m_i - lse). No clamp: with few pairs and a small tau the static
+    # shift m lies above the lse (one pair: lse = x <= m), and that ratio is the gradient. It is finite for every
+    # input: flash rows have m_i <= max x <= lse; a static m has m - lse <= m - min x, the logits' range, which
+    # _static_shift admits only below 0.9 * -log(tiny), so exp() <= tiny^-0.9 < the largest float.
+    scale = jnp.where(has, jnp.exp(m - val[:, None]), 0.0)
     res = coef * scale[..., None] * u
   elif variant == "orthogonalization":
     res = (4.0 / math.pi) * u

@@ -192,6 +192,9 @@ def _kernel_terms(variant, p, interpret, zp, code_r, code_c, grad: bool):
       interpret=interpret,
   )
   total = jnp.sum(rs, axis=(1, 2))
+  # The static shift bounds every logit, never the logsumexp: total may be < 1 (few pairs, small tau) and is used as
+  # is (value log(total) - D_min / tau, gradient e / total). Each e >= exp(-80) > float32's tiny (pair_sums refuses
+  # larger spans), so total > 0 exactly when the sequence has a pair.
   if variant == "angular_spread":
     val = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) - _d_min(p.clamp_threshold) / p.tau_cos, 0.0)
   else:
