@@ -76,6 +76,7 @@ def default_config() -> ConfigDict:
   c.dry_run_memory_budget_gb = FieldReference(None, field_type=float)  # dry run: fail above this many GiB/device
   c.dry_run_target = ""  # dry run: compile for a TPU slice / GPU node (v5e-8, v5p-8, h100-8x4; dry_run.py), "" = local
   c.dry_run_slices = 1  # dry run: that many TPU slices over DCN (multi-slice)
+  c.dry_run_twin = True  # dry run: also compile the coeff-0 twin (the dispersion term's share); False halves the time
   c.update(_section(LoopConfig).to_dict())  # steps, log_every, eval_every, eval_batches, checkpoint_every, ...
 
   c.model = ConfigDict()

@@ -11,6 +11,8 @@ Simulate a big CPU mesh instead with XLA_FLAGS=--xla_force_host_platform_device_
 """
 
 import copy
+import ctypes.util
+import importlib.util
 import math
 import time
 
@@ -70,6 +72,15 @@ def compile_train_step(cfg: ConfigDict, mesh):
   return compiled, state, time.perf_counter() - start
 
 
+def _has_cudnn() -> bool:
+  """Whether cuDNN's library can be found here (the nvidia-cudnn wheel of jax[cuda12], or the system's)."""
+  try:
+    wheel = importlib.util.find_spec("nvidia.cudnn") is not None
+  except ModuleNotFoundError:
+    wheel = False
+  return wheel or ctypes.util.find_library("cudnn") is not None
+
+
 def _cost(compiled) -> dict[str, float]:
   """FLOPs and bytes accessed per device. The CUDA compiler's compile-only executables report none: XLA's cost
   analysis then runs on their optimised HLO module (the same per-device program) through the CPU client."""
@@ -87,7 +98,13 @@ def _cost(compiled) -> dict[str, float]:
 
 
 def _numbers(cfg: ConfigDict, mesh) -> dict:
-  compiled, state, seconds = compile_train_step(cfg, mesh)
+  start = time.perf_counter()
+  try:
+    compiled, state, seconds = compile_train_step(cfg, mesh)
+  except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that overflows HBM
+    if not str(e).startswith("RESOURCE_EXHAUSTED"):
+      raise
+    return dict(error=str(e).splitlines()[0], seconds=time.perf_counter() - start)
   return dict(
       memory=memory_per_device(compiled),
       cost=_cost(compiled),
@@ -106,18 +123,16 @@ def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: boo
     impl = resolve_impl(disp.impl, disp.variant)
     attention = resolve_attention(model_cfg.attention, model_cfg.dtype)
     note = None
-    try:
-      full = _numbers(cfg, mesh)
-    except RuntimeError as e:
-      if attention != "cudnn" or "cuDNN" not in str(e):
-        raise
-      # cuDNN's attention is traced and compiled by the cuDNN library, absent on a CPU machine: compile XLA's
-      # attention instead and say so (it materialises the LxL scores: more temp memory than the real run).
+    if attention == "cudnn" and not _has_cudnn():
+      # cuDNN's attention is traced and compiled by the cuDNN library, absent here: compile XLA's attention
+      # instead and say so (it materialises the LxL scores: more temp memory than the real run).
       note = "compiled here as xla: no libcudnn on this machine, so temp memory is overestimated"
       cfg = copy.deepcopy(cfg)
       cfg.model.attention = "xla"
-      full = _numbers(cfg, mesh)
+    full = _numbers(cfg, mesh)
     twin_numbers = None
+    if "error" in full:
+      return _refused_report(cfg, target, mesh, full)
     if twin and disp.coeff != 0:
       zero = copy.deepcopy(cfg)
       zero.dispersion.coeff = 0.0
@@ -179,12 +194,35 @@ def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: boo
   return r
 
 
+def _refused_report(cfg: ConfigDict, target: targets.Target, mesh, full: dict) -> dict:
+  """What there is to report when the compiler refused the step for lack of memory: its message, no analysis."""
+  chip = CHIPS[target.chip]
+  return dict(
+      target=target.name,
+      platform=target.platform,
+      device_kind=mesh.devices.reshape(-1)[0].device_kind,
+      num_devices=int(mesh.devices.size),
+      slices=target.slices,
+      topology=target.topology,
+      mesh=dict(mesh.shape),
+      batch_size=cfg.batch_size,
+      seq_len=cfg.seq_len,
+      grad_accum=cfg.grad_accum,
+      compile_seconds=full["seconds"],
+      compile_error=full["error"],
+      memory_budget_gb=cfg.dry_run_memory_budget_gb,
+      capacity_bytes=chip.hbm_bytes,
+      fits=False,
+      chips=table(),
+  )
+
+
 def dry_run(cfg: ConfigDict, workdir: str | None = None) -> dict:
   """Compile, print the report (process 0), write WORKDIR/dry_run.json, then fail (ConfigError, one line) if the
   step does not fit; returns the report."""
   target = target_of(cfg)
   mesh = make_mesh(cfg, target)
-  r = build_report(cfg, target, mesh)
+  r = build_report(cfg, target, mesh, twin=cfg.dry_run_twin)
   if jax.process_index() == 0:
     print("\n".join(report_lib.lines(r)), flush=True)
     if workdir:

@@ -113,6 +113,8 @@ def share(full: dict[str, float], twin: dict[str, float]) -> dict[str, float]:
 
 def not_fitting_error(report: dict) -> ConfigError | None:
   """The one-line error for a step that does not fit its target (or the user's budget), else None."""
+  if report.get("compile_error"):
+    return ConfigError(f"dry run: the {report['target']} compiler refused the step: {report['compile_error']}; {_FIX}")
   total = report["memory_per_device"]["total"]
   budget = report.get("memory_budget_gb")
   if budget and total > budget * GIB:
@@ -135,6 +137,8 @@ def write(report: dict, workdir: str) -> str:
 
 def lines(r: dict) -> list[str]:
   """The printed report (the JSON has every number)."""
+  if r.get("compile_error"):
+    return [f"dry run: {r['target']} ({r['device_kind']}, mesh {r['mesh']}): does NOT fit: {r['compile_error']}"]
   m = r["model"]
   out = [
       f"dry run: {m['params'] / 1e6:,.1f}M params ({m['n_layer']} layers, width {m['n_embd']}, {m['dtype']} "
