@@ -104,7 +104,7 @@ def _numbers(cfg: ConfigDict, mesh) -> dict:
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that overflows HBM
     if not str(e).startswith("RESOURCE_EXHAUSTED"):
       raise
-    return dict(error=str(e).splitlines()[0], seconds=time.perf_counter() - start)
+    return dict(error=str(e).splitlines()[0].rstrip("."), seconds=time.perf_counter() - start)
   return dict(
       memory=memory_per_device(compiled),
       cost=_cost(compiled),

@@ -110,9 +110,11 @@ def parse(name: str, slices: int = 1) -> Target:
 
 
 def _quiet_libtpu(target: Target) -> None:
-  """libtpu looks for the TPU VM it runs on (metadata server, worker list) and warns when it finds none; a
-  compile-only process has none to find."""
+  """libtpu looks for the TPU VM it runs on (metadata server, worker list) and warns when it finds none, and
+  locks /tmp/libtpu_lockfile against a second process using the chips; a compile-only process has no VM to find
+  and no chip to share (parallel test workers, several dry runs at once)."""
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{target.chip}-{target.chips_per_slice}")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
