@@ -266,3 +266,14 @@ def test_bf16_step_with_the_pallas_kernel_compiles_for_an_h100(tmp_path):
     compiled, _, _ = dry_run_lib.compile_train_step(cfg, dry_run_lib.make_mesh(cfg, target))
   text = compiled.as_text()
   assert "mosaic_gpu" in text and compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+def test_missing_compiler_is_one_line_naming_the_extra(monkeypatch):
+  from jax.experimental import topologies
+
+  def absent(**_):
+    raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology.")
+
+  monkeypatch.setattr(topologies, "get_topology_desc", absent)
+  with pytest.raises(ConfigError, match=r"^dry_run_target=v5p-8 needs libtpu: pip install -e '\.\[compile\]'"):
+    targets.devices(targets.parse("v5p-8"))
