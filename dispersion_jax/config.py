@@ -15,7 +15,6 @@ import types
 import typing
 from collections.abc import Sequence
 
-import jax
 from flax import traverse_util
 from ml_collections import ConfigDict, FieldReference
 

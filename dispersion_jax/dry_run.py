@@ -25,8 +25,7 @@ from dispersion_jax import config as config_lib
 from dispersion_jax import dry_run_report as report_lib
 from dispersion_jax.chips import CHIPS, table
 from dispersion_jax.dispersion import resolve_impl
-from dispersion_jax.dry_run_report import GIB, memory_per_device  # noqa: F401 - research.bench imports it here
-from dispersion_jax.errors import ConfigError
+from dispersion_jax.dry_run_report import memory_per_device  # noqa: F401 - research.bench imports it here
 from dispersion_jax.models import flops_per_token
 from dispersion_jax.models.gpt2 import resolve_attention
 from dispersion_jax.train_step import jit_train_step, logical_context, state_shardings

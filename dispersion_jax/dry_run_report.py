@@ -4,7 +4,6 @@ and bytes, a roofline lower bound of the step time, and the collectives in the c
 Pure functions of a compiled executable (jax.stages.Compiled) and the chip table (chips.py); dry_run.py compiles.
 """
 
-import collections
 import json
 import math
 import os
