@@ -26,7 +26,7 @@ from dispersion_jax import dry_run_report as report_lib
 from dispersion_jax.chips import CHIPS, table
 from dispersion_jax.dispersion import resolve_impl
 from dispersion_jax.dry_run_report import memory_per_device  # noqa: F401 - research.bench imports it here
-from dispersion_jax.models import flops_per_token
+from dispersion_jax.models import count_params, flops_per_token, param_shapes
 from dispersion_jax.models.gpt2 import resolve_attention
 from dispersion_jax.train_step import jit_train_step, logical_context, state_shardings
 
@@ -99,7 +99,7 @@ def _cost(compiled) -> dict[str, float]:
 def _numbers(cfg: ConfigDict, mesh) -> dict:
   start = time.perf_counter()
   try:
-    compiled, state, seconds = compile_train_step(cfg, mesh)
+    compiled, _, seconds = compile_train_step(cfg, mesh)
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that overflows HBM
     if not str(e).startswith("RESOURCE_EXHAUSTED"):
       raise
@@ -108,7 +108,6 @@ def _numbers(cfg: ConfigDict, mesh) -> dict:
       memory=memory_per_device(compiled),
       cost=_cost(compiled),
       collectives=report_lib.collectives(compiled.as_text()),
-      params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
       seconds=seconds,
   )
 
@@ -130,15 +129,12 @@ def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: boo
       cfg.model.attention = "xla"
     full = _numbers(cfg, mesh)
     twin_numbers = None
-    if "error" in full:
-      return _refused_report(cfg, target, mesh, full)
-    if twin and disp.coeff != 0:
+    if twin and disp.coeff != 0 and "error" not in full:
       zero = copy.deepcopy(cfg)
       zero.dispersion.coeff = 0.0
       twin_numbers = _numbers(zero, mesh)
   chip = CHIPS[target.chip] if target else None
   devices = mesh.devices.reshape(-1)
-  est = flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
   r = dict(
       target=target.name if target else "local",
       platform=platform,
@@ -152,7 +148,7 @@ def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: boo
       grad_accum=cfg.grad_accum,
       model=dict(
           family=cfg.model.family,
-          params=full["params"],
+          params=count_params(param_shapes(model_cfg)),
           n_layer=model_cfg.n_layer,
           n_embd=model_cfg.n_embd,
           dtype=model_cfg.dtype,
@@ -164,8 +160,13 @@ def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: boo
           dispersion_coeff=disp.coeff,
       ),
       compile_seconds=full["seconds"],
-      memory_per_device=full["memory"],
       memory_budget_gb=cfg.dry_run_memory_budget_gb,
+  )
+  if "error" in full:  # the compiler refused the step for lack of memory: its message, no analysis
+    return {**r, "compile_error": full["error"], "capacity_bytes": chip.hbm_bytes, "fits": False, "chips": table()}
+  est = flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+  r.update(
+      memory_per_device=full["memory"],
       **report_lib.fit(full["memory"]["total"], chip),
       flops_per_device=full["cost"]["flops"],
       bytes_accessed_per_device=full["cost"]["bytes accessed"],
@@ -191,29 +192,6 @@ def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: boo
         share=report_lib.share(mine, theirs),
     )
   return r
-
-
-def _refused_report(cfg: ConfigDict, target: targets.Target, mesh, full: dict) -> dict:
-  """What there is to report when the compiler refused the step for lack of memory: its message, no analysis."""
-  chip = CHIPS[target.chip]
-  return dict(
-      target=target.name,
-      platform=target.platform,
-      device_kind=mesh.devices.reshape(-1)[0].device_kind,
-      num_devices=int(mesh.devices.size),
-      slices=target.slices,
-      topology=target.topology,
-      mesh=dict(mesh.shape),
-      batch_size=cfg.batch_size,
-      seq_len=cfg.seq_len,
-      grad_accum=cfg.grad_accum,
-      compile_seconds=full["seconds"],
-      compile_error=full["error"],
-      memory_budget_gb=cfg.dry_run_memory_budget_gb,
-      capacity_bytes=chip.hbm_bytes,
-      fits=False,
-      chips=table(),
-  )
 
 
 def dry_run(cfg: ConfigDict, workdir: str | None = None) -> dict:
