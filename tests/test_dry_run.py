@@ -79,6 +79,7 @@ def test_gpt2_xl_on_64_simulated_devices(tmp_path):
           "configs/gpt2_xl.py",
           f"--workdir={tmp_path}",
           "--config.dry_run=True",
+          "--config.dry_run_twin=False",  # the coeff-0 twin would double a minutes-long CPU compile
           "--config.mesh.data=8",
           "--config.mesh.fsdp=8",
           "--config.batch_size=64",
@@ -122,6 +123,7 @@ def test_qwen3_8b_on_64_simulated_devices(tmp_path):
           f"--workdir={tmp_path}",
           "--config.model.preset=qwen3-8b",
           "--config.dry_run=True",
+          "--config.dry_run_twin=False",  # the coeff-0 twin would double a minutes-long CPU compile
           "--config.mesh.data=8",
           "--config.mesh.fsdp=8",
           "--config.batch_size=64",
