@@ -1,9 +1,12 @@
 """dispersion_jax: JAX/Flax training stack for the dispersion loss (embedding condensation regulariser)."""
 
-from dispersion_jax.dispersion import VARIANTS, dispersion_loss
-from dispersion_jax.hf import load_pretrained, save_pretrained
-from dispersion_jax.models import GPT, GPTConfig, Qwen3, Qwen3Config, build_model, hidden_states
-from dispersion_jax.objective import DispersionConfig, objective, select_layers
+from dispersion_jax.quiet import without_plugin_notes
+
+with without_plugin_notes():  # jax's first import loads the CUDA plugin, if installed (quiet.py)
+  from dispersion_jax.dispersion import VARIANTS, dispersion_loss
+  from dispersion_jax.hf import load_pretrained, save_pretrained
+  from dispersion_jax.models import GPT, GPTConfig, Qwen3, Qwen3Config, build_model, hidden_states
+  from dispersion_jax.objective import DispersionConfig, objective, select_layers
 
 __all__ = [
     "VARIANTS",

@@ -15,11 +15,10 @@ import types
 import typing
 from collections.abc import Sequence
 
-import jax
 from flax import traverse_util
 from ml_collections import ConfigDict, FieldReference
 
-from dispersion_jax import models
+from dispersion_jax import backend, models
 from dispersion_jax.baselines import BaselineConfig
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.errors import ConfigError
@@ -74,6 +73,9 @@ def default_config() -> ConfigDict:
   c.ce_chunk = FieldReference(None, field_type=int)  # fused LM head + CE in chunks of this many tokens; None = plain
   c.dry_run = False  # compile the step, print memory and FLOPs, exit
   c.dry_run_memory_budget_gb = FieldReference(None, field_type=float)  # dry run: fail above this many GiB/device
+  c.dry_run_target = ""  # dry run: compile for a TPU slice / GPU node (v5e-8, v5p-8, h100-8x4; dry_run.py), "" = local
+  c.dry_run_slices = 1  # dry run: that many TPU slices over DCN (multi-slice)
+  c.dry_run_twin = True  # dry run: also compile the coeff-0 twin (the dispersion term's share); False halves the time
   c.update(_section(LoopConfig).to_dict())  # steps, log_every, eval_every, eval_batches, checkpoint_every, ...
 
   c.model = ConfigDict()
@@ -192,6 +194,10 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
       f"dry_run_memory_budget_gb={cfg.dry_run_memory_budget_gb} must be >= 0 or None (no check)",
   )
   need(
+      not cfg.dry_run_target or cfg.dry_run,
+      f"dry_run_target={cfg.dry_run_target} compiles only: add --config.dry_run=True (train on the target itself)",
+  )
+  need(
       cfg.init_from is None or os.path.isdir(cfg.init_from),
       f"init_from={cfg.init_from}: no such directory (a Hugging Face model directory)",
   )
@@ -224,7 +230,7 @@ def _typed(cls, section: ConfigDict | dict, where: str):
 def compute_dtype(cfg: ConfigDict) -> str:
   if cfg.model.dtype != "auto":
     return cfg.model.dtype
-  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return "float32" if backend.current() == "cpu" else "bfloat16"  # a dry-run target's backend, if any
 
 
 def model_config(cfg: ConfigDict):

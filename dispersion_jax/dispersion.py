@@ -22,6 +22,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from dispersion_jax import backend as backend_lib
 from dispersion_jax import dispersion_fused as fused
 from dispersion_jax import dispersion_pallas
 
@@ -278,7 +279,7 @@ def resolve_impl(impl: str, variant: str, backend: str | None = None) -> str:
   if impl == "auto":
     return "xla"
   if impl == "pallas" and variant in dispersion_pallas.KERNEL_VARIANTS:
-    backend = backend or jax.default_backend()
+    backend = backend or backend_lib.current()
     if backend != "gpu":
       raise ValueError(
           f"impl='pallas' needs a CUDA GPU (the Mosaic GPU kernel); the backend is {backend!r}: "

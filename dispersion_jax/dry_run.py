@@ -1,11 +1,18 @@
 """Compile-only mode (`--config.dry_run=True`): will this config fit, and how much work is a step?
 
-Lowers and compiles the real train step for the configured mesh from abstract inputs (shapes, dtypes and
-shardings only: no parameter is materialised, no data is read), then prints XLA's per-device memory analysis and
-FLOP count. With `dry_run_memory_budget_gb > 0` it fails (ConfigError, one line) when a device needs more.
-Simulate a big mesh on one CPU machine with XLA_FLAGS=--xla_force_host_platform_device_count=64.
+Lowers and compiles the real train step from abstract inputs (shapes, dtypes and shardings only: no parameter is
+materialised, no data is read), for the local devices or, with `dry_run_target=NAME`, for a TPU slice or GPU
+node by its compiler (targets.py; the `compile` extra), then prints a report and writes WORKDIR/dry_run.json
+(dry_run_report.py). On a target, every backend-dependent default (bf16 compute, cuDNN attention, the dispersion
+kernel) resolves for the target (backend.compiling_for), and the mesh keys apply to its devices as on the real
+slice: slice-/node-aware, data parallelism across slices. A step that does not fit the target's memory (or
+`dry_run_memory_budget_gb`) is a one-line ConfigError after the report is written.
+Simulate a big CPU mesh instead with XLA_FLAGS=--xla_force_host_platform_device_count=64.
 """
 
+import copy
+import ctypes.util
+import importlib.util
 import math
 import time
 
@@ -13,15 +20,18 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from dispersion_jax import backend, sharding, targets, train
 from dispersion_jax import config as config_lib
-from dispersion_jax import sharding, train
-from dispersion_jax.errors import ConfigError
-from dispersion_jax.models import flops_per_token
+from dispersion_jax import dry_run_report as report_lib
+from dispersion_jax.chips import CHIPS, table
+from dispersion_jax.dispersion import resolve_impl
+from dispersion_jax.dry_run_report import memory_per_device  # noqa: F401 - research.bench imports it here
+from dispersion_jax.models import count_params, flops_per_token, param_shapes
+from dispersion_jax.models.gpt2 import resolve_attention
 from dispersion_jax.train_step import jit_train_step, logical_context, state_shardings
 
 # The batch of data/loader.py: int32[batch, seq_len] each.
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions")
-_GIB = 1024**3
 
 
 def abstract_inputs(cfg: ConfigDict, model_cfg, tx, mesh):
@@ -32,8 +42,26 @@ def abstract_inputs(cfg: ConfigDict, model_cfg, tx, mesh):
   return state, batch, shard
 
 
+def target_of(cfg: ConfigDict) -> targets.Target | None:
+  return targets.parse(cfg.dry_run_target, cfg.dry_run_slices) if cfg.dry_run_target else None
+
+
+def num_devices(cfg: ConfigDict) -> int:
+  """The devices the step is built for: the target's, else the machine's (what config.validate checks against)."""
+  target = target_of(cfg) if cfg.dry_run else None
+  return target.num_devices if target else jax.device_count()
+
+
+def make_mesh(cfg: ConfigDict, target: targets.Target | None = None):
+  if target is None:
+    return sharding.make_mesh(config_lib.mesh_config(cfg))
+  devices = targets.devices(target)
+  return sharding.make_mesh(config_lib.mesh_config(cfg), devices, targets.granules(target, devices))
+
+
 def compile_train_step(cfg: ConfigDict, mesh):
-  """The compiled train step of `cfg` on `mesh`, the abstract state, and the compile time in seconds."""
+  """The compiled train step of `cfg` on `mesh`, the abstract state, and the compile time in seconds.
+  Call inside backend.compiling_for(...) for a target's devices."""
   model_cfg = config_lib.model_config(cfg)
   fn, tx = train.step_function(cfg, model_cfg)
   state, batch, shard = abstract_inputs(cfg, model_cfg, tx, mesh)
@@ -43,61 +71,140 @@ def compile_train_step(cfg: ConfigDict, mesh):
   return compiled, state, time.perf_counter() - start
 
 
-def memory_per_device(compiled) -> dict[str, int]:
-  """Bytes per device from XLA's buffer assignment; `total` = what must fit at once."""
-  m = compiled.memory_analysis()
-  out = {
-      "arguments": m.argument_size_in_bytes,
-      "outputs": m.output_size_in_bytes,
-      "aliased": -m.alias_size_in_bytes,  # donated state: outputs reuse the argument buffers
-      "temp": m.temp_size_in_bytes,
-      "generated code": m.generated_code_size_in_bytes,
-  }
-  out["total"] = sum(out.values())
-  return out
+def _has_cudnn() -> bool:
+  """Whether cuDNN's library can be found here (the nvidia-cudnn wheel of jax[cuda12], or the system's)."""
+  try:
+    wheel = importlib.util.find_spec("nvidia.cudnn") is not None
+  except ModuleNotFoundError:
+    wheel = False
+  return wheel or ctypes.util.find_library("cudnn") is not None
 
 
-def xla_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
-  return float((cost or {}).get("flops", float("nan")))
+def _cost(compiled) -> dict[str, float]:
+  """FLOPs and bytes accessed per device. The CUDA compiler's compile-only executables report none: XLA's cost
+  analysis then runs on their optimised HLO module (the same per-device program) through the CPU client."""
+  c = report_lib.cost(compiled)
+  if math.isnan(c["flops"]):
+    try:
+      from jax._src.lib import _jax  # noqa: PLC0415 - private (jax 0.10): the one entry to HloCostAnalysis
+
+      (module,) = compiled.runtime_executable().hlo_modules()
+      found = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+      c = {k: float(found.get(k, math.nan)) for k in c}
+    except (ImportError, AttributeError, ValueError, RuntimeError):
+      pass  # left NaN: the report says so
+  return c
 
 
-def check_memory_budget(total_bytes: int, budget_gb: float | None) -> None:
-  """ConfigError (one line) when a device needs more than `budget_gb` GiB; None (or 0) = no budget."""
-  if budget_gb and total_bytes > budget_gb * _GIB:
-    raise ConfigError(
-        f"dry run: a device needs {total_bytes / _GIB:.2f} GiB > dry_run_memory_budget_gb={budget_gb:g}; shard more "
-        "(mesh.fsdp, mesh.tensor), set model.remat=full, or lower batch_size / raise grad_accum"
-    )
+def _numbers(cfg: ConfigDict, mesh) -> dict:
+  start = time.perf_counter()
+  try:
+    compiled, _, seconds = compile_train_step(cfg, mesh)
+  except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that overflows HBM
+    if not str(e).startswith("RESOURCE_EXHAUSTED"):
+      raise
+    return dict(error=str(e).splitlines()[0].rstrip("."), seconds=time.perf_counter() - start)
+  return dict(
+      memory=memory_per_device(compiled),
+      cost=_cost(compiled),
+      collectives=report_lib.collectives(compiled.as_text()),
+      seconds=seconds,
+  )
 
 
-def dry_run(cfg: ConfigDict) -> dict[str, float]:
-  """Compile, print the analysis (process 0), enforce the memory budget; returns the numbers (bytes, FLOPs)."""
-  mesh = sharding.make_mesh(config_lib.mesh_config(cfg))
-  model_cfg = config_lib.model_config(cfg)
-  compiled, state, seconds = compile_train_step(cfg, mesh)
-  mem = memory_per_device(compiled)
-  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
-  n_dev = mesh.devices.size
+def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: bool = True) -> dict:
+  """Compile the step (and its coeff-0 twin when the term is on) and assemble the report (every key JSON-ready)."""
+  platform = target.platform if target else jax.default_backend()
+  with backend.compiling_for(platform):
+    model_cfg = config_lib.model_config(cfg)
+    disp = config_lib.dispersion_config(cfg)
+    impl = resolve_impl(disp.impl, disp.variant)
+    attention = resolve_attention(model_cfg.attention, model_cfg.dtype)
+    note = None
+    if attention == "cudnn" and not _has_cudnn():
+      # cuDNN's attention is traced and compiled by the cuDNN library, absent here: compile XLA's attention
+      # instead and say so (it materialises the LxL scores: more temp memory than the real run).
+      note = "compiled here as xla: no libcudnn on this machine, so temp memory is overestimated"
+      cfg = copy.deepcopy(cfg)
+      cfg.model.attention = "xla"
+    full = _numbers(cfg, mesh)
+    twin_numbers = None
+    if twin and disp.coeff != 0 and "error" not in full:
+      zero = copy.deepcopy(cfg)
+      zero.dispersion.coeff = 0.0
+      twin_numbers = _numbers(zero, mesh)
+  chip = CHIPS[target.chip] if target else None
+  devices = mesh.devices.reshape(-1)
+  r = dict(
+      target=target.name if target else "local",
+      platform=platform,
+      device_kind=devices[0].device_kind,
+      num_devices=int(devices.size),
+      slices=target.slices if target else 1,
+      topology=target.topology if target else None,
+      mesh=dict(mesh.shape),
+      batch_size=cfg.batch_size,
+      seq_len=cfg.seq_len,
+      grad_accum=cfg.grad_accum,
+      model=dict(
+          family=cfg.model.family,
+          params=count_params(param_shapes(model_cfg)),
+          n_layer=model_cfg.n_layer,
+          n_embd=model_cfg.n_embd,
+          dtype=model_cfg.dtype,
+          remat=model_cfg.remat,
+          scan_layers=model_cfg.scan_layers,
+          attention=attention,
+          attention_note=note,
+          dispersion_impl=impl,
+          dispersion_coeff=disp.coeff,
+      ),
+      compile_seconds=full["seconds"],
+      memory_budget_gb=cfg.dry_run_memory_budget_gb,
+  )
+  if "error" in full:  # the compiler refused the step for lack of memory: its message, no analysis
+    return {**r, "compile_error": full["error"], "capacity_bytes": chip.hbm_bytes, "fits": False, "chips": table()}
   est = flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
-  flops = xla_flops(compiled)
+  r.update(
+      memory_per_device=full["memory"],
+      **report_lib.fit(full["memory"]["total"], chip),
+      flops_per_device=full["cost"]["flops"],
+      bytes_accessed_per_device=full["cost"]["bytes accessed"],
+      cost_counting=report_lib.COUNTING,
+      model_flops_per_device=est / devices.size,
+      model_flops=est,
+      roofline=None,
+      collectives=full["collectives"],
+      dispersion=None,
+      chips=table(),
+  )
+  if chip:
+    # The model estimate counts every layer; XLA's count a scanned layer once: the larger is still a lower bound.
+    r["roofline"] = report_lib.roofline(
+        max(r["flops_per_device"], r["model_flops_per_device"]), r["bytes_accessed_per_device"], chip
+    )
+  if twin_numbers:
+    mine = {**full["cost"], "temp": full["memory"]["temp"]}
+    theirs = {**twin_numbers["cost"], "temp": twin_numbers["memory"]["temp"]}
+    r["dispersion"] = dict(
+        twin={"flops": theirs["flops"], "bytes accessed": theirs["bytes accessed"], "temp": theirs["temp"]},
+        twin_compile_seconds=twin_numbers["seconds"],
+        share=report_lib.share(mine, theirs),
+    )
+  return r
+
+
+def dry_run(cfg: ConfigDict, workdir: str | None = None) -> dict:
+  """Compile, print the report (process 0), write WORKDIR/dry_run.json, then fail (ConfigError, one line) if the
+  step does not fit; returns the report."""
+  target = target_of(cfg)
+  mesh = make_mesh(cfg, target)
+  r = build_report(cfg, target, mesh, twin=cfg.dry_run_twin)
   if jax.process_index() == 0:
-    print(
-        f"dry run: {n_params / 1e6:,.1f}M params ({model_cfg.n_layer} layers, width {model_cfg.n_embd}, "
-        f"{model_cfg.dtype} compute), mesh {dict(mesh.shape)} = {n_dev} {jax.devices()[0].platform} devices, "
-        f"batch {cfg.batch_size}x{cfg.seq_len}, grad_accum {cfg.grad_accum}, remat {model_cfg.remat}; "
-        f"compiled in {seconds:.1f} s"
-    )
-    print("memory per device (GiB): " + ", ".join(f"{k} {v / _GIB:.3f}" for k, v in mem.items()))
-    print(
-        f"FLOPs per step per device: XLA {flops:.3e} (a scanned layer loop is counted once), model estimate "
-        f"{est / n_dev:.3e} (models.flops_per_token; {est:.3e} for all devices)"
-    )
-  check_memory_budget(mem["total"], cfg.dry_run_memory_budget_gb)
-  return {
-      **{f"memory/{k}": float(v) for k, v in mem.items()},
-      "xla_flops_per_device": flops,
-      "model_flops_per_device": est / n_dev,
-      "model_flops": est,
-  }
+    print("\n".join(report_lib.lines(r)), flush=True)
+    if workdir:
+      print(f"report: {report_lib.write(r, workdir)}", flush=True)
+  error = report_lib.not_fitting_error(r)
+  if error:
+    raise error
+  return r

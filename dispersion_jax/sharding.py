@@ -61,12 +61,14 @@ class MeshConfig:
     return sizes
 
 
-def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> Mesh:
+def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None, granules: list[int] | None = None) -> Mesh:
+  """The mesh over `devices` (default: all); `granules` (per device, its slice or host) makes it slice-aware
+  without asking the processes (compile-only devices of a dry-run target have none to ask)."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_cfg.shape(len(devices))
   shape = tuple(sizes[a] for a in AXES)
-  if jax.process_count() > 1:
-    device_array = hybrid_device_mesh(shape, devices)
+  if granules is not None or jax.process_count() > 1:
+    device_array = hybrid_device_mesh(shape, devices, granules)
   else:
     device_array = np.asarray(devices).reshape(shape)
   # Auto axis types: XLA's SPMD partitioner inserts the collectives (make_mesh now defaults to Explicit).

@@ -9,6 +9,12 @@ import jax  # noqa: E402
 import numpy as np
 import pytest
 
+from dispersion_jax import backend  # noqa: E402
+
+# With the `compile` extra installed and no accelerator here: the CPU only, as the commands do (backend.py); the
+# accelerator compilers are then used for dry-run targets only.
+backend.prefer_cpu_without_accelerator()
+
 GOLDEN = os.environ.get("DISPERSION_GOLDEN", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden"))
 
 

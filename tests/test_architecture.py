@@ -15,6 +15,8 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "dispersion_jax"
 CORE = (
     "__init__",
     "errors",
+    "backend",
+    "quiet",
     "dispersion",
     "dispersion_fused",
     "dispersion_pallas",
@@ -36,6 +38,9 @@ TRAINING = (
     "loop",
     "train",
     "dry_run",
+    "dry_run_report",
+    "chips",
+    "targets",
     "tokenizer",
     "data.",
 )

@@ -8,7 +8,7 @@ import functools
 import sys
 from collections.abc import Callable, Sequence
 
-from dispersion_jax import distributed
+from dispersion_jax import backend, distributed
 from dispersion_jax.errors import UserError
 
 USAGE_EXIT = 2
@@ -99,6 +99,7 @@ def run_main(fn: Callable | None = None, *, catch: tuple[type[BaseException], ..
 
   @functools.wraps(fn)
   def wrapper(*args, **kw):
+    backend.prefer_cpu_without_accelerator()  # before the backend starts: no TPU / CUDA probing on a CPU box
     try:
       return fn(*args, **kw)
     except catch as e:

@@ -6,10 +6,9 @@ workdir. --config.dry_run=True compiles the step for the configured mesh and pri
 
 from collections.abc import Sequence
 
-import jax
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import distributed, dry_run, train
+from dispersion_jax import backend, distributed, dry_run, train
 from dispersion_jax.cli.common import Parser, add_launch, add_run_config, run_main
 
 
@@ -26,10 +25,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   cfg = config_lib.load(args.config, args.overrides)
   # Before anything touches the backend (importing jax does not; jax.device_count() does).
   distributed.initialize(distributed.Launch(args.coordinator, args.num_processes, args.process_id))
-  config_lib.validate(cfg, jax.device_count())
+  backend.start()
+  config_lib.validate(cfg, dry_run.num_devices(cfg))
   distributed.check_same_config(cfg.to_dict())
   if cfg.dry_run:
-    dry_run.dry_run(cfg)
+    dry_run.dry_run(cfg, args.workdir)
     return
   train.run(cfg, args.workdir)
 

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dispersion_jax import backend
 from dispersion_jax.baselines import add_embedding_noise
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -113,10 +114,16 @@ class MLP(nn.Module):
     return _dense(x_BxLxD.shape[-1], ("mlp", "embed"), _proj_std(self.cfg), self.cfg, "c_proj")(h_BxLxM)
 
 
+def resolve_attention(impl: str, dtype) -> str:
+  """What attention="auto" runs: cuDNN flash attention where it exists (GPU, half precision; 2x XLA's on an H100),
+  XLA elsewhere. The backend is the one compiled for (a dry-run target's, see backend.py)."""
+  if impl != "auto":
+    return impl
+  return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and backend.current() == "gpu" else "xla"
+
+
 def _causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, impl: str):
-  if impl == "auto":  # cuDNN flash attention where it exists (GPU, half precision): 2x XLA's on an H100
-    half = q_BxLxHxK.dtype in (jnp.bfloat16, jnp.float16)
-    impl = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+  impl = resolve_attention(impl, q_BxLxHxK.dtype)
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="cudnn")
   # Plain XLA path, softmax in float32 or wider (jax.nn.dot_product_attention caps it at float32, which would

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dispersion_jax.baselines import add_embedding_noise
-from dispersion_jax.models.gpt2 import ATTENTION_IMPLS, REMAT_POLICIES
+from dispersion_jax.models.gpt2 import ATTENTION_IMPLS, REMAT_POLICIES, resolve_attention
 
 _SHAPES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head", "head_dim", "n_inner")
 _QWEN3 = dict(vocab_size=151936, n_positions=40960, head_dim=128)
@@ -153,9 +153,7 @@ def apply_rope(x_BxLxNxK, cos_BxLxK, sin_BxLxK):
 
 def causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, impl: str):
   """Causal grouped-query attention, scale K**-0.5; query head h reads kv head h // (H / G) (HF's repeat_kv)."""
-  if impl == "auto":  # cuDNN flash attention where it exists (GPU, half precision), as GPT-2 does
-    half = q_BxLxHxK.dtype in (jnp.bfloat16, jnp.float16)
-    impl = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+  impl = resolve_attention(impl, q_BxLxHxK.dtype)  # cuDNN flash attention where it exists, as GPT-2 does
   if impl == "cudnn":  # takes G-headed k/v directly and groups them the same way
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True, implementation="cudnn")
   # XLA path: heads split into (G, R) so h = g * R + r; no repeated copy of k/v is built. Softmax in float32 or
