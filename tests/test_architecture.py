@@ -24,6 +24,7 @@ CORE = (
     "fused_ce",
     "hf",
     "condensation",
+    "decode",
 )
 TRAINING = (
     "config",
@@ -37,6 +38,7 @@ TRAINING = (
     "train",
     "dry_run",
     "tokenizer",
+    "harness",
     "data.",
 )
 RESEARCH = ("research.",)
