@@ -76,7 +76,7 @@ class JaxLM(TemplateLM):
     self.batch_size = -(-batch_size // rows) * rows  # a multiple of the data-parallel width
     self._max_length = min(max_length or cfg.n_positions, cfg.n_positions)
     self._max_gen_toks, self.seed = max_gen_toks, seed
-    self.params = params
+    self.params = _on_mesh(params, self.mesh)
     self.lead = jax.process_index() == 0
     self._multi = jax.process_count() > 1
 
@@ -140,6 +140,10 @@ class JaxLM(TemplateLM):
     for r, (_, ctx, cont) in enumerate(requests):
       if not cont or len(cont) > n_pos:
         raise ValueError(f"request {r}: a continuation of {len(cont)} tokens; it needs 1..{n_pos}")
+      if max(max(ctx, default=0), max(cont)) >= self.cfg.vocab_size or min(min(ctx, default=0), min(cont)) < 0:
+        raise ValueError(
+            f"request {r}: a token id outside the model vocabulary [0, {self.cfg.vocab_size}): wrong tokenizer?"
+        )
       whole = (list(ctx) + list(cont))[-(n_pos + 1) :]
       rows.append((r, whole[:-1], whole[1:], len(cont)))
     rows.sort(key=lambda row: -len(row[1]))  # longest first, as HFLM: similar lengths share a padded batch
@@ -215,6 +219,15 @@ def _sampling(kwargs: dict) -> dict:
       "top_k": int(kwargs.get("top_k") or 0),
       "top_p": float(kwargs.get("top_p") or 1.0),
   }
+
+
+def _on_mesh(params: Any, mesh) -> Any:
+  """Params as they are if they already live on the mesh's devices (a live training state), else replicated
+  over the mesh (a checkpoint or HF model read onto one device)."""
+  devices = set(mesh.devices.flat)
+  if all(isinstance(x, jax.Array) and x.sharding.device_set == devices for x in jax.tree.leaves(params)):
+    return params
+  return jax.device_put(params, sharding.replicated(mesh))
 
 
 def _global(x: np.ndarray, sharding_) -> jax.Array:
