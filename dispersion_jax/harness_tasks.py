@@ -12,8 +12,10 @@
 """
 
 import dataclasses
+import functools
 import math
 import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +26,33 @@ PAPER_K_SHOT = ("arc_easy", "arc_challenge", "mmlu", "medmcqa")
 PAPER_PERPLEXITY = ("paloma_wikitext_103",)
 PAPER_ACC_TASKS = PAPER_ZERO_SHOT + PAPER_K_SHOT  # the ten the paper averages
 SUITES = {"paper": (1, 500), "paper_qwen3": (5, 200)}  # name -> (k of the k-shot tasks, limit)
+EXAMPLES_DIR = pathlib.Path(__file__).parent / "research" / "tasks"  # the shipped example task YAMLs: always found
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessEvalConfig:
+  """The `eval.*` section: harness tasks on the live parameters during training (train.py's evaluation hook)."""
+
+  tasks: str = ""  # comma-separated task names or suites (paper, paper_qwen3); "" = none
+  num_fewshot: int | None = None  # None: each task's (suite's) own
+  limit: float | None = None  # documents per task; None: the suite's, else all
+  include_path: str | None = None  # a folder of task YAMLs
+  every: int | None = None  # steps between harness runs (a multiple of eval_every); None = every evaluation
+  batch_size: int = 16
+
+  def __post_init__(self):
+    if self.num_fewshot is not None and self.num_fewshot < 0:
+      raise ValueError(f"eval.num_fewshot={self.num_fewshot} must be >= 0")
+    if self.limit is not None and self.limit <= 0:
+      raise ValueError(f"eval.limit={self.limit} must be > 0")
+    if self.every is not None and self.every < 1 or self.batch_size < 1:
+      raise ValueError(f"eval.every={self.every} and eval.batch_size={self.batch_size} must be >= 1")
+    if self.include_path is not None and not os.path.isdir(self.include_path):
+      raise ValueError(f"eval.include_path={self.include_path} is not a directory")
+
+  @property
+  def names(self) -> list[str]:
+    return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +77,17 @@ def expand(names: Sequence[str], num_fewshot: int | None = None, limit: float | 
 
 
 def task_manager(include_path: str | Sequence[str] | None = None, include_defaults: bool = True):
+  """The harness's task index: its built-in tasks, the shipped examples, then include_path (later ones win).
+  Kept per set of paths: indexing the 14,686 built-in names takes seconds, and sweeps evaluate many checkpoints."""
+  paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
+  return _task_manager((str(EXAMPLES_DIR), *map(str, paths)), include_defaults)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(paths: tuple[str, ...], include_defaults: bool):
   from lm_eval.tasks import TaskManager
 
-  paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
-  return TaskManager(include_path=paths or None, include_defaults=include_defaults)
+  return TaskManager(include_path=list(paths), include_defaults=include_defaults)
 
 
 def check_names(tm, specs: Sequence[TaskSpec]) -> None:
@@ -111,6 +147,32 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
   if all(a is not None for a in accs):
     out["lm_eval/paper_avg"] = sum(accs) / len(accs)
   return out
+
+
+def live_evaluator(hcfg: HarnessEvalConfig, model_cfg, tokenizer_name: str, mesh):
+  """For the training loop: params -> flat_metrics of hcfg's tasks on those (live, sharded) params. Every process
+  calls it; process 0 runs the harness and the others follow its jitted calls (harness.JaxLM.serve), getting {}."""
+  from dispersion_jax import harness
+  from dispersion_jax.tokenizer import get_tokenizer
+
+  specs = expand(hcfg.names, hcfg.num_fewshot, hcfg.limit)
+  tokenizer = get_tokenizer(tokenizer_name)
+  state: dict[str, Any] = {}
+
+  def evaluate(params) -> dict[str, float]:
+    lm = harness.JaxLM(model_cfg, params, tokenizer, mesh=mesh, batch_size=hcfg.batch_size)
+    if not lm.lead:
+      lm.serve()
+      return {}
+    if "tm" not in state:  # the task index (5 s for the built-in one), once per run; names checked at the first use
+      state["tm"] = task_manager(hcfg.include_path)
+      check_names(state["tm"], specs)
+    try:
+      return flat_metrics(run_tasks(lm, specs, state["tm"]))
+    finally:
+      lm.close()
+
+  return evaluate
 
 
 def _leaves(tm, name: str, seen: set[str]) -> set[str]:

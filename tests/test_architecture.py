@@ -39,6 +39,7 @@ TRAINING = (
     "dry_run",
     "tokenizer",
     "harness",
+    "harness_tasks",
     "data.",
 )
 RESEARCH = ("research.",)

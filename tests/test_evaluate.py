@@ -110,7 +110,7 @@ def test_rolling_windows_sum_to_the_golden_sequence_loglik(golden, lm64):
 def test_shipped_example_tasks_are_harness_tasks():
   from dispersion_jax import harness_tasks
 
-  tm = harness_tasks.task_manager([str(ev.TASK_DIR)], include_defaults=False)
+  tm = harness_tasks.task_manager(include_defaults=False)
   harness_tasks.check_names(tm, harness_tasks.expand(ev.DEFAULT_TASKS))
   for name in ev.DEFAULT_TASKS:
     docs = [json.loads(line) for line in (ev.TASK_DIR / f"{name}.jsonl").read_text().splitlines()]

@@ -10,7 +10,6 @@ task path, so `--tasks example_cloze` works anywhere. Command line: python -m di
 import dataclasses
 import functools
 import os
-import pathlib
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import hf, sharding, train
+from dispersion_jax import harness_tasks, hf, sharding, train
 from dispersion_jax.data import loader
 from dispersion_jax.errors import ConfigError, DataError
 from dispersion_jax.models import build_model
@@ -28,7 +27,7 @@ from dispersion_jax.objective import DispersionConfig
 from dispersion_jax.tokenizer import get_tokenizer
 from dispersion_jax.train_step import eval_step
 
-TASK_DIR = pathlib.Path(__file__).parent / "tasks"
+TASK_DIR = harness_tasks.EXAMPLES_DIR  # research/tasks
 DEFAULT_TASKS = ("example_arithmetic", "example_cloze")  # harness YAMLs in TASK_DIR
 
 
@@ -85,10 +84,8 @@ def run_harness(
 ) -> dict[str, Any]:
   """What lm_eval.simple_evaluate returns (merged over the suite's shot/limit groups) for task names, suites
   (harness_tasks.SUITES) and tasks under include_path / TASK_DIR; data_dir: local copies of every task's data."""
-  from dispersion_jax import harness_tasks
-
   specs = harness_tasks.expand(tasks, num_fewshot, limit)
-  paths = [str(TASK_DIR)] + ([include_path] if include_path else [])
+  paths = [include_path] if include_path else []
   try:
     tm = harness_tasks.task_manager(paths)
     harness_tasks.check_names(tm, specs)
@@ -99,6 +96,43 @@ def run_harness(
       return harness_tasks.run_tasks(lm, specs, tm, log_samples=log_samples, bootstrap_iters=bootstrap_iters)
   finally:
     lm.close()
+
+
+def task_columns(flat: dict[str, float], tasks: Sequence[str]) -> dict[str, float]:
+  """Results-table columns from `lm_eval/TASK/METRIC` values (logged in training or just computed), for the
+  requested tasks (suites expanded; a group such as mmlu counts once, not per subtask): acc/<task>,
+  acc_norm/<task>, their means mean_acc / mean_acc_norm, paper_avg (harness_tasks.flat_metrics)."""
+  row: dict[str, float] = {}
+  for spec in harness_tasks.expand(tasks):
+    for metric in ("acc", "acc_norm"):
+      if f"lm_eval/{spec.name}/{metric}" in flat:
+        row[f"{metric}/{spec.name}"] = flat[f"lm_eval/{spec.name}/{metric}"]
+  for metric in ("acc", "acc_norm"):
+    values = [v for k, v in row.items() if k.startswith(metric + "/")]
+    if values:
+      row[f"mean_{metric}"] = sum(values) / len(values)
+  if "lm_eval/paper_avg" in flat:
+    row["paper_avg"] = flat["lm_eval/paper_avg"]
+  return row
+
+
+def checkpoint_task_columns(
+    cfg, params: Any, tok_name: str, ev: dict[str, Any], logged: dict[str, Any] | None = None
+) -> dict[str, float]:
+  """task_columns of a checkpoint for a sweep's eval settings (tasks, include_path, num_fewshot, limit): from the
+  run's own `lm_eval/...` row at that step when it has every task, else by running the harness now."""
+  tasks = list(ev.get("tasks") or DEFAULT_TASKS)
+  logged = logged or {}
+  if all(any(k.startswith(f"lm_eval/{s.name}/") for k in logged) for s in harness_tasks.expand(tasks)):
+    return task_columns(logged, tasks)
+  out = run_harness(
+      harness_lm(cfg, params, tok_name),
+      tasks,
+      include_path=ev.get("include_path"),
+      num_fewshot=ev.get("num_fewshot"),
+      limit=ev.get("limit"),
+  )
+  return task_columns(harness_tasks.flat_metrics(out), tasks)
 
 
 @functools.cache
