@@ -16,6 +16,7 @@ lm_eval = pytest.importorskip("lm_eval")
 import harness_helpers
 import make_harness_reference as ref_script
 from dispersion_jax import decode, harness
+from dispersion_jax.cli import generate as gen_cli
 from dispersion_jax.research import evaluate as ev
 from dispersion_jax.tokenizer import get_tokenizer
 
@@ -34,7 +35,9 @@ def tiny(request, tmp_path_factory):
   family = request.param
   path = harness_helpers.make_tiny_hf(family, tmp_path_factory.mktemp(family))
   cfg, params, tok_name = ev.load_model(hf_model=path)
-  return family, harness.JaxLM(cfg, params, get_tokenizer(tok_name), batch_size=4)
+  lm = harness.JaxLM(cfg, params, get_tokenizer(tok_name), batch_size=4)
+  lm.path = path
+  return family, lm
 
 
 def _close(ours, theirs, where):
@@ -151,3 +154,14 @@ def test_stop_sequences_and_max_gen_toks(tiny):
   got = lm.generate_until([req({"until": [stop], "max_gen_toks": 5}), req({"until": [], "max_gen_toks": 2})])
   assert got[0] == text.split(stop)[0]
   assert got[1] == lm.tok_decode(full[:2])
+
+
+def test_generate_command_prints_the_greedy_continuation(tiny, capsys):
+  family, lm = tiny
+  case = REF["families"][family]["generate"][0]
+  texts = gen_cli.main(["--hf_model", lm.path, "--prompt", case["prompt"], "--max_new_tokens", "10"])
+  assert texts == [lm.tok_decode([t for t in case["new_ids"] if t != lm.eot_token_id])]
+  assert case["prompt"] + texts[0] in capsys.readouterr().out
+  with pytest.raises(SystemExit) as e:
+    gen_cli.main(["--hf_model", lm.path, "--prompt", "x", "--max_new_tokens", "64"])
+  assert e.value.code == 2 and "leaves no room" in capsys.readouterr().err
