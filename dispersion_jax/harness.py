@@ -30,7 +30,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from dispersion_jax import decode, sharding
-from dispersion_jax.models import build_model
+from dispersion_jax.models import build_model, lm_head
 
 _HEADER_BYTES = 4096  # one fixed-size broadcast carries each call's kind and argument shapes
 
@@ -38,14 +38,22 @@ _HEADER_BYTES = 4096  # one fixed-size broadcast carries each call's kind and ar
 @functools.cache
 def _score_fn(cfg, mesh):
   model = build_model(cfg)
+  acc = jnp.promote_types(cfg.dtype, jnp.float32)
 
-  def score(params, ids_BxT, targets_BxT, cont_BxT):
-    logits_BxTxV = model.apply({"params": params}, ids_BxT)
-    logits_BxTxV = logits_BxTxV.astype(jnp.promote_types(logits_BxTxV.dtype, jnp.float32))
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)  # HFLM's F.log_softmax
-    tgt_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    greedy_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
-    return jnp.sum(jnp.where(cont_BxT, tgt_BxT, 0.0), -1), jnp.all(greedy_BxT | ~cont_BxT, -1)
+  def score(params, ids_BxT, start_B, targets_BxC, cont_BxC):
+    """Sum of log p(target) over each row's continuation (C positions from start_B) and whether all are argmax.
+    Only those C positions go through the LM head: XLA drops the model's own [B, T, V] logits, unused here, so
+    the head (most of the FLOPs at a 50k vocabulary) costs C / T of a full forward."""
+    _, inter = model.apply({"params": params}, ids_BxT, mutable=["intermediates"])
+    final_BxTxD = inter["intermediates"]["final"][0]
+    pos_BxC = jnp.minimum(start_B[:, None] + jnp.arange(targets_BxC.shape[1]), ids_BxT.shape[1] - 1)
+    h_BxCxD = jnp.take_along_axis(final_BxTxD, pos_BxC[..., None], axis=1).astype(cfg.dtype)
+    # The head exactly as the models apply it: compute dtype in, float32 (or wider) accumulation.
+    logits_BxCxV = jnp.einsum("bcd,vd->bcv", h_BxCxD, lm_head(params, cfg), preferred_element_type=acc)
+    logp_BxCxV = jax.nn.log_softmax(logits_BxCxV, axis=-1)  # HFLM's F.log_softmax
+    tgt_BxC = jnp.take_along_axis(logp_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    greedy_BxC = jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
+    return jnp.sum(jnp.where(cont_BxC, tgt_BxC, 0.0), -1), jnp.all(greedy_BxC | ~cont_BxC, -1)
 
   return jax.jit(score, out_shardings=sharding.replicated(mesh))
 
@@ -110,8 +118,8 @@ class JaxLM(TemplateLM):
   def _execute(self, kind: str, arrays: dict[str, np.ndarray], meta: dict):
     if kind == "score":
       batch = sharding.batch_sharding(self.mesh)
-      ids, tgt, cont = (_global(arrays[k], batch) for k in ("ids", "targets", "cont"))
-      return jax.device_get(_score_fn(self.cfg, self.mesh)(self.params, ids, tgt, cont))
+      args = (_global(arrays[k], batch) for k in ("ids", "start", "targets", "cont"))
+      return jax.device_get(_score_fn(self.cfg, self.mesh)(self.params, *args))
     if kind == "generate":
       prompts = [row[:n].tolist() for row, n in zip(arrays["prompts"], arrays["lengths"])]
       sampling = decode.Sampling(**meta["sampling"])
@@ -152,11 +160,14 @@ class JaxLM(TemplateLM):
     for start in tqdm(range(0, len(rows), B), disable=disable_tqdm or not self.lead, desc="loglikelihood"):
       chunk = rows[start : start + B]
       T = _bucket(len(chunk[0][1]), n_pos)
-      ids_BxT, tgt_BxT, cont_BxT = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32), np.zeros((B, T), bool)
+      C = _bucket(max(row[3] for row in chunk), n_pos)
+      ids_BxT, start_B = np.zeros((B, T), np.int32), np.zeros((B,), np.int32)
+      tgt_BxC, cont_BxC = np.zeros((B, C), np.int32), np.zeros((B, C), bool)
       for b, (_, inp, tgt, n_cont) in enumerate(chunk):
-        ids_BxT[b, : len(inp)], tgt_BxT[b, : len(tgt)] = inp, tgt
-        cont_BxT[b, len(inp) - n_cont : len(inp)] = True
-      ll_B, greedy_B = self._call("score", {"ids": ids_BxT, "targets": tgt_BxT, "cont": cont_BxT})
+        ids_BxT[b, : len(inp)], start_B[b] = inp, len(inp) - n_cont
+        tgt_BxC[b, :n_cont], cont_BxC[b, :n_cont] = tgt[-n_cont:], True
+      arrays = {"ids": ids_BxT, "start": start_B, "targets": tgt_BxC, "cont": cont_BxC}
+      ll_B, greedy_B = self._call("score", arrays)
       for b, row in enumerate(chunk):
         out[row[0]] = (float(ll_B[b]), bool(greedy_B[b]))
     return out
