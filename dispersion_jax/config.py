@@ -22,6 +22,7 @@ from dispersion_jax import backend, models
 from dispersion_jax.baselines import BaselineConfig
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.errors import ConfigError
+from dispersion_jax.harness_tasks import HarnessEvalConfig
 from dispersion_jax.loop import LoopConfig
 from dispersion_jax.objective import DispersionConfig
 from dispersion_jax.optim import OptimizerConfig
@@ -95,6 +96,7 @@ def default_config() -> ConfigDict:
   c.mesh = _section(MeshConfig)  # sizes; -1 = all remaining devices
   c.data = _section(DataConfig)
   c.baseline = _section(BaselineConfig)  # the paper's other counter-condensation methods (baselines.py)
+  c.eval = _section(HarnessEvalConfig)  # lm-evaluation-harness tasks at evaluations (harness_tasks.py)
   return c
 
 
@@ -202,6 +204,15 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
       f"init_from={cfg.init_from}: no such directory (a Hugging Face model directory)",
   )
   loop_config(cfg), optimizer_config(cfg), dispersion_config(cfg), data_config(cfg), model_config(cfg)
+  harness_eval = harness_eval_config(cfg)
+  need(
+      not harness_eval.tasks or bool(cfg.eval_every),
+      f"eval.tasks={harness_eval.tasks!r} runs at evaluations: set eval_every (it is {cfg.eval_every})",
+  )
+  need(
+      harness_eval.every is None or not cfg.eval_every or harness_eval.every % cfg.eval_every == 0,
+      f"eval.every={harness_eval.every} must be a multiple of eval_every={cfg.eval_every}",
+  )
   base = baseline_config(cfg)
   need(
       base.method == "none" or cfg.dispersion.coeff == 0 or base.with_dispersion,
@@ -289,6 +300,10 @@ def data_config(cfg: ConfigDict) -> DataConfig:
 
 def baseline_config(cfg: ConfigDict) -> BaselineConfig:
   return _typed(BaselineConfig, cfg.baseline, "baseline")
+
+
+def harness_eval_config(cfg: ConfigDict) -> HarnessEvalConfig:
+  return _typed(HarnessEvalConfig, cfg.eval, "eval")
 
 
 def loop_config(cfg: ConfigDict) -> LoopConfig:

@@ -213,6 +213,9 @@ def _per_layer(cfg, flat: dict[tuple, Any]) -> dict[tuple, Any]:
   return out
 
 
+per_layer = _per_layer  # public name for the decoder (decode.unrolled)
+
+
 def _expected(cfg) -> dict[tuple, jax.ShapeDtypeStruct]:
   """Per-layer flax path -> abstract parameter, from the model (one scanned block traced, nothing computed)."""
   abstract = models.param_shapes(dataclasses.replace(cfg, scan_layers=True, remat="none"))

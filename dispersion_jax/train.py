@@ -15,7 +15,7 @@ import jax
 from ml_collections import ConfigDict
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import distributed, sharding
+from dispersion_jax import distributed, harness_tasks, sharding
 from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.condensation import spearman
 from dispersion_jax.data import build, loader
@@ -228,10 +228,20 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
       row["mfu"] = tokens_per_s * step_flops / (peak * mesh.devices.size)
     logger.log(step, row)
 
+  harness_cfg = config_lib.harness_eval_config(cfg)
+  harness_eval = None
+  if harness_cfg.names:  # lm-evaluation-harness on the live parameters (lm_eval/TASK/METRIC rows)
+    harness_eval = harness_tasks.live_evaluator(harness_cfg, model_cfg, cfg.tokenizer, mesh)
+
   def evaluate(step, state):
-    last_eval.update(validation_metrics(eval_fn, state.params, val_batches))
-    last_eval.pop("tokens")
-    logger.log(step, last_eval)
+    row = validation_metrics(eval_fn, state.params, val_batches)
+    row.pop("tokens")
+    if harness_eval and (harness_cfg.every is None or step % harness_cfg.every == 0 or step == loop_cfg.steps):
+      with logical_context(mesh):
+        row.update(harness_eval(state.params))
+    last_eval.clear()
+    last_eval.update(row)
+    logger.log(step, row)
 
   hooks = Hooks(
       log=log,

@@ -26,6 +26,7 @@ CORE = (
     "fused_ce",
     "hf",
     "condensation",
+    "decode",
 )
 TRAINING = (
     "config",
@@ -42,6 +43,8 @@ TRAINING = (
     "chips",
     "targets",
     "tokenizer",
+    "harness",
+    "harness_tasks",
     "data.",
 )
 RESEARCH = ("research.",)

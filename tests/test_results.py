@@ -256,7 +256,8 @@ from ml_collections import ConfigDict
 
 def get_config():
   return ConfigDict({{"base": "{base}", "axes": {{"dispersion.coeff": [0.0, 0.5], "seed": [0, 1]}},
-                     "eval": {{"num_texts": 3, "max_length": 16, "tasks": ["{task}"]}}}}, allow_dotted_keys=True)
+                     "eval": {{"num_texts": 3, "max_length": 16, "tasks": ["tiny"], "include_path": "{task}"}}}},
+                    allow_dotted_keys=True)
 """
 SWEEP2 = SWEEP.replace(
     '"axes": {{"dispersion.coeff": [0.0, 0.5], "seed": [0, 1]}}',
@@ -267,6 +268,17 @@ TASK = [
     {"context": "The sky is", "choices": [" blue", " loud", " seven"], "gold": 0},
     {"context": "Water is", "choices": [" wet", " dry"], "gold": 0},
 ]
+TASK_YAML = """task: tiny
+dataset_path: json
+dataset_kwargs: {{data_files: {{validation: {path}}}}}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+target_delimiter: ""
+metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
+"""
 
 
 def _write_point(workdir, seeds_by_step: dict[int, int]):
@@ -304,8 +316,10 @@ def _write_point(workdir, seeds_by_step: dict[int, int]):
 def fake_sweep(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("fake_sweep")
   (tmp / "base.py").write_text(BASE)
-  (tmp / "tiny.jsonl").write_text("".join(json.dumps(t) + "\n" for t in TASK))
-  (tmp / "sweep.py").write_text(SWEEP.format(base=tmp / "base.py", task=tmp / "tiny.jsonl"))
+  (tmp / "tasks").mkdir()
+  (tmp / "tasks" / "tiny.jsonl").write_text("".join(json.dumps(t) + "\n" for t in TASK))
+  (tmp / "tasks" / "tiny.yaml").write_text(TASK_YAML.format(path=tmp / "tasks" / "tiny.jsonl"))
+  (tmp / "sweep.py").write_text(SWEEP.format(base=tmp / "base.py", task=tmp / "tasks"))
   runs = tmp / "runs"
   _write_point(runs / "coeff-0.0_seed-0", {1: 0, 2: 1})
   _write_point(runs / "coeff-0.0_seed-1", {1: 2, 2: 3})
@@ -340,13 +354,13 @@ def test_every_checkpoint_evaluated_cached_and_tabulated(fake_sweep, monkeypatch
   def boom(*a, **k):
     raise AssertionError("evaluated again instead of read from the cache")
 
-  monkeypatch.setattr(res.evaluate, "evaluate_task", boom)
+  monkeypatch.setattr(res.evaluate, "run_harness", boom)
   monkeypatch.setattr(res.ct, "model_statistics", boom)
   again, _, _ = res.collect(config, runs, steps=[2])
   assert [a["val_loss"] for a in again] == [r["val_loss"] for r in rows if r["step"] == 2]
   # Several sweep configs in one sweep_dir: a point seen twice (same workdir, or same run config) counts once.
   shutil.copytree(os.path.join(runs, "coeff-0.0_seed-0"), os.path.join(runs, "seed-0"))
-  (fake_sweep / "again.py").write_text(SWEEP2.format(base=fake_sweep / "base.py", task=fake_sweep / "tiny.jsonl"))
+  (fake_sweep / "again.py").write_text(SWEEP2.format(base=fake_sweep / "base.py", task=fake_sweep / "tasks"))
   both, keys, notes = res.collect([config, str(fake_sweep / "again.py")], runs, steps=[2])
   assert [b["name"] for b in both] == [a["name"] for a in again] and keys == ["dispersion.coeff"]
   assert notes["seed-0"] == "the same run config as coeff-0.0_seed-0: counted once"

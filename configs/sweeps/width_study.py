@@ -31,8 +31,8 @@ mid-training budget; the width script takes `--train_tokens` on the command line
 project's GPT-2 recipe (configs/midtrain_gpt2.py: angular_spread on all layers, coeff 0.1, clamp 0.1, tau_cos 1,
 256 sampled tokens; their script's CLI default coefficient is 1.0 and its plots use the CE-only runs); three seeds;
 grad_accum 4 (32 sequences per micro-batch; any value gives the same step, pick what fits the device); the
-sweep's own evaluation (the two shipped smoke tasks and condensation on 64 corpus texts): pass real task files
-with `eval.tasks` / `cli.results --tasks` for the paper's benchmarks (docs/evaluation.md).
+sweep's own evaluation (the two shipped smoke tasks and condensation on 64 corpus texts): give harness task names
+or the `paper` suite in `eval.tasks` / `cli.results --tasks` for the paper's benchmarks (docs/evaluation.md).
 """
 
 from ml_collections import ConfigDict

@@ -1,28 +1,38 @@
-"""python -m dispersion_jax.evaluate (--workdir RUN [--step N] | --hf_model DIR) [--tasks F.jsonl ...]
-    [--num_fewshot K] [--seed S] [--batch_size B] [--hf_export DIR] [--out results.json]
-    [--split validation [--num_batches N]]
+"""python -m dispersion_jax.evaluate (--workdir RUN [--step N] | --hf_model DIR) [--tasks NAME[,NAME...]]
+    [--include_path DIR] [--data_dir DIR] [--num_fewshot K] [--limit N] [--batch_size B] [--output_path OUT.json]
+    [--log_samples] [--split validation [--num_batches N]] [--hf_export DIR]
 
-Zero/few-shot multiple-choice accuracy by log-likelihood (lm-evaluation-harness scoring), validation loss and
-perplexity through the data pipeline, export to a Hugging Face directory. Kebab-case spellings of the flags
-(--hf-model, --num-fewshot, ...) are accepted for one release.
+Runs lm-evaluation-harness tasks on the model (harness.JaxLM: our JAX model as the harness's language model):
+built-in task names (piqa, arc_easy, mmlu, ...), task YAMLs under --include_path, the shipped examples
+(example_arithmetic, example_cloze: the default unless --split), and the suites `paper` / `paper_qwen3` (the
+paper's ten tasks + paloma_wikitext_103 with the authors' shots and limits). --data_dir points every task at local
+copies of its data (docs/evaluation.md). OUT.json holds what lm_eval.simple_evaluate returns. Also validation loss /
+perplexity on the run's own data (--split) and export to a Hugging Face directory (--hf_export). Kebab-case
+spellings of the flags (--hf-model, --num-fewshot, ...) are accepted for one release.
 """
 
 import json
 import os
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, add_model_source, check_model_source, run_main
-from dispersion_jax.errors import DataError
 from dispersion_jax.research import evaluate as ev
-from dispersion_jax.tokenizer import get_tokenizer
 
 
 def parser() -> Parser:
   p = Parser(prog="python -m dispersion_jax.evaluate", description=__doc__)
   add_model_source(p)
-  p.add_argument("--tasks", nargs="+", default=None, help="JSONL task files (default: the examples, unless --split)")
+  p.add_argument("--tasks", default=None, help="comma-separated harness task names or suites (paper, paper_qwen3)")
+  p.add_argument("--include_path", "--include-path", default=None, help="a folder of your own task YAMLs")
+  p.add_argument("--data_dir", "--data-dir", default=None, help="local copies of the tasks' datasets (by Hub id)")
+  p.add_argument("--num_fewshot", "--num-fewshot", type=int, default=None, help="default: each task's (suite's)")
+  p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+  p.add_argument("--log_samples", "--log-samples", action="store_true", help="keep every request in OUT.json")
+  p.add_argument(
+      "--bootstrap_iters", type=int, default=100000, help="bootstrap draws for stderrs, as the harness (0: none)"
+  )
+  p.add_argument("--seed", type=int, default=0, help="sampling seed of generation tasks")
   p.add_argument("--split", default=None, help="also report loss / perplexity on this split of the run's dataset")
   p.add_argument(
       "--num_batches",
@@ -31,12 +41,10 @@ def parser() -> Parser:
       default=8,
       help="with --split: batches of --batch_size; 0 = whole split",
   )
-  p.add_argument("--num_fewshot", "--num-fewshot", type=int, default=0)
-  p.add_argument("--seed", type=int, default=ev.FEWSHOT_SEED, help="few-shot sampling seed")
   p.add_argument("--batch_size", "--batch-size", type=int, default=16)
   p.add_argument("--tokenizer", default=None, help="override: 'gpt2' or an HF tokenizer directory")
   p.add_argument("--hf_export", "--hf-export", default=None, help="also write the model as an HF directory here")
-  p.add_argument("--out", default=None, help="results JSON (default: print only)")
+  p.add_argument("--output_path", "--out", default=None, help="results JSON (default: print only)")
   return p
 
 
@@ -44,8 +52,11 @@ def parse_args(argv: Sequence[str] | None = None):
   p = parser()
   args = p.parse_args(argv)
   check_model_source(p, args)
-  if args.num_fewshot < 0 or args.batch_size < 1 or args.num_batches < 0:
-    p.error("--num_fewshot and --num_batches must be >= 0 and --batch_size >= 1")
+  if (args.num_fewshot or 0) < 0 or args.batch_size < 1 or args.num_batches < 0 or (args.limit or 1) <= 0:
+    p.error("--num_fewshot and --num_batches must be >= 0, --batch_size >= 1 and --limit > 0")
+  for flag in ("include_path", "data_dir"):
+    if getattr(args, flag) and not os.path.isdir(getattr(args, flag)):
+      p.error(f"--{flag} {getattr(args, flag)} is not a directory")
   return args
 
 
@@ -55,18 +66,7 @@ def run(args) -> dict[str, Any]:
   if args.hf_export:
     ev.export_hf(args.hf_export, cfg, params, tok_name)
     print(f"wrote Hugging Face directory {args.hf_export}")
-  try:
-    tokenizer = get_tokenizer(tok_name)
-  except ValueError as e:
-    raise DataError(f"tokenizer: {e}") from None
-  results: dict[str, Any] = {
-      "model": args.hf_model or args.workdir,
-      "step": args.step,
-      "tokenizer": tok_name,
-      "num_fewshot": args.num_fewshot,
-      "seed": args.seed,
-      "tasks": {},
-  }
+  results: dict[str, Any] = {}
   if args.split:
     pp = ev.perplexity(
         cfg,
@@ -78,25 +78,30 @@ def run(args) -> dict[str, Any]:
     )
     results["perplexity"] = pp
     print(f"{args.split:<24} loss={pp['loss']:.4f}  ppl={pp['ppl']:.2f}  ({pp['tokens']} tokens)")
-  tasks = args.tasks if args.tasks is not None else [] if args.split else [str(t) for t in ev.DEFAULT_TASKS]
-  for path in tasks:
-    name = pathlib.Path(path).stem
-    res = ev.evaluate_task(
-        cfg,
-        params,
-        tokenizer,
-        ev.load_task(path),
+  tasks = args.tasks.split(",") if args.tasks else [] if args.split else list(ev.DEFAULT_TASKS)
+  if tasks:
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    lm = ev.harness_lm(cfg, params, tok_name, batch_size=args.batch_size, seed=args.seed)
+    out = ev.run_harness(
+        lm,
+        [t.strip() for t in tasks if t.strip()],
+        include_path=args.include_path,
         num_fewshot=args.num_fewshot,
-        seed=args.seed,
-        batch_size=args.batch_size,
+        limit=args.limit,
+        data_dir=args.data_dir,
+        log_samples=args.log_samples,
+        bootstrap_iters=args.bootstrap_iters,
     )
-    results["tasks"][name] = res
-    print(f"{name:<24} n={res['num_examples']:<5d} acc={res['acc']:.4f}  acc_norm={res['acc_norm']:.4f}")
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-      json.dump(results, fh, indent=1)
-    print(f"wrote {args.out}")
+    print(make_table(out))
+    results.update(out)
+    results = json.loads(json.dumps(results, default=handle_non_serializable))
+  results["model"] = {"source": args.hf_model or args.workdir, "step": args.step, "tokenizer": tok_name}
+  if args.output_path:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_path)), exist_ok=True)
+    with open(args.output_path, "w") as fh:
+      json.dump(results, fh, indent=2, ensure_ascii=False)
+    print(f"wrote {args.output_path}")
   return results
 
 

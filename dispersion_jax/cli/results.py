@@ -1,14 +1,16 @@
 """python -m dispersion_jax.cli.results --sweep_dir WORKDIR --config SWEEP_CONFIG [SWEEP_CONFIG ...]
     [--group_by baseline.method,dispersion.coeff] [--reference dispersion.coeff=0,baseline.method=none]
-    [--rules last,val,test] [--tasks F.jsonl ...] [--steps S1,S2,...] [--max_checkpoints K]
+    [--rules last,val,test] [--tasks NAME ...] [--steps S1,S2,...] [--max_checkpoints K]
     [--metrics val_loss,mean_acc,...] [--select_metrics acc/TASK,...] [--out DIR]
 
 The results table of a finished sweep: per group (default: the sweep's axes except seed) mean ± sample std over
 seeds of every evaluation metric and the difference to the group's CE-only reference, as Markdown and LaTeX
 (booktabs), with each seed's checkpoint chosen by each rule: last (the last checkpoint), val (the lowest
 validation loss), test (the authors' rule: the best mean task accuracy, TEST-SET SELECTION, optimistic) and,
-on request, test_group (one step per group, the authors' width-study aggregator). Every selected checkpoint of
-every finished point is evaluated once (cached in POINT/results_eval/). Writes OUT (default WORKDIR)/
+on request, test_group (one step per group, the authors' width-study aggregator). Task metrics come from the
+run's own lm_eval/TASK/METRIC rows (eval.tasks during training) when they cover the tasks, else the harness runs.
+Every selected checkpoint of every finished point is evaluated once (cached in POINT/results_eval/). Writes OUT
+(default WORKDIR)/
 results_table.md, results_table.tex, results_table.json, results_checkpoints.csv, results_selected.csv.
 """
 
@@ -43,7 +45,9 @@ def parser() -> Parser:
       default=",".join(results_select.DEFAULT_RULES),
       help=f"checkpoint selections, some of {','.join(results_select.RULES)}",
   )
-  p.add_argument("--tasks", nargs="+", default=None, help="JSONL task files (default: the sweep config's eval.tasks)")
+  p.add_argument(
+      "--tasks", nargs="+", default=None, help="harness task names or suites (default: the sweep config's eval.tasks)"
+  )
   p.add_argument("--steps", default=None, help="evaluate only these checkpoint steps (comma-separated)")
   p.add_argument(
       "--max_checkpoints",

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from dispersion_jax import backend
 from dispersion_jax.baselines import add_embedding_noise
+from dispersion_jax.models import kv_cache
 
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),  # 124M
@@ -94,13 +95,17 @@ class Attention(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, positions_BxL=None):
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H = cfg.n_head
     qkv_BxLx3D = _dense(3 * D, ("embed", "heads"), 0.02, cfg, "c_attn")(x_BxLxD)
     q, k, v = (t.reshape(B, L, H, D // H) for t in jnp.split(qkv_BxLx3D, 3, axis=-1))
-    att_BxLxHxK = _causal_attention(q, k, v, cfg.attention)
+    cached = kv_cache.update(self, k, v, positions_BxL)  # None unless decoding with a KV cache
+    if cached is None:
+      att_BxLxHxK = _causal_attention(q, k, v, cfg.attention)
+    else:
+      att_BxLxHxK = _causal_attention(q, cached[0], cached[1], "xla", cached[2])
     return _dense(D, ("heads", "embed"), _proj_std(cfg), cfg, "c_proj")(att_BxLxHxK.reshape(B, L, D))
 
 
@@ -122,18 +127,19 @@ def resolve_attention(impl: str, dtype) -> str:
   return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and backend.current() == "gpu" else "xla"
 
 
-def _causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, impl: str):
+def _causal_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, impl: str, mask_BxLxS=None):
+  """Causal attention; with a KV cache, keys/values are the cache's S slots and mask_BxLxS says which to see."""
   impl = resolve_attention(impl, q_BxLxHxK.dtype)
   if impl == "cudnn":
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True, implementation="cudnn")
   # Plain XLA path, softmax in float32 or wider (jax.nn.dot_product_attention caps it at float32, which would
   # break float64 parity tests).
   acc = jnp.promote_types(q_BxLxHxK.dtype, jnp.float32)
   L, K = q_BxLxHxK.shape[1], q_BxLxHxK.shape[-1]
-  s_BxHxLxL = jnp.einsum("blhk,bmhk->bhlm", q_BxLxHxK, k_BxLxHxK, preferred_element_type=acc) / math.sqrt(K)
-  causal_LxL = jnp.tril(jnp.ones((L, L), bool))
-  p_BxHxLxL = jax.nn.softmax(jnp.where(causal_LxL, s_BxHxLxL, jnp.finfo(acc).min), axis=-1)
-  return jnp.einsum("bhlm,bmhk->blhk", p_BxHxLxL.astype(v_BxLxHxK.dtype), v_BxLxHxK)
+  s_BxHxLxS = jnp.einsum("blhk,bmhk->bhlm", q_BxLxHxK, k_BxSxHxK, preferred_element_type=acc) / math.sqrt(K)
+  mask = jnp.tril(jnp.ones((L, L), bool)) if mask_BxLxS is None else mask_BxLxS[:, None]
+  p_BxHxLxS = jax.nn.softmax(jnp.where(mask, s_BxHxLxS, jnp.finfo(acc).min), axis=-1)
+  return jnp.einsum("bhlm,bmhk->blhk", p_BxHxLxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
 
 
 def _proj_std(cfg: GPTConfig) -> float:
@@ -145,11 +151,12 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxD, _=None):
-    # (carry, x) -> (carry, y) is nn.scan's contract: the residual stream is the carry, nothing is scanned over.
+  def __call__(self, x_BxLxD, positions_BxL=None):
+    # (carry, x) -> (carry, y) is nn.scan's contract: the residual stream is the carry, nothing is scanned over
+    # (positions_BxL is None there; unrolled blocks get it for the KV cache).
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-    x_BxLxD = x_BxLxD + drop(Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x_BxLxD)))
+    x_BxLxD = x_BxLxD + drop(Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x_BxLxD), positions_BxL))
     x_BxLxD = x_BxLxD + drop(MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxLxD)))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
     self.sow("intermediates", "hidden", x_BxLxD)
@@ -204,7 +211,7 @@ class GPT(nn.Module):
       x_BxLxD, _ = stack(cfg, deterministic, name="h")(x_BxLxD, None)
     else:
       for i in range(cfg.n_layer):
-        x_BxLxD, _ = block(cfg, deterministic, name=f"h_{i}")(x_BxLxD)
+        x_BxLxD, _ = block(cfg, deterministic, name=f"h_{i}")(x_BxLxD, positions_BxL)
 
     x_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
     self.sow("intermediates", "final", x_BxLxD)

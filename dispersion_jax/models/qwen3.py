@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dispersion_jax.baselines import add_embedding_noise
+from dispersion_jax.models import kv_cache
 from dispersion_jax.models.gpt2 import ATTENTION_IMPLS, REMAT_POLICIES, resolve_attention
 
 _SHAPES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head", "head_dim", "n_inner")
@@ -151,21 +152,22 @@ def apply_rope(x_BxLxNxK, cos_BxLxK, sin_BxLxK):
   return x_BxLxNxK * cos_BxLxK[:, :, None, :] + rot_BxLxNxK * sin_BxLxK[:, :, None, :]
 
 
-def causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, impl: str):
-  """Causal grouped-query attention, scale K**-0.5; query head h reads kv head h // (H / G) (HF's repeat_kv)."""
+def causal_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, impl: str, mask_BxLxS=None):
+  """Causal grouped-query attention, scale K**-0.5; query head h reads kv head h // (H / G) (HF's repeat_kv).
+  With a KV cache, keys/values are the cache's S slots and mask_BxLxS says which ones each query sees."""
   impl = resolve_attention(impl, q_BxLxHxK.dtype)  # cuDNN flash attention where it exists, as GPT-2 does
   if impl == "cudnn":  # takes G-headed k/v directly and groups them the same way
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, is_causal=True, implementation="cudnn")
   # XLA path: heads split into (G, R) so h = g * R + r; no repeated copy of k/v is built. Softmax in float32 or
   # wider (jax.nn.dot_product_attention caps it at float32, which would break float64 parity tests).
   B, L, H, K = q_BxLxHxK.shape
-  G = k_BxLxGxK.shape[2]
+  G = k_BxSxGxK.shape[2]
   acc = jnp.promote_types(q_BxLxHxK.dtype, jnp.float32)
   q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
-  s_BxGxRxLxL = jnp.einsum("blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxLxGxK, preferred_element_type=acc) / math.sqrt(K)
-  causal_LxL = jnp.tril(jnp.ones((L, L), bool))
-  p_BxGxRxLxL = jax.nn.softmax(jnp.where(causal_LxL, s_BxGxRxLxL, jnp.finfo(acc).min), axis=-1)
-  o_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", p_BxGxRxLxL.astype(v_BxLxGxK.dtype), v_BxLxGxK)
+  s_BxGxRxLxS = jnp.einsum("blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxSxGxK, preferred_element_type=acc) / math.sqrt(K)
+  mask = jnp.tril(jnp.ones((L, L), bool)) if mask_BxLxS is None else mask_BxLxS[:, None, None]
+  p_BxGxRxLxS = jax.nn.softmax(jnp.where(mask, s_BxGxRxLxS, jnp.finfo(acc).min), axis=-1)
+  o_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", p_BxGxRxLxS.astype(v_BxSxGxK.dtype), v_BxSxGxK)
   return o_BxLxGxRxK.reshape(B, L, H, K)
 
 
@@ -173,7 +175,7 @@ class Attention(nn.Module):
   cfg: Qwen3Config
 
   @nn.compact
-  def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK):
+  def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK, positions_BxL=None):
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H, G, K = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -183,7 +185,11 @@ class Attention(nn.Module):
     # q/k norms over K, one weight shared by all heads, BEFORE the rotation (v is not normalised).
     q_BxLxHxK = apply_rope(_rms_norm(cfg, "q_norm", None)(q_BxLxHxK), cos_BxLxK, sin_BxLxK)
     k_BxLxGxK = apply_rope(_rms_norm(cfg, "k_norm", None)(k_BxLxGxK), cos_BxLxK, sin_BxLxK)
-    o_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, cfg.attention)
+    cached = kv_cache.update(self, k_BxLxGxK, v_BxLxGxK, positions_BxL)  # None unless decoding with a KV cache
+    if cached is None:
+      o_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, cfg.attention)
+    else:
+      o_BxLxHxK = causal_attention(q_BxLxHxK, cached[0], cached[1], "xla", cached[2])
     return _dense(D, ("heads", "embed"), cfg, "o_proj")(o_BxLxHxK.reshape(B, L, H * K))
 
 
@@ -202,11 +208,12 @@ class Block(nn.Module):
   cfg: Qwen3Config
 
   @nn.compact
-  def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK):
-    # nn.scan's (carry, *xs) -> (carry, y): the residual stream is the carry, the RoPE tables are broadcast.
+  def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK, positions_BxL=None):
+    # nn.scan's (carry, *xs) -> (carry, y): the residual stream is the carry, the RoPE tables are broadcast
+    # (positions_BxL, for the KV cache, only reaches unrolled blocks).
     cfg = self.cfg
     x_BxLxD = x_BxLxD + Attention(cfg, name="self_attn")(
-        _rms_norm(cfg, "input_layernorm")(x_BxLxD), cos_BxLxK, sin_BxLxK
+        _rms_norm(cfg, "input_layernorm")(x_BxLxD), cos_BxLxK, sin_BxLxK, positions_BxL
     )
     x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(_rms_norm(cfg, "post_attention_layernorm")(x_BxLxD))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACT)
@@ -255,7 +262,7 @@ class Qwen3(nn.Module):
       x_BxLxD, _ = stack(cfg, name="h")(x_BxLxD, cos_BxLxK, sin_BxLxK)
     else:
       for i in range(cfg.n_layer):
-        x_BxLxD, _ = block(cfg, name=f"h_{i}")(x_BxLxD, cos_BxLxK, sin_BxLxK)
+        x_BxLxD, _ = block(cfg, name=f"h_{i}")(x_BxLxD, cos_BxLxK, sin_BxLxK, positions_BxL)
 
     x_BxLxD = _rms_norm(cfg, "norm")(x_BxLxD)
     self.sow("intermediates", "final", x_BxLxD)

@@ -1,45 +1,34 @@
-"""Zero/few-shot multiple-choice evaluation by log-likelihood, scored the way lm-evaluation-harness scores
-piqa / arc / winogrande / openbookqa; plus export to a Hugging Face GPT-2 directory for the harness itself.
+"""Evaluation of a run's checkpoint or a Hugging Face model: lm-evaluation-harness tasks through harness.JaxLM
+(research suites, local task YAMLs), validation loss / perplexity through the data pipeline, export to a Hugging
+Face directory (for the harness's own torch HFLM, or anything else).
 
-Task files are JSONL, one example per line:
-  {"context": str, "choices": [str, ...], "gold": int, "id": optional}
-`choices` are the continuations exactly as scored, including their leading delimiter (usually one space:
-"Answer:" + " Paris"). Winogrande-style tasks, where the context varies and the continuation is shared, use
-  {"contexts": [str, ...], "choices": [str, ...], "gold": int}  (one context per choice).
-Per choice: the sum of log p(continuation tokens | context). The context and the continuation are tokenized
-separately; trailing whitespace of the context moves to the front of the continuation and an empty context
-becomes [eos] (the harness's rules). k-shot: k other examples of the same file, drawn with a seed, each
-`context + gold choice`, joined with "\n\n" before the example's context. Too-long inputs are left-truncated to
-n_positions. acc = argmax of the sums; acc_norm = argmax of sum / UTF-8 bytes of the choice without its
-leading whitespace (the harness's len(choice)). See docs/evaluation.md for converting harness tasks.
-
-Command line: python -m dispersion_jax.evaluate (cli/evaluate.py).
+TASK_DIR holds the two shipped example tasks (harness YAMLs over local JSON Lines files); it is always on the
+task path, so `--tasks example_cloze` works anywhere. Command line: python -m dispersion_jax.evaluate
+(cli/evaluate.py).
 """
 
 import dataclasses
 import functools
-import json
 import os
-import pathlib
 import shutil
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import hf, sharding, train
+from dispersion_jax import harness_tasks, hf, sharding, train
 from dispersion_jax.data import loader
 from dispersion_jax.errors import ConfigError, DataError
 from dispersion_jax.models import build_model
 from dispersion_jax.objective import DispersionConfig
+from dispersion_jax.tokenizer import get_tokenizer
 from dispersion_jax.train_step import eval_step
 
-TASK_DIR = pathlib.Path(__file__).parent / "tasks"
-DEFAULT_TASKS = (TASK_DIR / "example_arithmetic.jsonl", TASK_DIR / "example_cloze.jsonl")
-FEWSHOT_SEED = 1234  # the harness's fewshot sampler seed
+TASK_DIR = harness_tasks.EXAMPLES_DIR  # research/tasks
+DEFAULT_TASKS = ("example_arithmetic", "example_cloze")  # harness YAMLs in TASK_DIR
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -66,181 +55,84 @@ def load_model(
   return cfg, params, run_cfg.tokenizer or "gpt2"
 
 
-@dataclasses.dataclass(frozen=True)
-class Example:
-  contexts: tuple[str, ...]  # one per choice (the same string repeated for ordinary tasks)
-  choices: tuple[str, ...]
-  gold: int
-  id: str
+def harness_lm(cfg, params: Any, tok_name: str, **kw: Any):
+  """harness.JaxLM over a model and its tokenizer name ('gpt2' or an HF tokenizer directory)."""
+  from dispersion_jax import harness  # lm_eval is an optional extra: imported only when tasks run
 
-
-def load_task(path: str | os.PathLike) -> list[Example]:
-  """Parse and validate a JSONL task file; errors name the file and line."""
-  if not os.path.isfile(path):
-    raise DataError(f"task file {path} not found")
-  out = []
-  with open(path, encoding="utf-8") as fh:
-    for lineno, line in enumerate(fh, 1):
-      if not line.strip():
-        continue
-      try:
-        d = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-      out.append(_parse_example(d, f"{path}:{lineno}", len(out)))
-  if not out:
-    raise DataError(f"task file {path} has no examples")
-  return out
-
-
-def _parse_example(d: Any, where: str, index: int) -> Example:
-  if not isinstance(d, dict):
-    raise DataError(f"{where}: not a JSON object")
-  choices = d.get("choices")
-  if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
-    raise DataError(f"{where}: 'choices' must be a list of at least 2 non-empty strings")
-  gold = d.get("gold")
-  if not (isinstance(gold, int) and not isinstance(gold, bool) and 0 <= gold < len(choices)):
-    raise DataError(f"{where}: 'gold' must be an int in [0, {len(choices)})")
-  if "contexts" in d:
-    ctxs = d["contexts"]
-    if not (isinstance(ctxs, list) and len(ctxs) == len(choices) and all(isinstance(c, str) for c in ctxs)):
-      raise DataError(f"{where}: 'contexts' must be a list of strings, one per choice")
-  elif isinstance(d.get("context"), str):
-    ctxs = [d["context"]] * len(choices)
-  else:
-    raise DataError(f"{where}: needs a string 'context' (or a 'contexts' list)")
-  return Example(tuple(ctxs), tuple(choices), gold, str(d.get("id", index)))
-
-
-# --------------------------------------------------------------------------------------------- requests
-def fewshot_prefix(examples: Sequence[Example], index: int, k: int, seed: int = FEWSHOT_SEED) -> str:
-  """k examples other than `index`, drawn deterministically per (seed, index), each followed by "\\n\\n"."""
-  if k == 0:
-    return ""
-  if k > len(examples) - 1:
-    raise DataError(f"--num-fewshot {k} needs more than {k} examples in the task file, it has {len(examples)}")
-  others = [j for j in range(len(examples)) if j != index]
-  picks = np.random.default_rng([seed, index]).choice(others, size=k, replace=False)
-  shots = [examples[j].contexts[examples[j].gold] + examples[j].choices[examples[j].gold] for j in picks]
-  return "\n\n".join(shots) + "\n\n"
-
-
-def build_requests(
-    examples: Sequence[Example], num_fewshot: int = 0, seed: int = FEWSHOT_SEED
-) -> list[tuple[str, str]]:
-  """(context, continuation) strings, choices of example 0 first, then example 1, ..."""
-  reqs = []
-  for i, ex in enumerate(examples):
-    prefix = fewshot_prefix(examples, i, num_fewshot, seed)
-    reqs.extend((prefix + ctx, choice) for ctx, choice in zip(ex.contexts, ex.choices))
-  return reqs
-
-
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-  """The harness's split: trailing whitespace of the context joins the continuation; empty context -> [eos]."""
-  n_spaces = len(context) - len(context.rstrip())
-  if n_spaces:
-    context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-  ctx_ids = tokenizer.encode(context) if context else [tokenizer.eos_id]
-  return ctx_ids, tokenizer.encode(continuation)
-
-
-# --------------------------------------------------------------------------------------------- scoring
-def _bucket(n: int, cap: int) -> int:
-  return min(cap, max(16, 1 << (n - 1).bit_length()))  # few compiled shapes
-
-
-@functools.cache
-def _score_fn(cfg):
-  model = build_model(cfg)
-
-  @jax.jit
-  def fn(params, ids_BxT, targets_BxT, cont_BxT):
-    logits_BxTxV = model.apply({"params": params}, ids_BxT)
-    logits_BxTxV = logits_BxTxV.astype(jnp.promote_types(logits_BxTxV.dtype, jnp.float32))
-    # log p(target) = logit - logsumexp: no second [B, T, V] array (V = 50257).
-    tgt_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    logp_BxT = tgt_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    greedy_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
-    return jnp.sum(jnp.where(cont_BxT, logp_BxT, 0.0), -1), jnp.all(greedy_BxT | ~cont_BxT, -1)
-
-  return fn
-
-
-def score_requests(
-    cfg, params: Any, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16
-) -> tuple[np.ndarray, np.ndarray]:
-  """Per (context ids, continuation ids): sum of continuation log-probs [R] and whether it is greedy [R]."""
-  n_pos = cfg.n_positions
-  rows = []
-  for r, (ctx, cont) in enumerate(requests):
-    if not cont:
-      raise DataError(f"request {r}: empty continuation")
-    if len(cont) > n_pos:
-      raise DataError(f"request {r}: continuation of {len(cont)} tokens does not fit n_positions={n_pos}")
-    lo, hi = min(min(ctx, default=0), min(cont)), max(max(ctx, default=0), max(cont))
-    if lo < 0 or hi >= cfg.vocab_size:
-      raise DataError(
-          f"token id {hi if hi >= cfg.vocab_size else lo} is outside the model vocabulary "
-          f"[0, {cfg.vocab_size}): wrong tokenizer for this model?"
-      )
-    whole = (list(ctx) + list(cont))[-(n_pos + 1) :]  # left-truncate the context
-    rows.append((r, whole[:-1], whole[1:], len(cont)))
-  rows.sort(key=lambda row: len(row[1]))  # similar lengths share a padded batch
-  fn = _score_fn(cfg)
-  params = jax.device_put(params)  # once, not per batch
-  ll, greedy = np.zeros(len(rows), np.float64), np.zeros(len(rows), bool)
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start : start + batch_size]
-    T = _bucket(len(chunk[-1][1]), n_pos)
-    ids_BxT = np.zeros((batch_size, T), np.int32)
-    tgt_BxT = np.zeros((batch_size, T), np.int32)
-    cont_BxT = np.zeros((batch_size, T), bool)
-    for b, (_, inp, tgt, n_cont) in enumerate(chunk):
-      ids_BxT[b, : len(inp)], tgt_BxT[b, : len(tgt)] = inp, tgt
-      cont_BxT[b, len(inp) - n_cont : len(inp)] = True
-    s_B, g_B = jax.device_get(fn(params, ids_BxT, tgt_BxT, cont_BxT))
-    for b, row in enumerate(chunk):
-      ll[row[0]], greedy[row[0]] = s_B[b], g_B[b]
-  return ll, greedy
-
-
-def choice_metrics(logliks: Sequence[float], choices: Sequence[str], gold: int) -> dict[str, float]:
-  """acc and acc_norm of one example (ties go to the first choice, like np.argmax)."""
-  ll = np.asarray(logliks, np.float64)
-  n_bytes = np.asarray([max(1, len(c.lstrip().encode("utf-8"))) for c in choices], np.float64)
-  return {"acc": float(np.argmax(ll) == gold), "acc_norm": float(np.argmax(ll / n_bytes) == gold)}
-
-
-def evaluate_task(
-    cfg,
-    params: Any,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    *,
-    num_fewshot: int = 0,
-    seed: int = FEWSHOT_SEED,
-    batch_size: int = 16,
-) -> dict[str, Any]:
-  """acc, acc_norm (means) with their standard errors, and per-example log-likelihoods."""
-  reqs = [encode_pair(tokenizer, c, x) for c, x in build_requests(examples, num_fewshot, seed)]
-  ll, _ = score_requests(cfg, params, reqs, batch_size)
-  per_example, start = [], 0
-  for ex in examples:
-    lls = ll[start : start + len(ex.choices)]
-    start += len(ex.choices)
-    per_example.append(
-        {"id": ex.id, "gold": ex.gold, "logliks": lls.tolist(), **choice_metrics(lls, ex.choices, ex.gold)}
+  try:
+    tokenizer = get_tokenizer(tok_name)
+  except ValueError as e:
+    raise DataError(f"tokenizer: {e}") from None
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise DataError(
+        f"tokenizer {tok_name!r} has {tokenizer.vocab_size} tokens, the model's vocabulary {cfg.vocab_size}: "
+        "wrong tokenizer for this model? (--tokenizer)"
     )
-  out: dict[str, Any] = {"num_examples": len(examples), "num_fewshot": num_fewshot}
-  for key in ("acc", "acc_norm"):
-    v = np.asarray([e[key] for e in per_example])
-    out[key] = float(v.mean())
-    # The harness's stderr of a mean: sample std / sqrt(n).
-    out[f"{key}_stderr"] = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
-  out["examples"] = per_example
-  return out
+  return harness.JaxLM(cfg, params, tokenizer, **kw)
+
+
+def run_harness(
+    lm,
+    tasks: Sequence[str],
+    *,
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    data_dir: str | None = None,
+    log_samples: bool = False,
+    bootstrap_iters: int = 0,
+) -> dict[str, Any]:
+  """What lm_eval.simple_evaluate returns (merged over the suite's shot/limit groups) for task names, suites
+  (harness_tasks.SUITES) and tasks under include_path / TASK_DIR; data_dir: local copies of every task's data."""
+  specs = harness_tasks.expand(tasks, num_fewshot, limit)
+  paths = [include_path] if include_path else []
+  try:
+    tm = harness_tasks.task_manager(paths)
+    harness_tasks.check_names(tm, specs)
+    with tempfile.TemporaryDirectory() as overrides:
+      if data_dir:
+        harness_tasks.local_data_overrides(tm, [s.name for s in specs], data_dir, overrides)
+        tm = harness_tasks.task_manager(paths + [overrides])
+      return harness_tasks.run_tasks(lm, specs, tm, log_samples=log_samples, bootstrap_iters=bootstrap_iters)
+  finally:
+    lm.close()
+
+
+def task_columns(flat: dict[str, float], tasks: Sequence[str]) -> dict[str, float]:
+  """Results-table columns from `lm_eval/TASK/METRIC` values (logged in training or just computed), for the
+  requested tasks (suites expanded; a group such as mmlu counts once, not per subtask): acc/<task>,
+  acc_norm/<task>, their means mean_acc / mean_acc_norm, paper_avg (harness_tasks.flat_metrics)."""
+  row: dict[str, float] = {}
+  for spec in harness_tasks.expand(tasks):
+    for metric in ("acc", "acc_norm"):
+      if f"lm_eval/{spec.name}/{metric}" in flat:
+        row[f"{metric}/{spec.name}"] = flat[f"lm_eval/{spec.name}/{metric}"]
+  for metric in ("acc", "acc_norm"):
+    values = [v for k, v in row.items() if k.startswith(metric + "/")]
+    if values:
+      row[f"mean_{metric}"] = sum(values) / len(values)
+  if "lm_eval/paper_avg" in flat:
+    row["paper_avg"] = flat["lm_eval/paper_avg"]
+  return row
+
+
+def checkpoint_task_columns(
+    cfg, params: Any, tok_name: str, ev: dict[str, Any], logged: dict[str, Any] | None = None
+) -> dict[str, float]:
+  """task_columns of a checkpoint for a sweep's eval settings (tasks, include_path, num_fewshot, limit): from the
+  run's own `lm_eval/...` row at that step when it has every task, else by running the harness now."""
+  tasks = list(ev.get("tasks") or DEFAULT_TASKS)
+  logged = logged or {}
+  if all(any(k.startswith(f"lm_eval/{s.name}/") for k in logged) for s in harness_tasks.expand(tasks)):
+    return task_columns(logged, tasks)
+  out = run_harness(
+      harness_lm(cfg, params, tok_name),
+      tasks,
+      include_path=ev.get("include_path"),
+      num_fewshot=ev.get("num_fewshot"),
+      limit=ev.get("limit"),
+  )
+  return task_columns(harness_tasks.flat_metrics(out), tasks)
 
 
 @functools.cache

@@ -37,7 +37,7 @@ from dispersion_jax.research.results_render import build_tables, key_text, to_la
 from dispersion_jax.research.results_select import DEFAULT_REFERENCE, DEFAULT_RULES, RULES, metric_columns, select
 from dispersion_jax.tokenizer import get_tokenizer
 
-_EVAL_VERSION = 1  # bump when a checkpoint's evaluation row changes meaning
+_EVAL_VERSION = 2  # bump when a checkpoint's evaluation row changes meaning
 _TAIL = 5  # train_ce: mean CE of the last 5 logged steps up to the checkpoint
 
 
@@ -70,7 +70,14 @@ def _metric_rows(workdir: str) -> tuple[dict[int, dict], dict[int, dict]]:
 
 def eval_settings(ev: Mapping[str, Any]) -> dict[str, Any]:
   tasks = [str(t) for t in (ev.get("tasks") or evaluate.DEFAULT_TASKS)]
-  return {"tasks": tasks, "num_texts": ev["num_texts"], "max_length": ev["max_length"], "version": _EVAL_VERSION}
+  harness = {k: ev.get(k) for k in ("include_path", "num_fewshot", "limit")}
+  return {
+      "tasks": tasks,
+      "num_texts": ev["num_texts"],
+      "max_length": ev["max_length"],
+      **harness,
+      "version": _EVAL_VERSION,
+  }
 
 
 def evaluate_checkpoint(p: sweep.Point, step: int, ev: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,14 +109,8 @@ def evaluate_checkpoint(p: sweep.Point, step: int, ev: Mapping[str, Any]) -> dic
     )
     row.update(val_loss=pp["loss"], val_ppl=pp["ppl"], val_dispersion=None)
   tokenizer = get_tokenizer(tok_name)
-  accs, norms = [], []
-  for task in settings["tasks"]:
-    res = evaluate.evaluate_task(model_cfg, params, tokenizer, evaluate.load_task(task))
-    name = pathlib.Path(task).stem
-    row[f"acc/{name}"], row[f"acc_norm/{name}"] = res["acc"], res["acc_norm"]
-    accs.append(res["acc"])
-    norms.append(res["acc_norm"])
-  row["mean_acc"], row["mean_acc_norm"] = float(np.mean(accs)), float(np.mean(norms))
+  # The run's own harness metrics at this step (eval.tasks during training) when they cover the tasks.
+  row.update(evaluate.checkpoint_task_columns(model_cfg, params, tok_name, settings, eval_rows.get(step)))
   tokens = [ids[: ev["max_length"]] for ids in tokenizer.encode_batch(corpus_texts(ev["num_texts"]))]
   summary = ct.checkpoint_statistics(
       p.workdir, step, tokens, max_length=ev["max_length"], source="corpus:default", model=(model_cfg, params, tok_name)
@@ -158,9 +159,6 @@ def collect(
         "max_length); give them the same eval settings (or the same --tasks)"
     )
   ev = evs[0]
-  for t in ev["tasks"] or []:
-    if not os.path.isfile(t):
-      raise DataError(f"task file {t} not found")
   if not group_by:
     group_by = list(dict.fromkeys(k for spec in specs for k in spec["axes"] if k != "seed"))
   group_by = list(group_by)

@@ -4,7 +4,8 @@ A sweep config defines `get_config()` returning a ConfigDict (or dict) with
   base       a training config file (e.g. configs/gpt2_tiny.py)
   overrides  {config key: value} applied to every point (dotted keys; nested dicts are flattened)
   axes       {config key: [values]}; the sweep is their cross product (e.g. dispersion.coeff, seed)
-  eval       optional {num_texts, max_length, tasks}: the condensation texts and the multiple-choice task files
+  eval       optional {num_texts, max_length, tasks, include_path, num_fewshot, limit}: the condensation texts and
+             the lm-evaluation-harness tasks (names or suites; default the shipped examples, research/evaluate.py)
 Use `ConfigDict({...}, allow_dotted_keys=True)` for dotted keys. Every point is an ordinary training run
 (`train.run`) in WORKDIR/<name from its values>; re-running skips finished points (final step reached) and resumes
 interrupted ones. --vmap trains points that differ only in seed / dispersion.coeff together in one compiled step
@@ -35,8 +36,16 @@ from dispersion_jax.research.condensation_report import corpus_texts
 from dispersion_jax.tokenizer import get_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-EVAL_DEFAULTS = {"num_texts": 32, "max_length": 128, "tasks": None}  # tasks None = evaluate.DEFAULT_TASKS
-_EVAL_VERSION = 2  # bump when a point's evaluation row changes: cached rows are recomputed
+# tasks None = evaluate.DEFAULT_TASKS; include_path: a folder of task YAMLs; None shots / limit: the tasks' own
+EVAL_DEFAULTS = {
+    "num_texts": 32,
+    "max_length": 128,
+    "tasks": None,
+    "include_path": None,
+    "num_fewshot": None,
+    "limit": None,
+}
+_EVAL_VERSION = 3  # bump when a point's evaluation row changes: cached rows are recomputed
 _TAIL = 5  # train_ce = mean CE of the last 5 logged steps (one batch each is noisy)
 
 
@@ -200,13 +209,9 @@ def evaluate_point(p: Point, ev: Mapping[str, Any]) -> dict[str, Any]:
     )
     row.update(val_loss=pp["loss"], val_ppl=pp["ppl"], val_dispersion=None)
   tokenizer = get_tokenizer(tok_name)
-  accs = []
-  for path in ev["tasks"] or [str(t) for t in evaluate.DEFAULT_TASKS]:
-    res = evaluate.evaluate_task(model_cfg, params, tokenizer, evaluate.load_task(path))
-    name = pathlib.Path(path).stem
-    row[f"acc/{name}"], row[f"acc_norm/{name}"] = res["acc"], res["acc_norm"]
-    accs.append(res["acc"])
-  row["mean_acc"] = float(np.mean(accs))
+  logged = ([r for r in rows if r["step"] == step and any(k.startswith("lm_eval/") for k in r)] or [{}])[-1]
+  cols = evaluate.checkpoint_task_columns(model_cfg, params, tok_name, ev, logged)
+  row.update({k: v for k, v in cols.items() if k != "mean_acc_norm"})
   tokens = [ids[: ev["max_length"]] for ids in tokenizer.encode_batch(corpus_texts(ev["num_texts"]))]
   summary = model_statistics(model_cfg, params, tokens, max_length=ev["max_length"])
   summary["settings"].update(model=p.workdir, source="corpus:default", tokenizer=tok_name)
