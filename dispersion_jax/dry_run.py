@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import sharding, train
+from dispersion_jax import lora_run, sharding, train
 from dispersion_jax.errors import ConfigError
 from dispersion_jax.models import flops_per_token
 from dispersion_jax.train_step import jit_train_step, logical_context, state_shardings
@@ -26,7 +26,8 @@ _GIB = 1024**3
 
 def abstract_inputs(cfg: ConfigDict, model_cfg, tx, mesh):
   """(state, batch) as ShapeDtypeStructs carrying their shardings, and the state's shardings."""
-  state, shard = state_shardings(model_cfg, tx, mesh)  # jax.eval_shape: nothing allocated
+  spec, _ = lora_run.setup(cfg, model_cfg)
+  state, shard = state_shardings(model_cfg, tx, mesh, spec)  # jax.eval_shape: nothing allocated
   rows = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=rows) for k in BATCH_KEYS}
   return state, batch, shard
@@ -78,7 +79,7 @@ def dry_run(cfg: ConfigDict) -> dict[str, float]:
   model_cfg = config_lib.model_config(cfg)
   compiled, state, seconds = compile_train_step(cfg, mesh)
   mem = memory_per_device(compiled)
-  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves((state.params, state.frozen)))
   n_dev = mesh.devices.size
   est = flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
   flops = xla_flops(compiled)
@@ -89,6 +90,9 @@ def dry_run(cfg: ConfigDict) -> dict[str, float]:
         f"batch {cfg.batch_size}x{cfg.seq_len}, grad_accum {cfg.grad_accum}, remat {model_cfg.remat}; "
         f"compiled in {seconds:.1f} s"
     )
+    if state.frozen is not None:
+      n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+      print(f"LoRA: {n_train / 1e6:,.2f}M trainable adapter params; the base is frozen (no gradients, no moments)")
     print("memory per device (GiB): " + ", ".join(f"{k} {v / _GIB:.3f}" for k, v in mem.items()))
     print(
         f"FLOPs per step per device: XLA {flops:.3e} (a scanned layer loop is counted once), model estimate "

@@ -24,6 +24,8 @@ CORE = (
     "fused_ce",
     "hf",
     "condensation",
+    "lora",
+    "peft",
 )
 TRAINING = (
     "config",
@@ -36,6 +38,7 @@ TRAINING = (
     "loop",
     "train",
     "dry_run",
+    "lora_run",
     "tokenizer",
     "data.",
 )

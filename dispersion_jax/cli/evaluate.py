@@ -1,9 +1,10 @@
 """python -m dispersion_jax.evaluate (--workdir RUN [--step N] | --hf_model DIR) [--tasks F.jsonl ...]
-    [--num_fewshot K] [--seed S] [--batch_size B] [--hf_export DIR] [--out results.json]
+    [--num_fewshot K] [--seed S] [--batch_size B] [--hf_export DIR] [--peft_export DIR] [--out results.json]
     [--split validation [--num_batches N]]
 
 Zero/few-shot multiple-choice accuracy by log-likelihood (lm-evaluation-harness scoring), validation loss and
-perplexity through the data pipeline, export to a Hugging Face directory. Kebab-case spellings of the flags
+perplexity through the data pipeline, export to a Hugging Face directory (a LoRA run's adapters merged) and, for a
+LoRA run, its adapters as a PEFT adapter directory (`PeftModel.from_pretrained(<the HF base model>, DIR)`). Kebab-case spellings of the flags
 (--hf-model, --num-fewshot, ...) are accepted for one release.
 """
 
@@ -13,6 +14,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from dispersion_jax import peft, train
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, add_model_source, check_model_source, run_main
 from dispersion_jax.errors import DataError
 from dispersion_jax.research import evaluate as ev
@@ -36,6 +38,7 @@ def parser() -> Parser:
   p.add_argument("--batch_size", "--batch-size", type=int, default=16)
   p.add_argument("--tokenizer", default=None, help="override: 'gpt2' or an HF tokenizer directory")
   p.add_argument("--hf_export", "--hf-export", default=None, help="also write the model as an HF directory here")
+  p.add_argument("--peft_export", default=None, metavar="DIR", help="a LoRA run: also write its PEFT adapter here")
   p.add_argument("--out", default=None, help="results JSON (default: print only)")
   return p
 
@@ -46,6 +49,8 @@ def parse_args(argv: Sequence[str] | None = None):
   check_model_source(p, args)
   if args.num_fewshot < 0 or args.batch_size < 1 or args.num_batches < 0:
     p.error("--num_fewshot and --num_batches must be >= 0 and --batch_size >= 1")
+  if args.peft_export and not args.workdir:
+    p.error("--peft_export needs --workdir (a LoRA training run)")
   return args
 
 
@@ -55,6 +60,10 @@ def run(args) -> dict[str, Any]:
   if args.hf_export:
     ev.export_hf(args.hf_export, cfg, params, tok_name)
     print(f"wrote Hugging Face directory {args.hf_export}")
+  if args.peft_export:
+    run_cfg, model_cfg, spec, adapters = train.load_lora(args.workdir, args.step)
+    peft.save_adapter(args.peft_export, model_cfg, spec, adapters, base_model=run_cfg.init_from)
+    print(f"wrote PEFT adapter directory {args.peft_export}")
   try:
     tokenizer = get_tokenizer(tok_name)
   except ValueError as e:
