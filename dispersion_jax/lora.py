@@ -86,21 +86,18 @@ def _in_block(p: tuple[str, ...]) -> bool:
 
 
 def select_targets(model_cfg, abstract_params, pattern: str | None) -> tuple[tuple[str, ...], ...]:
-  """The module paths (kernel's path without "kernel") whose kernels the regex matches (re.search over
-  "h_0/attn/c_attn/kernel"-style paths). ValueError (one line) if it matches nothing or a non-kernel / a tensor
-  outside the blocks."""
+  """The module paths of the dense kernels whose paths the regex matches (re.search over "h_0/attn/c_attn/kernel";
+  other tensors are never adapted, so "c_attn" is enough). ValueError (one line) if it matches no kernel, or one
+  outside the blocks (a head)."""
   pattern = models.family(model_cfg).LORA_TARGETS if pattern is None else pattern
-  flat = traverse_util.flatten_dict(abstract_params)
-  hits = [p for p in flat if re.search(pattern, _path(p))]
+  kernels = [p for p in traverse_util.flatten_dict(abstract_params) if p[-1] == "kernel"]
+  hits = [p for p in kernels if re.search(pattern, _path(p))]
   if not hits:
-    example = _path(next(p for p in flat if p[-1] == "kernel" and _in_block(p)))
-    raise ValueError(f"lora.targets={pattern!r} matches no parameter (paths look like {example!r})")
-  bad = [p for p in hits if p[-1] != "kernel" or not _in_block(p)]
+    example = _path(next(p for p in kernels if _in_block(p)))
+    raise ValueError(f"lora.targets={pattern!r} matches no dense kernel (their paths look like {example!r})")
+  bad = [p for p in hits if not _in_block(p)]
   if bad:
-    raise ValueError(
-        f"lora.targets={pattern!r} matches {_path(bad[0])!r}: only the dense kernels inside the blocks take "
-        "adapters; make the regex end in /kernel$"
-    )
+    raise ValueError(f"lora.targets={pattern!r} matches {_path(bad[0])!r}: only the blocks' dense layers take adapters")
   return tuple(sorted(p[:-1] for p in hits))
 
 

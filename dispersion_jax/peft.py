@@ -22,7 +22,19 @@ from dispersion_jax.lora import LoraSpec
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_UNSUPPORTED = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
+_UNSUPPORTED = (  # settings that change what the adapter computes beyond W + A @ B * alpha / r
+    "use_dora",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "layers_to_transform",
+    "layer_replication",
+    "lora_bias",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "trainable_token_indices",
+)
 
 
 def _per_layer(model_cfg, path: tuple[str, ...]) -> list[tuple[str, ...]]:
