@@ -103,13 +103,13 @@ def stage_torch(family: str) -> None:
   np.testing.assert_array_equal(_logits(again), logits)
 
 
-def stage_jax(family: str) -> None:
+def our_adapter(family: str):
+  """(model config, LoraSpec, adapters) of stage 2: our init with a seed, then B drawn non-zero."""
   import jax
 
-  from dispersion_jax import hf, lora, peft
+  from dispersion_jax import hf, lora
 
-  out = os.path.join(DATA, family)
-  model_cfg, params = hf.load_pretrained(os.path.join(out, "base"))
+  model_cfg, params = hf.load_pretrained(os.path.join(DATA, family, "base"))
   spec = lora.LoraSpec(4, 8.0, 0.05, lora.select_targets(model_cfg, params, None))
   adapters = lora.init_adapters(spec, params, jax.random.PRNGKey(OURS_SEED))
   key = jax.random.PRNGKey(OURS_SEED + 1)
@@ -120,7 +120,14 @@ def stage_jax(family: str) -> None:
       else x,
       adapters,
   )
-  peft.save_adapter(os.path.join(out, "ours_adapter"), model_cfg, spec, adapters)
+  return model_cfg, spec, adapters
+
+
+def stage_jax(family: str) -> None:
+  from dispersion_jax import peft
+
+  model_cfg, spec, adapters = our_adapter(family)
+  peft.save_adapter(os.path.join(DATA, family, "ours_adapter"), model_cfg, spec, adapters)
 
 
 def stage_peft_merge(family: str) -> None:
