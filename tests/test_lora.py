@@ -295,3 +295,20 @@ def test_lora_with_active_forgetting_is_refused():
   )
   with pytest.raises(ConfigError, match="LoRA freezes"):
     config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "path,family,n_targets",
+    [("configs/midtrain_gpt2_lora.py", "gpt2", 3 * 2 + 2), ("configs/midtrain_qwen3_lora.py", "qwen3", 7 * 2)],
+)
+def test_the_lora_recipes_resolve_to_the_authors_settings(path, family, n_targets):
+  from dispersion_jax import lora_run
+
+  overrides = ["init_from=None", f"model.family={family}", "model.preset=test"]
+  cfg = config_lib.load(path, overrides)
+  config_lib.validate(cfg)
+  model_cfg = config_lib.model_config(cfg)
+  spec, adapters = lora_run.setup(cfg, model_cfg)
+  assert (spec.rank, spec.alpha, spec.dropout, spec.scale, adapters) == (16, 32.0, 0.05, 2.0, None)
+  assert len(spec.targets) == n_targets and model_cfg.lora_dropout == 0.05
+  assert model_cfg.param_dtype == {"gpt2": "float32", "qwen3": "bfloat16"}[family]
