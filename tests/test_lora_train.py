@@ -1,7 +1,8 @@
 """LoRA training runs: resume is bit-exact (a scanned GPT-2 with dispersion, NEFTune, 2 micro-batches and adapter
-dropout), checkpoints hold the adapters, their moments, the data position and a base fingerprint but no
-base weights; resuming on other base weights is one line and exit 2; a PEFT adapter goes in through
-lora.init_from and comes out of `evaluate --peft_export` unchanged (and --hf_export writes the merged model)."""
+dropout) and a vmapped sweep member trains as its own run; checkpoints hold the adapters, their moments, the data
+position and a base fingerprint but no base weights; resuming on other base weights is one line and exit 2; a PEFT
+adapter goes in through lora.init_from and comes out of `evaluate --peft_export` unchanged (and --hf_export writes
+the merged model)."""
 
 import json
 import os
@@ -20,6 +21,7 @@ from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.cli import evaluate as cli_evaluate
 from dispersion_jax.cli import train as cli_train
 from dispersion_jax.models import GPTConfig, init_params
+from dispersion_jax.research import vmap_train
 from test_lora_peft import DATA, _assert_same_adapter
 from test_train_resume import losses
 
@@ -66,6 +68,14 @@ def test_gpt2_lora_with_dispersion_neftune_and_accumulation_resumes_bit_for_bit(
   assert data_state is not None
   _, model_cfg, state = train.load_run(workdir)
   assert state.frozen is not None and jax.tree.structure(state.opt_state[1][0].mu) == jax.tree.structure(state.params)
+  # A vmapped sweep of LoRA members (another seed beside this one) trains member 0 as its individual run.
+  other = cfg.copy_and_resolve_references()
+  other.seed = 1
+  members = [str(tmp_path / "vmap0"), str(tmp_path / "vmap1")]
+  assert vmap_train.run_group([cfg, other], members) == 4
+  v = losses(members[0])
+  np.testing.assert_allclose([v[k] for k in sorted(v)], [a[k] for k in sorted(a)], rtol=1e-5)
+  assert losses(members[1]) != v
 
 
 def _hf_base(path, seed: int) -> str:
