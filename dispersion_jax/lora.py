@@ -14,8 +14,8 @@ Why not qwix (0.1.8, what MaxText uses) and why not merge the weights in the los
   does not freeze the base for linen; working around both costs more than these few lines.
 - Forming `W + A @ B * alpha / r` for the whole tree inside the loss (the plain parameter-tree form) materialises a
   second copy of every target weight and, in the backward pass, a full-size gradient of it (under nn.scan the
-  stacked merged weights are an input of the layer loop, so neither can be fused away): for Qwen3-8B that is
-  about 2 x 14 GiB in bf16. It also cannot express PEFT's dropout on the adapter's input. Applying the adapter in
+  stacked merged weights are an input of the layer loop, so neither can be fused away): for Qwen3-8B's 6.9B
+  adapted weights about 2 x 13 GiB in bf16. It also cannot express PEFT's dropout on the adapter's input. Applying the adapter in
   the layer keeps the per-step extra to two rank-r matmuls, and works unchanged under nn.scan (the `lora`
   collection is sliced on the layer axis like `params`) and remat.
 The adapters are sharded like their base weight: A along W's input axis, B along W's output axis (rank
@@ -187,8 +187,9 @@ def _leaf_hash(x):
 
 def fingerprint(params) -> dict[str, list[int]]:
   """Per base tensor: three wrap-around integer sums of its float32 bits (plain, position-weighted, mixed). Equal
-  weights give equal numbers on any mesh and process count; any changed element changes them. LoRA checkpoints
-  store it, so a resume against other base weights (another init_from, param_dtype or seed) is caught."""
+  weights give equal numbers on any mesh and process count; changed weights change them (but for a chance
+  collision of all three 32-bit sums). LoRA checkpoints store it, so a resume against other base weights (another
+  init_from, param_dtype or seed) is caught."""
   flat = traverse_util.flatten_dict(params)
   return {_path(p): [int(v) for v in jax.device_get(_leaf_hash(x))] for p, x in sorted(flat.items())}
 
