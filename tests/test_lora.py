@@ -157,6 +157,7 @@ def _lora_state(family="gpt2", scan=True, rank=4):
   return cfg, spec, tx, init_state(cfg, tx, 0, params, spec)
 
 
+@pytest.mark.slow  # two train steps
 def test_only_the_adapters_train_and_hold_optimizer_state():
   """Dispersion, NEFTune noise, 2 micro-batches and adapter dropout on (scanned Qwen3; GPT-2 trains in
   test_lora_train.py): the base comes out bit-identical, every adapter's A and B moved, and the optimizer moments
