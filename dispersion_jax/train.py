@@ -30,6 +30,7 @@ from dispersion_jax.optim import lr_schedule, make_optimizer
 from dispersion_jax.tokenizer import get_tokenizer
 from dispersion_jax.train_step import (
     base_params,
+    eval_params,
     eval_step,
     init_state,
     jit_train_step,
@@ -142,11 +143,6 @@ def restore_state(ckpt: Checkpointer, step: int, cfg: ConfigDict, model_cfg, spe
   base = frozen_base(cfg, model_cfg, shardings.frozen)
   lora_run.check_base(record, base, f"checkpoint {ckpt.directory}/{step}")
   return state.replace(frozen=base)
-
-
-def eval_params(state):
-  """The eval step's weights argument: the params, or (frozen base, adapters) for LoRA (jit_eval_step)."""
-  return state.params if state.frozen is None else (state.frozen, state.params)
 
 
 def check_vocab(cfg: ConfigDict, model_cfg) -> None:

@@ -204,6 +204,11 @@ def eval_step(
   return out
 
 
+def eval_params(state):
+  """eval_step's weights argument: the params, or (frozen base, adapters) for LoRA (train.jit_eval_step)."""
+  return state.params if state.frozen is None else (state.frozen, state.params)
+
+
 def jit_train_step(fn: Callable, mesh: Mesh, shardings: TrainState):
   batch_shard = sharding.batch_sharding(mesh)
   return jax.jit(

@@ -31,7 +31,7 @@ from dispersion_jax.errors import CheckpointError, ConfigError, TrainingError
 from dispersion_jax.loop import Hooks, run_loop
 from dispersion_jax.metrics import MetricsLogger
 from dispersion_jax.models import build_model
-from dispersion_jax.train_step import init_state, state_shardings, trainable
+from dispersion_jax.train_step import eval_params, init_state, state_shardings, trainable
 
 MEMBER_KEYS = ("seed", "dispersion.coeff")  # what may differ inside one compiled group
 
@@ -120,7 +120,7 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
       build_model(model_cfg),
       config_lib.dispersion_config(base),
       mesh,
-      train.eval_params(shardings),
+      eval_params(shardings),
       lora_scale=spec and spec.scale,
   )
   val_batches = train.validation_batches(base, ds, mesh) if loop_cfg.eval_every else []
@@ -144,7 +144,7 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
 
   def evaluate(step, states):  # one member at a time: the single-model eval, the numbers train.run logs
     for k, lg in enumerate(loggers):
-      row = train.validation_metrics(eval_fn, train.eval_params(member(states, k)), val_batches)
+      row = train.validation_metrics(eval_fn, eval_params(member(states, k)), val_batches)
       row.pop("tokens")
       lg.log(step, row)
 
