@@ -1,4 +1,5 @@
-"""Orbax checkpoints in WORKDIR/checkpoints: the train state, the data position and the run config.
+"""Orbax checkpoints in WORKDIR/checkpoints: the train state, the data position and the run config (and, for LoRA
+runs, `lora`: the resolved adapter setting and a fingerprint of the frozen base weights, which are not saved).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a `kill -9` at any moment
 leaves only finished checkpoints behind (the temporary ones are ignored and cleaned up). The data position is a
@@ -27,17 +28,21 @@ class Checkpointer:
         "state": ocp.StandardCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
         "data_state": ocp.JsonCheckpointHandler(),
+        "lora": ocp.JsonCheckpointHandler(),
     }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict | None, cfg: dict) -> None:
-    """`data_state`: the data position (JSON); `cfg`: the run config as a plain dict, the run's one record of it."""
+  def save(self, step: int, state: Any, data_state: dict | None, cfg: dict, lora: dict | None = None) -> None:
+    """`data_state`: the data position (JSON); `cfg`: the run config as a plain dict, the run's one record of it;
+    `lora`: a LoRA run's adapter setting and base fingerprint (JSON)."""
     args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(cfg)}
     if data_state is not None:
       args["data_state"] = ocp.args.JsonSave(data_state)
+    if lora is not None:
+      args["lora"] = ocp.args.JsonSave(lora)
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def data_state(self, step: int) -> dict | None:
@@ -51,6 +56,15 @@ class Checkpointer:
           f"checkpoint {self.directory}/{step} has no readable data state ({_first_line(e)}); "
           "delete that step directory to resume from an earlier one, or use a new --workdir"
       ) from e
+
+  def lora(self, step: int) -> dict | None:
+    """The LoRA record saved with `step`; None for a full fine-tuning checkpoint."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), "lora")):
+      return None
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(lora=ocp.args.JsonRestore()))["lora"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint {self.directory}/{step} has no readable LoRA record ({_first_line(e)})") from e
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restore into `abstract_state` (ShapeDtypeStructs carrying the *current* shardings: any mesh works)."""

@@ -24,6 +24,7 @@ from dispersion_jax.data.config import DataConfig
 from dispersion_jax.errors import ConfigError
 from dispersion_jax.harness_tasks import HarnessEvalConfig
 from dispersion_jax.loop import LoopConfig
+from dispersion_jax.lora import LoraConfig
 from dispersion_jax.objective import DispersionConfig
 from dispersion_jax.optim import OptimizerConfig
 from dispersion_jax.sharding import MeshConfig
@@ -97,6 +98,7 @@ def default_config() -> ConfigDict:
   c.data = _section(DataConfig)
   c.baseline = _section(BaselineConfig)  # the paper's other counter-condensation methods (baselines.py)
   c.eval = _section(HarnessEvalConfig)  # lm-evaluation-harness tasks at evaluations (harness_tasks.py)
+  c.lora = _section(LoraConfig)  # LoRA adapters on a frozen base (lora.py); rank 0 = full fine-tuning
   return c
 
 
@@ -219,6 +221,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
       f"baseline.method={base.method!r} with dispersion.coeff={cfg.dispersion.coeff}: the authors' baselines are CE "
       "only; set dispersion.coeff=0, or baseline.with_dispersion=True to combine them on purpose",
   )
+  validate_lora(cfg)
   mesh = mesh_config(cfg)
   if num_devices is not None:
     shape = mesh.shape(num_devices)
@@ -256,6 +259,7 @@ def model_config(cfg: ConfigDict):
       remat=m.remat,
       scan_layers=m.scan_layers,
       attention=m.attention,
+      lora_dropout=lora_dropout(cfg),
   )
   shape = {k: m[k] for k in _MODEL_SHAPE_KEYS if m[k] is not None}
   if cfg.init_from:
@@ -304,6 +308,34 @@ def baseline_config(cfg: ConfigDict) -> BaselineConfig:
 
 def harness_eval_config(cfg: ConfigDict) -> HarnessEvalConfig:
   return _typed(HarnessEvalConfig, cfg.eval, "eval")
+
+
+def lora_config(cfg: ConfigDict) -> LoraConfig:
+  return _typed(LoraConfig, cfg.lora, "lora")
+
+
+def lora_dropout(cfg: ConfigDict) -> float:
+  """The adapters' input dropout (a model option): lora.dropout, else the init_from adapter's, else 0 (also where
+  the adapter directory is gone: evaluating a finished run needs no dropout; training checks it in validate_lora)."""
+  lora = lora_config(cfg)
+  if not lora.enabled or lora.dropout is not None or not os.path.isdir(lora.init_from or ""):
+    return (lora.dropout or 0.0) if lora.enabled else 0.0
+  from dispersion_jax import peft  # noqa: PLC0415 - adapter files only with lora.init_from
+
+  try:
+    return float(peft.read_config(lora.init_from).get("lora_dropout") or 0.0)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"lora.init_from={lora.init_from}: {e}") from None
+
+
+def validate_lora(cfg: ConfigDict) -> None:
+  lora = lora_config(cfg)
+  if lora.init_from is not None and not os.path.isdir(lora.init_from):
+    raise ConfigError(f"lora.init_from={lora.init_from}: no such directory (a PEFT adapter directory)")
+  if lora.enabled and cfg.baseline.method == "active_forgetting":
+    raise ConfigError(
+        "baseline.method='active_forgetting' re-draws the input embedding, which LoRA freezes; set lora.rank=0"
+    )
 
 
 def loop_config(cfg: ConfigDict) -> LoopConfig:

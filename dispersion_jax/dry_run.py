@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from dispersion_jax import backend, sharding, targets, train
+from dispersion_jax import backend, lora_run, sharding, targets, train
 from dispersion_jax import config as config_lib
 from dispersion_jax import dry_run_report as report_lib
 from dispersion_jax.chips import CHIPS, table
@@ -36,7 +36,8 @@ BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions")
 
 def abstract_inputs(cfg: ConfigDict, model_cfg, tx, mesh):
   """(state, batch) as ShapeDtypeStructs carrying their shardings, and the state's shardings."""
-  state, shard = state_shardings(model_cfg, tx, mesh)  # jax.eval_shape: nothing allocated
+  spec, _ = lora_run.setup(cfg, model_cfg)  # LoRA: adapters train, the frozen base holds no gradient or moments
+  state, shard = state_shardings(model_cfg, tx, mesh, spec)  # jax.eval_shape: nothing allocated
   rows = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=rows) for k in BATCH_KEYS}
   return state, batch, shard
@@ -99,12 +100,14 @@ def _cost(compiled) -> dict[str, float]:
 def _numbers(cfg: ConfigDict, mesh) -> dict:
   start = time.perf_counter()
   try:
-    compiled, _, seconds = compile_train_step(cfg, mesh)
+    compiled, state, seconds = compile_train_step(cfg, mesh)
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that overflows HBM
     if not str(e).startswith("RESOURCE_EXHAUSTED"):
       raise
     return dict(error=str(e).splitlines()[0].rstrip("."), seconds=time.perf_counter() - start)
+  trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))  # LoRA: the adapters only
   return dict(
+      trainable_params=trainable,
       memory=memory_per_device(compiled),
       cost=_cost(compiled),
       collectives=report_lib.collectives(compiled.as_text()),
@@ -158,6 +161,7 @@ def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: boo
           attention_note=note,
           dispersion_impl=impl,
           dispersion_coeff=disp.coeff,
+          lora_rank=config_lib.lora_config(cfg).rank,
       ),
       compile_seconds=full["seconds"],
       memory_budget_gb=cfg.dry_run_memory_budget_gb,
@@ -165,6 +169,7 @@ def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: boo
   if "error" in full:  # the compiler refused the step for lack of memory: its message, no analysis
     return {**r, "compile_error": full["error"], "capacity_bytes": chip.hbm_bytes, "fits": False, "chips": table()}
   est = flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+  r["model"]["trainable_params"] = full["trainable_params"]
   r.update(
       memory_per_device=full["memory"],
       **report_lib.fit(full["memory"]["total"], chip),

@@ -148,6 +148,11 @@ def lines(r: dict) -> list[str]:
       f"compiled in {r['compile_seconds']:.1f} s",
       "memory per device (GiB): " + ", ".join(f"{k} {v / GIB:.3f}" for k, v in r["memory_per_device"].items()),
   ]
+  if m.get("lora_rank"):
+    out.append(
+        f"LoRA rank {m['lora_rank']}: {m['trainable_params'] / 1e6:,.2f}M trainable adapter params; the base is "
+        "frozen (no gradients, no moments)"
+    )
   if r["fits"] is not None:
     out.append(
         f"fits: {'yes' if r['fits'] else 'NO'}, {r['headroom_bytes'] / GIB:+.2f} GiB headroom of "

@@ -228,6 +228,15 @@ def _expected(cfg) -> dict[tuple, jax.ShapeDtypeStruct]:
   return out
 
 
+def block_kernel_names(cfg) -> tuple[dict[tuple[str, ...], str], bool]:
+  """Per-layer flax module path of every dense kernel inside the blocks -> its Hugging Face module name, e.g.
+  ('h_0', 'attn', 'c_attn') -> 'transformer.h.0.attn.c_attn' (the modules PEFT adapters attach to); and
+  whether those modules are GPT-2's Conv1D (PEFT's fan_in_fan_out) as the second value."""
+  fam = _FAMILIES[_family_name(cfg)]
+  names = {p[:-1]: _hf_name(fam, p).removesuffix(".weight") for p in _expected(cfg) if p[-1] == "kernel"}
+  return {p: n for p, n in names.items() if p[0].startswith("h_")}, not fam.transpose
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # state dicts
 

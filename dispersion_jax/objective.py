@@ -12,6 +12,7 @@ from dispersion_jax.models import hidden_states, lm_head
 
 LOCS = ("all", "last", "early_half", "late_half")
 _NOISE_STREAM = 0x6E6F6973  # fold_in constant of the embedding-noise stream ("nois")
+_LORA_STREAM = 0x6C647270  # fold_in constant of the LoRA-dropout stream ("ldrp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,7 @@ def objective(
     coeff: jax.Array | None = None,
     ce_chunk: int | None = None,
     embed_noise_alpha: float = 0.0,
+    adapters: dict | None = None,
 ):
   """Returns (total, metrics). batch: input_ids, targets [B, L]; optional loss_mask, segment_ids, positions.
 
@@ -119,6 +121,9 @@ def objective(
   ce_chunk: fused output head + CE in chunks of this many tokens (fused_ce.py); None = plain logits + CE.
   embed_noise_alpha: NEFTune-style noise on the embedding output (baselines.py; training steps only), drawn from a
   `noise` stream of rng (folded in, so the dropout and dispersion streams are the same as without it).
+  adapters: LoRA (lora.py): the model's `lora` collection ({"a", "b"} per adapted layer, B already scaled by
+  alpha / r) beside the frozen `params`; with rng and model.cfg.lora_dropout > 0 a `lora` stream drives PEFT's
+  dropout on the adapters' input (folded in: the other streams are the same as without it).
   metrics["dispersion"] is 0 where the coefficient is 0 (the term is off); validation always measures it.
   """
   rngs = {}
@@ -129,8 +134,13 @@ def objective(
     if rng is None:
       raise ValueError("embed_noise_alpha > 0 needs an rng")
     rngs["noise"] = jax.random.fold_in(rng, _NOISE_STREAM)
+  model_vars = {"params": params}
+  if adapters is not None:
+    model_vars["lora"] = adapters
+    if rng is not None and getattr(model.cfg, "lora_dropout", 0.0) > 0:
+      rngs["lora"] = jax.random.fold_in(rng, _LORA_STREAM)
   logits, variables = model.apply(
-      {"params": params},
+      model_vars,
       batch["input_ids"],
       batch.get("positions"),
       deterministic=deterministic,

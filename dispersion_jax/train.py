@@ -20,7 +20,7 @@ from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.condensation import spearman
 from dispersion_jax.data import build, loader
 from dispersion_jax.data.packed import PackedDataset
-from dispersion_jax import models
+from dispersion_jax import lora, lora_run, models
 from dispersion_jax.baselines import Forgetting
 from dispersion_jax.errors import CheckpointError, ConfigError, DataError
 from dispersion_jax.loop import Hooks, run_loop
@@ -28,7 +28,17 @@ from dispersion_jax.metrics import MetricsLogger
 from dispersion_jax.models import build_model, flops_per_token
 from dispersion_jax.optim import lr_schedule, make_optimizer
 from dispersion_jax.tokenizer import get_tokenizer
-from dispersion_jax.train_step import eval_step, init_state, jit_train_step, logical_context, state_shardings, train_step
+from dispersion_jax.train_step import (
+    base_params,
+    eval_params,
+    eval_step,
+    init_state,
+    jit_train_step,
+    logical_context,
+    state_shardings,
+    train_step,
+    trainable,
+)
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5": 197e12, "TPU v4": 275e12}  # dense bf16
 
@@ -100,6 +110,7 @@ def step_function(cfg: ConfigDict, model_cfg, disp=None):
   """(the run's train step with every setting bound, not jitted; its optimizer): the one construction that
   training, the dry run, bench and vmapped sweeps share. `disp` replaces the run's DispersionConfig."""
   tx, schedule, baseline_kw = optimizer_and_step(cfg, model_cfg)
+  spec, _ = lora_run.setup(cfg, model_cfg)
   fn = functools.partial(
       train_step,
       model=build_model(model_cfg),
@@ -108,9 +119,30 @@ def step_function(cfg: ConfigDict, model_cfg, disp=None):
       schedule=schedule,
       grad_accum=cfg.grad_accum,
       ce_chunk=cfg.ce_chunk,
+      lora_scale=None if spec is None else spec.scale,
       **baseline_kw,
   )
   return fn, tx
+
+
+def frozen_base(cfg: ConfigDict, model_cfg, shardings):
+  """A LoRA run's base weights, placed: init_from's, or the fresh initialisation of cfg.seed."""
+  params = pretrained_params(cfg, model_cfg)
+  if params is None:
+    return jax.jit(lambda: base_params(model_cfg, cfg.seed), out_shardings=shardings)()
+  return jax.device_put(params, shardings)
+
+
+def restore_state(ckpt: Checkpointer, step: int, cfg: ConfigDict, model_cfg, spec, target, shardings):
+  """The train state of checkpoint `step`; for LoRA with the base weights re-read and checked against the
+  checkpoint's fingerprint (another base is a one-line CheckpointError)."""
+  record = lora_run.check_setting(ckpt, step, spec)
+  state = ckpt.restore(step, trainable(target))
+  if spec is None:
+    return state
+  base = frozen_base(cfg, model_cfg, shardings.frozen)
+  lora_run.check_base(record, base, f"checkpoint {ckpt.directory}/{step}")
+  return state.replace(frozen=base)
 
 
 def check_vocab(cfg: ConfigDict, model_cfg) -> None:
@@ -165,9 +197,10 @@ def validation_metrics(eval_fn, params, batches) -> dict[str, float]:
   return result
 
 
-def jit_eval_step(model, disp, mesh, param_shardings, with_dispersion: bool = True):
+def jit_eval_step(model, disp, mesh, param_shardings, with_dispersion: bool = True, lora_scale: float | None = None):
+  """`param_shardings`: eval_params(shardings) of the run's state (a pair for LoRA, with lora_scale)."""
   return jax.jit(
-      functools.partial(eval_step, model=model, disp=disp, with_dispersion=with_dispersion),
+      functools.partial(eval_step, model=model, disp=disp, with_dispersion=with_dispersion, lora_scale=lora_scale),
       in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
       out_shardings=sharding.replicated(mesh),
   )
@@ -192,19 +225,26 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
   check_vocab(cfg, model_cfg)
   ds = open_data(cfg)
 
-  target, shardings = state_shardings(model_cfg, tx, mesh)
+  spec, adapters = lora_run.setup(cfg, model_cfg)
+  target, shardings = state_shardings(model_cfg, tx, mesh, spec)
   ckpt = Checkpointer(workdir, loop_cfg.max_to_keep)
   start = ckpt.latest_step()
   data = train_batches(cfg, ds, mesh, resume_row(ckpt, start, ds))
   with logical_context(mesh):
     if start is None:
       params = pretrained_params(cfg, model_cfg)
-      params = None if params is None else jax.device_put(params, shardings.params)
-      state = jax.jit(lambda p: init_state(model_cfg, tx, cfg.seed, p), out_shardings=shardings)(params)
+      params = (
+          None if params is None else jax.device_put(params, shardings.params if spec is None else shardings.frozen)
+      )
+      adapters = None if adapters is None else jax.device_put(adapters, shardings.params)
+      state = jax.jit(lambda p, a: init_state(model_cfg, tx, cfg.seed, p, spec, a), out_shardings=shardings)(
+          params, adapters
+      )
     else:
-      state = ckpt.restore(start, target)
+      state = restore_state(ckpt, start, cfg, model_cfg, spec, target, shardings)
+    record = None if spec is None else lora_run.record(spec, state.frozen)
     step_fn = jit_train_step(train_fn, mesh, shardings)
-    eval_fn = jit_eval_step(model, disp, mesh, shardings.params)
+    eval_fn = jit_eval_step(model, disp, mesh, eval_params(shardings), lora_scale=spec and spec.scale)
     val_batches = validation_batches(cfg, ds, mesh) if loop_cfg.eval_every else []
   start = start or 0
   logger = MetricsLogger(workdir, loop_cfg.steps, start, enabled=lead)
@@ -234,11 +274,12 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
     harness_eval = harness_tasks.live_evaluator(harness_cfg, model_cfg, cfg.tokenizer, mesh)
 
   def evaluate(step, state):
-    row = validation_metrics(eval_fn, state.params, val_batches)
+    row = validation_metrics(eval_fn, eval_params(state), val_batches)
     row.pop("tokens")
     if harness_eval and (harness_cfg.every is None or step % harness_cfg.every == 0 or step == loop_cfg.steps):
       with logical_context(mesh):
-        row.update(harness_eval(state.params))
+        weights = state.params if spec is None else lora.merge(state.frozen, state.params, spec.scale)  # LoRA: merged
+        row.update(harness_eval(weights))
     last_eval.clear()
     last_eval.update(row)
     logger.log(step, row)
@@ -248,7 +289,9 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
       evaluate=evaluate,
       advance=logger.advance,
       last_checkpoint=ckpt.latest_step,
-      save=lambda step, state: ckpt.save(step, state, data.state(data.rows_consumed(step - start)), cfg.to_dict()),
+      save=lambda step, state: ckpt.save(
+          step, trainable(state), data.state(data.rows_consumed(step - start)), cfg.to_dict(), record
+      ),
       should_stop=lambda step: distributed.preemption_requested(preempt.requested or step == stop_at, ckpt, step),
   )
   try:
@@ -306,8 +349,14 @@ def load_run_config(workdir: str, step: int | None = None) -> ConfigDict:
 def load_run(workdir: str, step: int | None = None, mesh=None):
   """(run config, model config, train state) of a run's checkpoint, restored onto `mesh` (None: one device).
 
-  The config is the checkpoint's own copy: the run's one record of how it was trained.
+  The config is the checkpoint's own copy: the run's one record of how it was trained. A LoRA run's state has its
+  base weights (re-read from init_from, or re-drawn from the seed, and checked) in `frozen`.
   """
+  cfg, model_cfg, state, _ = _load(workdir, step, mesh)
+  return cfg, model_cfg, state
+
+
+def _load(workdir: str, step: int | None, mesh):
   ckpt = Checkpointer(workdir, max_to_keep=None, async_save=False)
   try:
     step = ckpt.latest_step() if step is None else step
@@ -320,17 +369,39 @@ def load_run(workdir: str, step: int | None = None, mesh=None):
     tx, _, _ = optimizer_and_step(cfg, model_cfg)
     if mesh is None:
       mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-    target, _ = state_shardings(model_cfg, tx, mesh)
-    state = ckpt.restore(step, target)
+    record = ckpt.lora(step)
+    spec = None if record is None else lora_run.spec_of(record)
+    target, shardings = state_shardings(model_cfg, tx, mesh, spec)
+    state = restore_state(ckpt, step, cfg, model_cfg, spec, target, shardings)
   finally:
     ckpt.close()
-  return cfg, model_cfg, state
+  return cfg, model_cfg, state, spec
+
+
+def load_weights(workdir: str, step: int | None = None):
+  """(run config, model config, the model's weights) of a run's checkpoint on one device: a LoRA run's adapters
+  merged into its base (lora.merge, float32), what evaluation and --hf_export read."""
+  cfg, model_cfg, state, spec = _load(workdir, step, None)
+  params = (
+      state.params
+      if spec is None
+      else jax.jit(functools.partial(lora.merge, scale=spec.scale))(state.frozen, state.params)
+  )
+  return cfg, model_cfg, params
+
+
+def load_lora(workdir: str, step: int | None = None):
+  """(run config, model config, LoraSpec, adapters) of a LoRA run's checkpoint (--peft_export)."""
+  cfg, model_cfg, state, spec = _load(workdir, step, None)
+  if spec is None:
+    raise ConfigError(f"{workdir} is a full fine-tuning run (lora.rank=0): it has no adapters to export")
+  return cfg, model_cfg, spec, state.params
 
 
 def load_params(workdir: str, step: int | None = None):
   """(model config, params) of a run's checkpoint on the default device (for the evaluation tools)."""
-  _, model_cfg, state = load_run(workdir, step)
-  return model_cfg, state.params
+  _, model_cfg, params = load_weights(workdir, step)
+  return model_cfg, params
 
 
 if __name__ == "__main__":  # the command line lives in cli/train.py; this keeps `python -m dispersion_jax.train`

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from dispersion_jax import sharding
+from dispersion_jax import lora, sharding
 from dispersion_jax.baselines import Forgetting, reset_embedding
 from dispersion_jax.condensation import condensation_metrics
 from dispersion_jax.models import hidden_states, init_params, param_logical_axes
@@ -23,26 +23,54 @@ _FORGET_STREAM = 0x666F7267  # fold_in constant of the embedding re-draws ("forg
 
 @flax.struct.dataclass
 class TrainState:
+  """`params` are what trains: the model's parameters, or with LoRA the adapters (lora.py), whose frozen base
+  weights are then `frozen` (no gradient, no optimizer state; left out of checkpoints: `trainable`)."""
+
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  frozen: Any = None
 
 
-def init_state(model_cfg, tx: optax.GradientTransformation, seed: int, params=None) -> TrainState:
+def base_params(model_cfg, seed):
+  """The fresh initialisation of a run's model weights (what init_state draws for `seed`)."""
+  return init_params(model_cfg, jax.random.split(jax.random.PRNGKey(seed))[0])
+
+
+def init_state(
+    model_cfg, tx: optax.GradientTransformation, seed: int, params=None, lora_spec=None, adapters=None
+) -> TrainState:
+  """The state at step 0. With a LoraSpec the model weights (`params`, or a fresh initialisation) are frozen and
+  the adapters train: `adapters` (e.g. a PEFT file's), or A ~ PEFT's init and B = 0."""
   rng_params, rng_train = jax.random.split(jax.random.PRNGKey(seed))
   if params is None:
     params = init_params(model_cfg, rng_params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng_train)
+  if lora_spec is None:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng_train)
+  if adapters is None:
+    adapters = lora.init_adapters(lora_spec, params, rng_params)
+  return TrainState(jnp.zeros((), jnp.int32), adapters, tx.init(adapters), rng_train, frozen=params)
 
 
-def state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mesh):
-  """(abstract state, its NamedShardings): optimizer moments follow their parameters' placement.
+def trainable(state: TrainState) -> TrainState:
+  """What a checkpoint holds: everything but LoRA's frozen base (a fingerprint of it is saved instead)."""
+  return state.replace(frozen=None)
+
+
+def state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mesh, lora_spec=None):
+  """(abstract state, its NamedShardings): optimizer moments follow their parameters' placement; LoRA adapters
+  follow their base weight's (lora.adapter_logical_axes), the frozen base is placed as the parameters would be.
 
   The abstract state's leaves are jax.ShapeDtypeStructs that carry their sharding: a restore or compile target.
   """
-  abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, 0))
-  p_shard = sharding.param_shardings(param_logical_axes(model_cfg), abstract.params, mesh)
+  abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, 0, lora_spec=lora_spec))
+  axes = param_logical_axes(model_cfg)
+  frozen_shard = None
+  if lora_spec is not None:
+    frozen_shard = sharding.param_shardings(axes, abstract.frozen, mesh)
+    axes = lora.adapter_logical_axes(lora_spec, axes)
+  p_shard = sharding.param_shardings(axes, abstract.params, mesh)
   rep = sharding.replicated(mesh)
   # Optax states hold copies of the param tree (mu, nu); anything else (counts) is replicated.
   # Masked branches (multi_transform, active forgetting) hold MaskedNode where a parameter is not theirs.
@@ -55,7 +83,7 @@ def state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mesh):
       transform_non_params=lambda _: rep,
       is_leaf=masked,
   )
-  shard = TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep)
+  shard = TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep, frozen=frozen_shard)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
   return abstract, shard
 
@@ -77,6 +105,7 @@ def train_step(
     ce_chunk: int | None = None,
     embed_noise_alpha: float = 0.0,
     forgetting: Forgetting | None = None,
+    lora_scale: float | None = None,
 ):
   """One optimizer step over `grad_accum` equal micro-batches.
 
@@ -87,12 +116,17 @@ def train_step(
   forgetting: active forgetting (baselines.py): after every `every`-th step the input embedding is re-drawn and its
   optimizer branch's Adam state reset, inside this step, so the state after step K (and a checkpoint of it) already
   holds the fresh embedding and a resume is exact across a reset.
+  lora_scale: alpha / r of a LoRA state (state.frozen holds the base): only the adapters are differentiated.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   deterministic = getattr(model.cfg, "dropout", 0.0) == 0.0
+  if (state.frozen is None) != (lora_scale is None):
+    raise ValueError("a LoRA state (frozen base weights) needs lora_scale, and lora_scale needs a LoRA state")
+  # With LoRA the differentiated argument is the adapters; the base is closed over, never differentiated.
+  model_args = (lambda p: (p, None)) if lora_scale is None else (lambda p: (state.frozen, lora.scaled(p, lora_scale)))
   grad_fn = jax.value_and_grad(
       lambda p, b, r: objective(
-          p,
+          model_args(p)[0],
           b,
           model=model,
           disp=disp,
@@ -101,6 +135,7 @@ def train_step(
           coeff=coeff,
           ce_chunk=ce_chunk,
           embed_noise_alpha=embed_noise_alpha,
+          adapters=model_args(p)[1],
       ),
       has_aux=True,
   )
@@ -137,11 +172,21 @@ def _zeros_like_out(grad_fn, params, mb, rng):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads, metrics))
 
 
-def eval_step(params, batch: dict, *, model: nn.Module, disp: DispersionConfig, with_dispersion: bool = True):
-  """Sums over the batch (tokens weighted by segment_ids > 0, padding excluded) for exact reduction."""
-  logits, variables = model.apply(
-      {"params": params}, batch["input_ids"], batch.get("positions"), mutable=["intermediates"]
+def eval_step(
+    params,
+    batch: dict,
+    *,
+    model: nn.Module,
+    disp: DispersionConfig,
+    with_dispersion: bool = True,
+    lora_scale: float | None = None,
+):
+  """Sums over the batch (tokens weighted by segment_ids > 0, padding excluded) for exact reduction.
+  With lora_scale, `params` is (frozen base, adapters): the adapters run in their layers, nothing is merged."""
+  model_vars = (
+      {"params": params} if lora_scale is None else {"params": params[0], "lora": lora.scaled(params[1], lora_scale)}
   )
+  logits, variables = model.apply(model_vars, batch["input_ids"], batch.get("positions"), mutable=["intermediates"])
   w_BxL = (
       (batch["segment_ids"] > 0).astype(jnp.float32)
       if "segment_ids" in batch
@@ -157,6 +202,11 @@ def eval_step(params, batch: dict, *, model: nn.Module, disp: DispersionConfig, 
     out["batches"] = jnp.ones(())
     out.update(condensation_metrics(states, mask=w_BxL > 0))
   return out
+
+
+def eval_params(state):
+  """eval_step's weights argument: the params, or (frozen base, adapters) for LoRA (train.jit_eval_step)."""
+  return state.params if state.frozen is None else (state.frozen, state.params)
 
 
 def jit_train_step(fn: Callable, mesh: Mesh, shardings: TrainState):

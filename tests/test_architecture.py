@@ -27,6 +27,8 @@ CORE = (
     "hf",
     "condensation",
     "decode",
+    "lora",
+    "peft",
 )
 TRAINING = (
     "config",
@@ -42,6 +44,7 @@ TRAINING = (
     "dry_run_report",
     "chips",
     "targets",
+    "lora_run",
     "tokenizer",
     "harness",
     "harness_tasks",

@@ -1,14 +1,16 @@
 """python -m dispersion_jax.evaluate (--workdir RUN [--step N] | --hf_model DIR) [--tasks NAME[,NAME...]]
     [--include_path DIR] [--data_dir DIR] [--num_fewshot K] [--limit N] [--batch_size B] [--output_path OUT.json]
-    [--log_samples] [--split validation [--num_batches N]] [--hf_export DIR]
+    [--log_samples] [--split validation [--num_batches N]] [--hf_export DIR] [--peft_export DIR]
 
 Runs lm-evaluation-harness tasks on the model (harness.JaxLM: our JAX model as the harness's language model):
 built-in task names (piqa, arc_easy, mmlu, ...), task YAMLs under --include_path, the shipped examples
 (example_arithmetic, example_cloze: the default unless --split), and the suites `paper` / `paper_qwen3` (the
 paper's ten tasks + paloma_wikitext_103 with the authors' shots and limits). --data_dir points every task at local
 copies of its data (docs/evaluation.md). OUT.json holds what lm_eval.simple_evaluate returns. Also validation loss /
-perplexity on the run's own data (--split) and export to a Hugging Face directory (--hf_export). Kebab-case
-spellings of the flags (--hf-model, --num-fewshot, ...) are accepted for one release.
+perplexity on the run's own data (--split), export to a Hugging Face directory (--hf_export; a LoRA run's adapters
+merged) and, for a LoRA run, its adapters as a PEFT adapter directory (--peft_export; `PeftModel.from_pretrained(
+<the HF base model>, DIR)`). Kebab-case spellings of the flags (--hf-model, --num-fewshot, ...) are accepted for
+one release.
 """
 
 import json
@@ -16,6 +18,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from dispersion_jax import peft, train
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, add_model_source, check_model_source, run_main
 from dispersion_jax.research import evaluate as ev
 
@@ -44,6 +47,7 @@ def parser() -> Parser:
   p.add_argument("--batch_size", "--batch-size", type=int, default=16)
   p.add_argument("--tokenizer", default=None, help="override: 'gpt2' or an HF tokenizer directory")
   p.add_argument("--hf_export", "--hf-export", default=None, help="also write the model as an HF directory here")
+  p.add_argument("--peft_export", default=None, metavar="DIR", help="a LoRA run: also write its PEFT adapter here")
   p.add_argument("--output_path", "--out", default=None, help="results JSON (default: print only)")
   return p
 
@@ -57,6 +61,8 @@ def parse_args(argv: Sequence[str] | None = None):
   for flag in ("include_path", "data_dir"):
     if getattr(args, flag) and not os.path.isdir(getattr(args, flag)):
       p.error(f"--{flag} {getattr(args, flag)} is not a directory")
+  if args.peft_export and not args.workdir:
+    p.error("--peft_export needs --workdir (a LoRA training run)")
   return args
 
 
@@ -66,6 +72,10 @@ def run(args) -> dict[str, Any]:
   if args.hf_export:
     ev.export_hf(args.hf_export, cfg, params, tok_name)
     print(f"wrote Hugging Face directory {args.hf_export}")
+  if args.peft_export:
+    run_cfg, model_cfg, spec, adapters = train.load_lora(args.workdir, args.step)
+    peft.save_adapter(args.peft_export, model_cfg, spec, adapters, base_model=run_cfg.init_from)
+    print(f"wrote PEFT adapter directory {args.peft_export}")
   results: dict[str, Any] = {}
   if args.split:
     pp = ev.perplexity(

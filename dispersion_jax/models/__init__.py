@@ -6,7 +6,9 @@ a module `__call__(input_ids_BxL, positions_BxL=None, deterministic=True, embed_
 (float32 or wider; embed_noise_alpha > 0 adds baselines.add_embedding_noise to the embedding output) that
 sows `intermediates/embed` (embedding output), `h_{i}/hidden` or scanned `h/hidden` (raw block outputs) and
 `intermediates/final` (the last block after the final norm); `lm_head(params, cfg) -> [V, D]` in compute dtype;
-`EMBED_PATH` (the input embedding in the params tree); `NEFTUNE_ALPHA` (the authors' default noise); `lookup_params(cfg)` and `attention_width(cfg)` (for
+`EMBED_PATH` (the input embedding in the params tree); `NEFTUNE_ALPHA` (the authors' default noise); `LORA_TARGETS`
+(the default LoRA target regex, lora.py; dense layers are models/lora_dense.py's, so a `lora` variable collection
+adds adapters and the config's `lora_dropout` their input dropout); `lookup_params(cfg)` and `attention_width(cfg)` (for
 `flops_per_token`); and the aliases
 `Config` and `Model` for its config class and module class.
 Shared code goes through the functions here, never through `if family == ...`.

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from dispersion_jax import backend
 from dispersion_jax.baselines import add_embedding_noise
 from dispersion_jax.models import kv_cache
+from dispersion_jax.models.lora_dense import LoraDense
 
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),  # 124M
@@ -47,6 +48,7 @@ class GPTConfig:
   remat: str = "none"  # none | full | dots
   scan_layers: bool = False  # nn.scan over blocks: one compiled block, params stacked on `layers`
   attention: str = "auto"  # auto (cuDNN on GPU in bf16/fp16, else xla) | xla | cudnn
+  lora_dropout: float = 0.0  # dropout on LoRA adapter inputs (lora.py), training steps only
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
@@ -68,8 +70,9 @@ class GPTConfig:
 
 
 def _dense(features: int, names: tuple[str, str], std: float, cfg: GPTConfig, name: str) -> nn.Dense:
-  return nn.Dense(
+  return LoraDense(
       features,
+      lora_dropout=cfg.lora_dropout,
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
       name=name,
@@ -203,8 +206,8 @@ class GPT(nn.Module):
     if cfg.scan_layers:
       stack = nn.scan(
           block,
-          variable_axes={"params": 0, "intermediates": 0},
-          split_rngs={"params": True, "dropout": True},
+          variable_axes={"params": 0, "intermediates": 0, "lora": 0},
+          split_rngs={"params": True, "dropout": True, "lora": True},
           length=cfg.n_layer,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
@@ -229,6 +232,7 @@ def lm_head(params: dict, cfg: GPTConfig) -> jax.Array:
 
 EMBED_PATH = ("wte", "embedding")  # the input token embedding [V, D] (active forgetting re-draws it)
 NEFTUNE_ALPHA = 1.0  # the authors' GPT-2 default
+LORA_TARGETS = r"/(c_attn|c_proj|c_fc)/kernel$"  # the authors' PEFT target_modules (lora.py)
 
 
 def lookup_params(cfg: GPTConfig) -> int:

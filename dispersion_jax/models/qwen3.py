@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from dispersion_jax.baselines import add_embedding_noise
 from dispersion_jax.models import kv_cache
 from dispersion_jax.models.gpt2 import ATTENTION_IMPLS, REMAT_POLICIES, resolve_attention
+from dispersion_jax.models.lora_dense import LoraDense
 
 _SHAPES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head", "head_dim", "n_inner")
 _QWEN3 = dict(vocab_size=151936, n_positions=40960, head_dim=128)
@@ -66,6 +67,7 @@ class Qwen3Config:
   remat: str = "none"  # none | full | dots
   scan_layers: bool = False  # nn.scan over blocks: one compiled block, params stacked on `layers`
   attention: str = "auto"  # auto (cuDNN on GPU in bf16/fp16, else xla) | xla | cudnn
+  lora_dropout: float = 0.0  # dropout on LoRA adapter inputs (lora.py), training steps only
 
   def __post_init__(self):
     for f in _SHAPES:
@@ -102,8 +104,9 @@ class Qwen3Config:
 
 def _dense(features: int, names: tuple[str, str], cfg: Qwen3Config, name: str, **kw) -> nn.Dense:
   # HF's _init_weights: every Linear N(0, initializer_range=0.02); Qwen3 projections have no biases.
-  return nn.Dense(
+  return LoraDense(
       features,
+      lora_dropout=cfg.lora_dropout,
       use_bias=False,
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
@@ -253,8 +256,8 @@ class Qwen3(nn.Module):
     if cfg.scan_layers:
       stack = nn.scan(
           block,
-          variable_axes={"params": 0, "intermediates": 0},
-          split_rngs={"params": True},
+          variable_axes={"params": 0, "intermediates": 0, "lora": 0},
+          split_rngs={"params": True, "lora": True},
           in_axes=(nn.broadcast, nn.broadcast),
           length=cfg.n_layer,
           metadata_params={nn.PARTITION_NAME: "layers"},
@@ -291,6 +294,7 @@ def lm_head(params: dict, cfg: Qwen3Config) -> jax.Array:
 
 EMBED_PATH = ("embed_tokens", "embedding")  # the input token embedding [V, D] (active forgetting re-draws it)
 NEFTUNE_ALPHA = 5.0  # the authors' Qwen3 default
+LORA_TARGETS = r"/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel$"  # attention + MLP (lora.py)
 
 
 def lookup_params(cfg: Qwen3Config) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import sharding, train
+from dispersion_jax import lora_run, sharding, train
 from dispersion_jax.dry_run import memory_per_device
 from dispersion_jax.errors import UserError, describe_failure
 from dispersion_jax.models import count_params, flops_per_token
@@ -99,6 +99,7 @@ def describe(cfg: ConfigDict) -> dict[str, Any]:
   model_cfg = config_lib.model_config(cfg)
   row = {name: cfg[key.split(".")[0]][key.split(".")[1]] if "." in key else cfg[key] for name, key in FIELDS.items()}
   row.update(layers=model_cfg.n_layer, dim=model_cfg.n_embd, vocab=model_cfg.vocab_size, compute_dtype=model_cfg.dtype)
+  row["lora_rank"] = cfg.lora.rank or None  # None: full fine-tuning
   if row["coeff"] == 0.0:
     row.update(variant="-", max_tokens=None, block_size=None, impl=None)
   return row
@@ -143,9 +144,11 @@ def prepare_jax(cfg: ConfigDict, opts: Options) -> tuple[dict, Callable[[], Any]
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   model_cfg = config_lib.model_config(cfg)
   train_fn, tx = train.step_function(cfg, model_cfg)
-  abstract, shardings = state_shardings(model_cfg, tx, mesh)
+  spec, _ = lora_run.setup(cfg, model_cfg)  # LoRA: params are the adapters, frozen the base
+  abstract, shardings = state_shardings(model_cfg, tx, mesh, spec)
   row: dict[str, Any] = dict(
-      params=count_params(abstract.params),
+      params=count_params((abstract.params, abstract.frozen)),
+      trainable_params=count_params(abstract.params),
       attention_impl=model_cfg.attention,
       flops_per_token=flops_per_token(model_cfg, cfg.seq_len),
   )
@@ -153,7 +156,9 @@ def prepare_jax(cfg: ConfigDict, opts: Options) -> tuple[dict, Callable[[], Any]
     step = jit_train_step(train_fn, mesh, shardings)
     batch = _batch(cfg, model_cfg.vocab_size, mesh)
     state = (
-        abstract if opts.compile_only else jax.jit(lambda: init_state(model_cfg, tx, 0), out_shardings=shardings)()
+        abstract
+        if opts.compile_only
+        else jax.jit(lambda: init_state(model_cfg, tx, 0, lora_spec=spec), out_shardings=shardings)()
     )  # abstract: nothing allocated
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -312,6 +317,8 @@ COLUMNS = (
     ("ce_chunk", "{}"),
     ("remat", "{}"),
     ("scan", "{:d}"),
+    ("lora_rank", "{}"),
+    ("trainable_params", "{:,}"),
     ("tokens_per_s", "{:,.0f}"),
     ("step_ms", "{:.1f}"),
     ("compile_s", "{:.1f}"),

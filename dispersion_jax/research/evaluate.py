@@ -48,10 +48,10 @@ def load_model(
     return cfg, params, hf_model if has_tok else "gpt2"
   if not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} is not a directory")
-  run_cfg, cfg, state = train.load_run(workdir, step)
+  run_cfg, cfg, weights = train.load_weights(workdir, step)  # a LoRA run's adapters merged into its base
   # Analysis in float32 with plain XLA attention (cuDNN flash attention needs bf16), whatever the run used.
   cfg = dataclasses.replace(cfg, **{"dtype": "float32", "attention": "xla", "remat": "none", **overrides})
-  params = jax.tree.map(lambda x: jnp.asarray(x, cfg.param_dtype), state.params)
+  params = jax.tree.map(lambda x: jnp.asarray(x, cfg.param_dtype), weights)
   return cfg, params, run_cfg.tokenizer or "gpt2"
 
 

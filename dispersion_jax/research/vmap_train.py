@@ -25,13 +25,13 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import distributed, sharding, train
+from dispersion_jax import distributed, lora_run, sharding, train
 from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.errors import CheckpointError, ConfigError, TrainingError
 from dispersion_jax.loop import Hooks, run_loop
 from dispersion_jax.metrics import MetricsLogger
 from dispersion_jax.models import build_model
-from dispersion_jax.train_step import init_state, state_shardings
+from dispersion_jax.train_step import eval_params, init_state, state_shardings, trainable
 
 MEMBER_KEYS = ("seed", "dispersion.coeff")  # what may differ inside one compiled group
 
@@ -103,18 +103,25 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
   # One data stream per distinct seed, shared by the members with that seed (they saved the same position).
   first = {s: next(k for k, c in enumerate(cfgs) if c.seed == s) for s in seeds}
   data = {s: train.train_batches(cfgs[k], ds, mesh, train.resume_row(ckpts[k], start, ds)) for s, k in first.items()}
+  spec, adapters = lora_run.setup(base, model_cfg)  # LoRA: each member holds its base in state.frozen
+  target, shardings = state_shardings(model_cfg, tx, mesh, spec)
   if start is None:
     params = train.pretrained_params(base, model_cfg)
-    init = jax.jit(lambda s, p: init_state(model_cfg, tx, s, p))  # traced seed: one compile for all members
-    states = [init(jnp.int32(c.seed), params) for c in cfgs]
+    # traced seed: one compile for all members
+    init = jax.jit(lambda s, p, a: init_state(model_cfg, tx, s, p, spec, a))
+    states = [init(jnp.int32(c.seed), params, adapters) for c in cfgs]
   else:
-    target, _ = state_shardings(model_cfg, tx, mesh)
-    states = [ck.restore(start, target) for ck in ckpts]
+    states = [train.restore_state(ck, start, c, model_cfg, spec, target, shardings) for ck, c in zip(ckpts, cfgs)]
+  records = [None if spec is None else lora_run.record(spec, s.frozen) for s in states]
   states = stack(states)
   start = start or 0
   vstep = vmapped_step(base, with_dispersion=bool(np.any(coeffs_K != 0)))
   eval_fn = train.jit_eval_step(
-      build_model(model_cfg), config_lib.dispersion_config(base), mesh, state_shardings(model_cfg, tx, mesh)[1].params
+      build_model(model_cfg),
+      config_lib.dispersion_config(base),
+      mesh,
+      eval_params(shardings),
+      lora_scale=spec and spec.scale,
   )
   val_batches = train.validation_batches(base, ds, mesh) if loop_cfg.eval_every else []
   loggers = [MetricsLogger(w, loop_cfg.steps, start, progress=k == 0) for k, w in enumerate(workdirs)]  # one bar
@@ -133,11 +140,11 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
   def save(step, states):
     for k, ck in enumerate(ckpts):
       d = data[cfgs[k].seed]
-      ck.save(step, member(states, k), d.state(d.rows_consumed(step - start)), cfgs[k].to_dict())
+      ck.save(step, trainable(member(states, k)), d.state(d.rows_consumed(step - start)), cfgs[k].to_dict(), records[k])
 
   def evaluate(step, states):  # one member at a time: the single-model eval, the numbers train.run logs
     for k, lg in enumerate(loggers):
-      row = train.validation_metrics(eval_fn, member(states.params, k), val_batches)
+      row = train.validation_metrics(eval_fn, eval_params(member(states, k)), val_batches)
       row.pop("tokens")
       lg.log(step, row)
 
