@@ -23,7 +23,7 @@ def row(name: str, config: str, target: str, flags: str, out: str) -> str:
   wall = re.search(r"exit (\d+) wall (\d+) s", log)
   path = os.path.join(out, name, "dry_run.json")
   if not os.path.exists(path):
-    state = f"error (exit {wall.group(1)})" if wall else "not finished"
+    state = f"error (exit {wall.group(1)})" if wall else "not run (interrupted)"
     return f"| {name} | {target} | {state} | | | | {wall.group(2) if wall else ''} | {command} |"
   r = json.load(open(path))
   mesh = "x".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
