@@ -1,5 +1,9 @@
 """dispersion_jax: JAX/Flax training stack for the dispersion loss (embedding condensation regulariser)."""
 
+from dispersion_jax import lifeline as _lifeline
+
+_lifeline.from_environment()  # first: a build worker still importing the package ends with its parent too
+
 from dispersion_jax.dispersion import VARIANTS, dispersion_loss
 from dispersion_jax.hf import load_pretrained, save_pretrained
 from dispersion_jax.models import GPT, GPTConfig, Qwen3, Qwen3Config, build_model, hidden_states

@@ -15,6 +15,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "dispersion_jax"
 CORE = (
     "__init__",
     "errors",
+    "lifeline",
     "dispersion",
     "dispersion_fused",
     "dispersion_pallas",

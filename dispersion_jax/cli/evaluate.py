@@ -10,11 +10,12 @@ perplexity through the data pipeline, export to a Hugging Face directory. Kebab-
 import json
 import os
 import pathlib
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, add_model_source, check_model_source, run_main
-from dispersion_jax.errors import DataError
+from dispersion_jax.errors import DataError, DatasetNotBuiltError
 from dispersion_jax.research import evaluate as ev
 from dispersion_jax.tokenizer import get_tokenizer
 
@@ -52,13 +53,13 @@ def parse_args(argv: Sequence[str] | None = None):
 def run(args) -> dict[str, Any]:
   cfg, params, tok_name = ev.load_model(args.workdir, args.step, args.hf_model)
   tok_name = args.tokenizer or tok_name
-  if args.hf_export:
-    ev.export_hf(args.hf_export, cfg, params, tok_name)
-    print(f"wrote Hugging Face directory {args.hf_export}")
   try:
     tokenizer = get_tokenizer(tok_name)
   except ValueError as e:
     raise DataError(f"tokenizer: {e}") from None
+  if args.hf_export:
+    ev.export_hf(args.hf_export, cfg, params, tok_name)
+    print(f"wrote Hugging Face directory {args.hf_export}")
   results: dict[str, Any] = {
       "model": args.hf_model or args.workdir,
       "step": args.step,
@@ -68,14 +69,22 @@ def run(args) -> dict[str, Any]:
       "tasks": {},
   }
   if args.split:
-    pp = ev.perplexity(
-        cfg,
-        params,
-        ev.data_config(args.workdir, cfg, tok_name),
-        split=args.split,
-        num_batches=args.num_batches or None,
-        batch_size=args.batch_size,
-    )
+    try:
+      pp = ev.perplexity(
+          cfg,
+          params,
+          ev.data_config(args.workdir, cfg, tok_name),
+          split=args.split,
+          num_batches=args.num_batches or None,
+          batch_size=args.batch_size,
+      )
+    except DatasetNotBuiltError as e:
+      if not args.workdir:
+        raise
+      flags = [f"--config.tokenizer={args.tokenizer}"] if args.tokenizer else []
+      raise e.with_command(
+          " ".join(["python -m dispersion_jax.data.build --workdir", *map(shlex.quote, [args.workdir, *flags])])
+      ) from None
     results["perplexity"] = pp
     print(f"{args.split:<24} loss={pp['loss']:.4f}  ppl={pp['ppl']:.2f}  ({pp['tokens']} tokens)")
   tasks = args.tasks if args.tasks is not None else [] if args.split else [str(t) for t in ev.DEFAULT_TASKS]
