@@ -1,6 +1,10 @@
 """dispersion_jax: JAX/Flax training stack for the dispersion loss (embedding condensation regulariser)."""
 
-from dispersion_jax.quiet import without_plugin_notes
+from dispersion_jax import lifeline as _lifeline
+
+_lifeline.from_environment()  # first: a build worker still importing the package ends with its parent too
+
+from dispersion_jax.quiet import without_plugin_notes  # noqa: E402
 
 with without_plugin_notes():  # jax's first import loads the CUDA plugin, if installed (quiet.py)
   from dispersion_jax.dispersion import VARIANTS, dispersion_loss

@@ -9,20 +9,27 @@ instead; it is not read (`data_state` returns None, and the loop resumes at step
 """
 
 import os
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from dispersion_jax.errors import CheckpointError
+from dispersion_jax.errors import CheckpointError, clean_message
 
 
 class Checkpointer:
+  """`writer=True` (training): creates WORKDIR/checkpoints and removes the temporary directories of killed saves.
+  `writer=False` (every tool that only reads a run): creates nothing, and never touches the temporary directory of
+  a save that a running training job may be writing."""
 
-  def __init__(self, workdir: str, max_to_keep: int | None = 3, async_save: bool = True):
+  def __init__(self, workdir: str, max_to_keep: int | None = 3, async_save: bool = True, writer: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save
+        max_to_keep=max_to_keep,
+        create=writer,
+        cleanup_tmp_directories=writer,
+        enable_async_checkpointing=async_save and writer,
     )
     handlers = {
         "state": ocp.StandardCheckpointHandler(),
@@ -32,8 +39,15 @@ class Checkpointer:
     }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
+  @classmethod
+  def reader(cls, workdir: str) -> "Checkpointer":
+    return cls(workdir, max_to_keep=None, writer=False)
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: dict | None, cfg: dict, lora: dict | None = None) -> None:
     """`data_state`: the data position (JSON); `cfg`: the run config as a plain dict, the run's one record of it;
@@ -52,6 +66,7 @@ class Checkpointer:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(data_state=ocp.args.JsonRestore()))["data_state"]
     except Exception as e:  # noqa: BLE001
+      _quiet_abandoned_reads()
       raise CheckpointError(
           f"checkpoint {self.directory}/{step} has no readable data state ({_first_line(e)}); "
           "delete that step directory to resume from an earlier one, or use a new --workdir"
@@ -73,6 +88,7 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - Orbax raises many kinds; the user needs one line and a fix
+      _quiet_abandoned_reads()
       raise CheckpointError(
           f"checkpoint {self.directory}/{step} cannot be restored ({_first_line(e)}); "
           "delete that step directory to resume from an earlier one, or use a new --workdir"
@@ -83,12 +99,17 @@ class Checkpointer:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"checkpoint {self.directory}/{step} has no readable config ({_first_line(e)})") from e
+      _quiet_abandoned_reads()
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} has no readable config ({_first_line(e)}); delete that step "
+          "directory to resume from an earlier one, or use a new --workdir"
+      ) from e
 
   def _check_shapes(self, step: int, abstract_state: Any) -> None:
     try:
       saved = self.manager.item_metadata(step)["state"]
     except Exception as e:  # noqa: BLE001
+      _quiet_abandoned_reads()
       raise CheckpointError(
           f"checkpoint {self.directory}/{step} is unreadable ({_first_line(e)}); "
           "delete that step directory or use a new --workdir"
@@ -110,7 +131,37 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    # The clean-up of temporary directories runs in a thread from the manager's creation until the first save;
+    # wait for it, or an exit right after (an error) makes it log a traceback about a shut-down executor.
+    pending = getattr(self.manager, "_cleanup_tmp_directory_future", None)  # private: no public wait for it
+    if pending is not None:
+      try:
+        pending.result()
+      except Exception:  # noqa: BLE001 - a failed clean-up of leftovers is no reason to fail the run
+        pass
     self.manager.close()
+
+
+def _quiet_abandoned_reads() -> None:
+  """After a failed restore, the reads of the other arrays are abandoned: when they finish, TensorStore calls back
+  into Orbax's closed event loop, and Python reports each one as an unraisable exception (`RuntimeError: Event loop
+  is closed`, `Exception ignored in: <coroutine object _read_array_index_and_device_put ...>`), tracebacks that
+  would follow the one-line error. Drop those, and only those."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_dispersion_quiet", False):
+    return
+
+  def hook(unraisable):
+    exc, obj = unraisable.exc_value, unraisable.object
+    code = getattr(obj, "cr_code", None)
+    if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
+        code is not None and ("orbax" in code.co_filename or "tensorstore" in code.co_filename)
+    ):
+      return
+    previous(unraisable)
+
+  hook._dispersion_quiet = True
+  sys.unraisablehook = hook
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -119,5 +170,14 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+  """The most specific line of a library failure: the innermost cause's message (Orbax wraps TensorStore's, which
+  names the array and the file), its first line, cleaned of object reprs, at most 300 characters."""
+  inner, seen = e, {id(e)}
+  while True:
+    nxt = inner.__cause__ or (None if inner.__suppress_context__ else inner.__context__)
+    if nxt is None or id(nxt) in seen:
+      break
+    inner = nxt
+    seen.add(id(inner))
+  text = clean_message(str(inner)).splitlines()
+  return f"{type(inner).__name__}: {text[0][:300]}" if text else type(inner).__name__

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -158,16 +159,37 @@ def check_same_config(cfg: dict) -> None:
 
 
 class Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits cleanly. Install it first
-  in a run, so that a SIGTERM during set-up still ends in a clean save and exit."""
+  """SIGTERM (a preemption) or Ctrl-C sets a flag; the loop saves a checkpoint at the next step boundary and stops,
+  and the command exits with code 75 (cli/common.py). A second Ctrl-C stops at once (KeyboardInterrupt, the last
+  checkpoint is kept). Install it first in a run (`with Preemption() as p:`), so that a SIGTERM during set-up still
+  ends in a clean save and exit; leaving the block restores the previous handlers."""
 
   def __init__(self):
     self.requested = False
-    if jax.process_count() == 1:  # multi-process: jax's preemption service owns SIGTERM (see below)
-      signal.signal(signal.SIGTERM, self._handle)
+    self._previous = {}
+    if threading.current_thread() is not threading.main_thread():
+      return  # signals reach the main thread only: a run in another thread stops by its stop_at
+    # Multi-process: jax's preemption service owns SIGTERM (see below); Ctrl-C stops that process only.
+    signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ()
+    for sig in signals:
+      self._previous[sig] = signal.signal(sig, self._handle)
 
-  def _handle(self, *_):
+  def _handle(self, signum, frame):
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
+    if signum == signal.SIGINT:
+      print(
+          "\nstopping after this step: saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True
+      )
     self.requested = True
+
+  def __enter__(self) -> "Preemption":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: one installed outside Python
+    self._previous = {}
 
 
 def preemption_requested(local_flag: bool, ckpt, step: int) -> bool:

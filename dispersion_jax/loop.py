@@ -23,6 +23,10 @@ class LoopConfig:
   checkpoint_every: int = 200
   max_to_keep: int | None = 3  # checkpoints kept; None = all
 
+  def evaluates_at(self, step: int) -> bool:
+    """Whether the loop evaluates after `step`: every eval_every steps and at the last one."""
+    return bool(self.eval_every) and (step % self.eval_every == 0 or step == self.steps)
+
   def __post_init__(self):
     for key in ("steps", "log_every", "checkpoint_every", "eval_batches"):
       if getattr(self, key) < 1:
@@ -97,7 +101,7 @@ def run_loop(
       finish(pending, force_log=step == cfg.steps)
       pending = None
       hooks.save(step, state)
-    if hooks.evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+    if hooks.evaluate is not None and cfg.evaluates_at(step):
       hooks.evaluate(step, state)
   if pending is not None:
     finish(pending)

@@ -1,4 +1,13 @@
-"""Where metrics go: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per logged step) and a tqdm bar."""
+"""Where metrics go: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per logged step) and a tqdm bar.
+
+metrics.jsonl holds one history: rows `{"step", "kind", ...}` with kind `train` (every log_every steps) or `eval`
+(every eval_every steps), each (step, kind) once. A run that resumes from the checkpoint of step S first rewrites the
+file (atomically) to the rows of steps <= S: what a killed run logged after its last checkpoint, or after the
+checkpoint a user resumed from, is computed again and must not appear twice. TensorBoard drops the same steps
+(`purge_step`). A resume that dropped rows or changed a setting adds one row `{"step": S, "kind": "resume",
+"discarded_rows": n, "discarded_through": T, "changed": {key: [old, new]}, "restarts": k}` (a later restart from
+the same step updates it); readers of the history skip it (`read_history`).
+"""
 
 import json
 import math
@@ -8,9 +17,74 @@ from typing import Mapping
 import numpy as np
 import tqdm
 
+FILE = "metrics.jsonl"
+KINDS = ("train", "eval")
+RESUME = "resume"
+
+
+def row_kind(row: Mapping) -> str | None:
+  """A row's kind; rows written before kinds existed: eval if it has val_loss, train if it has loss."""
+  if "kind" in row:
+    return row["kind"]
+  return "eval" if "val_loss" in row else "train" if "loss" in row else None
+
+
+def _read_rows(path: str) -> tuple[list[dict], bool]:
+  """(the rows of a metrics file, whether every line was a whole row). A line cut short by a kill (or otherwise
+  unreadable) is skipped."""
+  rows, whole = [], True
+  if not os.path.isfile(path):
+    return rows, whole
+  with open(path) as fh:
+    for line in fh:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        row = None
+      if isinstance(row, dict) and isinstance(row.get("step"), int) and line.endswith("\n"):
+        rows.append(row)
+      elif line.strip():
+        whole = False
+  return rows, whole
+
+
+def read_history(workdir: str) -> dict[str, dict[int, dict]]:
+  """{kind: {step: row}} for kinds train and eval: the run's one history. Resume rows are skipped; in a file of an
+  earlier version (which appended the rows of a resumed run after the discarded ones), the last row of a
+  (step, kind) wins, as the resumed run's."""
+  out: dict[str, dict[int, dict]] = {k: {} for k in KINDS}
+  for row in _read_rows(os.path.join(workdir, FILE))[0]:
+    kind = row_kind(row)
+    if kind in out:
+      out[kind][row["step"]] = row
+  return out
+
+
+def rewind(path: str, step: int) -> tuple[list[dict], dict | None]:
+  """Rewrites the metrics file to its rows of steps <= `step` (written to a temporary file, then renamed: a kill
+  leaves the old file or the new one). Returns (the train/eval rows dropped, the resume row of `step` if any: it
+  is taken out to be updated)."""
+  rows, whole = _read_rows(path)
+  keep, dropped, previous = [], [], None
+  for row in rows:
+    if row_kind(row) == RESUME and row["step"] == step:
+      previous = row
+    elif row["step"] <= step:
+      keep.append(row)
+    elif row_kind(row) in KINDS:
+      dropped.append(row)
+  if not os.path.exists(path) or (whole and len(keep) == len(rows)):
+    return dropped, previous  # nothing to drop: leave the file as it is
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as fh:
+    fh.writelines(json.dumps(r) + "\n" for r in keep)
+  os.replace(tmp, path)
+  return dropped, previous
+
 
 class MetricsLogger:
-  """Host-side sink; only the lead process writes (`enabled`)."""
+  """Host-side sink; only the lead process writes (`enabled`). Opening it at `start_step` rewinds the history to
+  that step (see the module docstring)."""
 
   def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True, progress: bool = True):
     self.enabled = enabled
@@ -22,23 +96,60 @@ class MetricsLogger:
         disable=not (enabled and progress),
         mininterval=1.0,
     )
+    self.dropped: list[dict] = []
+    self._previous_resume = None
+    path = os.path.join(workdir, FILE)
+    if enabled:
+      self.dropped, self._previous_resume = rewind(path, start_step)
+    # Every process reads what the history holds up to the start (the workdir is shared): decisions taken on it
+    # (train.py's evaluation of a checkpoint that has none yet) must be the same on all of them.
+    self._logged = {(r["step"], row_kind(r)) for r in _read_rows(path)[0] if r["step"] <= start_step}
     if not enabled:
       return
     from tensorboardX import SummaryWriter
 
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    # TensorBoard hides the events of steps >= purge_step written before this session: the same history.
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+    self._jsonl = open(path, "a", buffering=1)
+
+  def has(self, step: int, kind: str) -> bool:
+    """Whether the history holds a row of this (step, kind)."""
+    return (step, kind) in self._logged
+
+  def record_resume(self, step: int, changed: Mapping[str, tuple] | None = None) -> dict | None:
+    """Adds the resume row of a restart from `step` if it dropped rows or changed settings (`changed`: key ->
+    (old, new)); returns it (None when there was nothing to record)."""
+    prev = self._previous_resume or {}
+    merged = dict(prev.get("changed", {}))
+    for key, (old, new) in (changed or {}).items():  # a repeated change keeps the value before the first one
+      merged[key] = [merged[key][0] if key in merged else old, new]
+    through = [r["step"] for r in self.dropped] + [t for t in [prev.get("discarded_through")] if t is not None]
+    if not (self.dropped or changed or prev):
+      return None
+    row = {
+        "step": step,
+        "kind": RESUME,
+        "discarded_rows": len(self.dropped) + prev.get("discarded_rows", 0),
+        "discarded_through": max(through, default=None),
+        "changed": merged,
+        "restarts": prev.get("restarts", 0) + 1,
+    }
+    if self.enabled:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._logged.add((step, RESUME))
+    return row
 
   def advance(self, steps: int = 1) -> None:
     self._bar.update(steps)
 
-  def log(self, step: int, metrics: Mapping[str, float]) -> None:
+  def log(self, step: int, metrics: Mapping[str, float], kind: str = "train") -> None:
     if not self.enabled:
       return
     scalars = {k: _scalar(v) for k, v in metrics.items()}
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.write(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
+    self._logged.add((step, kind))
     shown = {k: scalars[k] for k in ("loss", "ce", "dispersion", "val_loss") if k in scalars}
     if shown:
       self._bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)

@@ -212,46 +212,102 @@ def peak_flops() -> float | None:
   return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
+def resume_point(cfg: ConfigDict, workdir: str) -> tuple[int | None, dict[str, tuple]]:
+  """(the step a run in `workdir` resumes from, None for a fresh run; the settings it changes, key -> (old, new)).
+  Reads the latest checkpoint's run config without creating anything; a change of the model or of the meaning of
+  the saved state is a ConfigError (config.resume_changes)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return None, {}
+  reader = Checkpointer.reader(workdir)
+  try:
+    step = reader.latest_step()
+    if step is None:
+      return None, {}
+    saved = config_lib.from_saved(reader.saved_config(step))
+  finally:
+    reader.close()
+  where = f"the checkpoint of step {step} in {reader.directory}"
+  return step, config_lib.resume_changes(saved, cfg, where)
+
+
+def announce_changes(logger: MetricsLogger, start: int, changed: dict[str, tuple]) -> None:
+  """One console line for the settings a resume changes; a warning for those of the objective and the update
+  (config.RESUME_ANNOUNCED): the run is trained differently from then on."""
+  if not changed:
+    return
+  what = lambda keys: ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in keys)
+  training = [k for k in changed if config_lib.changes_training(k)]
+  other = [k for k in changed if k not in training]
+  if other:
+    logger.write(f"resuming from step {start} with changed settings: {what(other)}")
+  if training:
+    logger.write(
+        f"warning: the run trains with other settings from step {start + 1} on ({what(training)}); metrics.jsonl "
+        "records the change (a row of kind 'resume'), and the checkpoints from now on hold the new settings"
+    )
+
+
 def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: int | None = None) -> int:
-  """Trains to cfg.steps (or until SIGTERM / `stop_at`, handled alike); returns the last completed step."""
-  preempt = distributed.Preemption()  # first: a SIGTERM during set-up still ends in a clean save and exit
+  """Trains to cfg.steps (or until SIGTERM / SIGINT / `stop_at`, handled alike); returns the last completed step.
+
+  Every check (config, resume, data) runs before anything is written: a run that fails to start leaves no
+  workdir behind."""
+  with distributed.Preemption() as preempt:  # first: a SIGTERM during set-up still ends in a clean save and exit
+    return _run(cfg, workdir, preempt, devices, stop_at)
+
+
+def _run(cfg: ConfigDict, workdir: str, preempt, devices: list | None, stop_at: int | None) -> int:
   lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   loop_cfg = config_lib.loop_config(cfg)
   mesh = sharding.make_mesh(config_lib.mesh_config(cfg), devices)
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
   model = build_model(model_cfg)
   train_fn, tx = step_function(cfg, model_cfg)
   check_vocab(cfg, model_cfg)
+  resume_from, changed = resume_point(cfg, workdir)
   ds = open_data(cfg)
 
-  spec, adapters = lora_run.setup(cfg, model_cfg)
+  spec, adapters = lora_run.setup(cfg, model_cfg)  # before makedirs: a LoRA setting error creates nothing
+  os.makedirs(workdir, exist_ok=True)
   target, shardings = state_shardings(model_cfg, tx, mesh, spec)
   ckpt = Checkpointer(workdir, loop_cfg.max_to_keep)
-  start = ckpt.latest_step()
-  data = train_batches(cfg, ds, mesh, resume_row(ckpt, start, ds))
-  with logical_context(mesh):
-    if start is None:
-      params = pretrained_params(cfg, model_cfg)
-      params = (
-          None if params is None else jax.device_put(params, shardings.params if spec is None else shardings.frozen)
-      )
-      adapters = None if adapters is None else jax.device_put(adapters, shardings.params)
-      state = jax.jit(lambda p, a: init_state(model_cfg, tx, cfg.seed, p, spec, a), out_shardings=shardings)(
-          params, adapters
-      )
-    else:
-      state = restore_state(ckpt, start, cfg, model_cfg, spec, target, shardings)
-    record = None if spec is None else lora_run.record(spec, state.frozen)
-    step_fn = jit_train_step(train_fn, mesh, shardings)
-    eval_fn = jit_eval_step(model, disp, mesh, eval_params(shardings), lora_scale=spec and spec.scale)
-    val_batches = validation_batches(cfg, ds, mesh) if loop_cfg.eval_every else []
+  try:
+    start = ckpt.latest_step()
+    if start != resume_from:  # another process wrote a checkpoint meanwhile: check that one
+      resume_from, changed = resume_point(cfg, workdir)
+    data = train_batches(cfg, ds, mesh, resume_row(ckpt, start, ds))
+    with logical_context(mesh):
+      if start is None:
+        params = pretrained_params(cfg, model_cfg)
+        params = (
+            None if params is None else jax.device_put(params, shardings.params if spec is None else shardings.frozen)
+        )
+        adapters = None if adapters is None else jax.device_put(adapters, shardings.params)
+        state = jax.jit(lambda p, a: init_state(model_cfg, tx, cfg.seed, p, spec, a), out_shardings=shardings)(
+            params, adapters
+        )
+      else:
+        state = restore_state(ckpt, start, cfg, model_cfg, spec, target, shardings)
+      record = None if spec is None else lora_run.record(spec, state.frozen)
+      step_fn = jit_train_step(train_fn, mesh, shardings)
+      eval_fn = jit_eval_step(model, disp, mesh, eval_params(shardings), lora_scale=spec and spec.scale)
+      val_batches = validation_batches(cfg, ds, mesh) if loop_cfg.eval_every else []
+  except BaseException:
+    ckpt.close()
+    raise
   start = start or 0
   logger = MetricsLogger(workdir, loop_cfg.steps, start, enabled=lead)
   logger.write(
       f"{'resuming from step ' + str(start) if start else 'starting'}: {model_cfg.n_layer} layers, "
       f"width {model_cfg.n_embd}, mesh {dict(mesh.shape)}, {cfg.batch_size}x{cfg.seq_len} tokens/step"
   )
+  resumed = logger.record_resume(start, changed)
+  if resumed and resumed["discarded_rows"] and logger.dropped:
+    logger.write(
+        f"metrics.jsonl: dropped {len(logger.dropped)} rows of steps {start + 1}-{resumed['discarded_through']} "
+        f"logged after the checkpoint of step {start} (they are computed again)"
+    )
+  announce_changes(logger, start, changed)
   base = config_lib.baseline_config(cfg)
   if base.method == "active_forgetting" and loop_cfg.steps < base.forget_every:
     logger.write(
@@ -282,7 +338,7 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
         row.update(harness_eval(weights))
     last_eval.clear()
     last_eval.update(row)
-    logger.log(step, row)
+    logger.log(step, row, kind="eval")
 
   hooks = Hooks(
       log=log,
@@ -296,6 +352,8 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
   )
   try:
     with logical_context(mesh):
+      if start and loop_cfg.evaluates_at(start) and not logger.has(start, "eval"):
+        evaluate(start, state)  # killed between the checkpoint and its evaluation: the history needs that row
       out = run_loop(
           step_fn,
           state,
@@ -334,13 +392,25 @@ def summary(workdir: str, out, last_eval: dict, stop_at: int | None = None) -> s
   return "\n".join(lines)
 
 
+def _open_run(workdir: str, step: int | None) -> tuple[Checkpointer, int]:
+  """A reader of a run's checkpoints (it creates nothing) and the step to read: `step`, or the latest one."""
+  if not os.path.isdir(workdir):
+    raise CheckpointError(f"--workdir {workdir} is not a directory (a training run's workdir)")
+  ckpt = Checkpointer.reader(workdir)
+  steps = ckpt.all_steps()
+  if step is None and not steps:
+    ckpt.close()
+    raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first (python -m dispersion_jax.train ...)")
+  if step is not None and step not in steps:
+    ckpt.close()
+    raise CheckpointError(f"no checkpoint of step {step} in {ckpt.directory}; it has steps {steps or 'none'}")
+  return ckpt, steps[-1] if step is None else step
+
+
 def load_run_config(workdir: str, step: int | None = None) -> ConfigDict:
   """The run config a run's (latest) checkpoint was trained with."""
-  ckpt = Checkpointer(workdir, max_to_keep=None, async_save=False)
+  ckpt, step = _open_run(workdir, step)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no checkpoint in {ckpt.directory}; train first")
     return config_lib.from_saved(ckpt.saved_config(step))
   finally:
     ckpt.close()
@@ -357,13 +427,8 @@ def load_run(workdir: str, step: int | None = None, mesh=None):
 
 
 def _load(workdir: str, step: int | None, mesh):
-  ckpt = Checkpointer(workdir, max_to_keep=None, async_save=False)
+  ckpt, step = _open_run(workdir, step)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.manager.all_steps():
-      raise CheckpointError(
-          f"no checkpoint {'' if step is None else step} in {ckpt.directory}; " "train first or pass an existing --step"
-      )
     cfg = config_lib.from_saved(ckpt.saved_config(step))
     model_cfg = config_lib.model_config(cfg)
     tx, _, _ = optimizer_and_step(cfg, model_cfg)

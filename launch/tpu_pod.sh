@@ -4,7 +4,7 @@
 # metadata (dispersion_jax/distributed.py calls it on any TPU VM); one process per host drives its local chips.
 #
 #   launch/tpu_pod.sh setup                       # once per TPU VM: copy the code, install, build the dataset
-#   launch/tpu_pod.sh train [--config.KEY=VALUE ...]   # train (re-run to resume from the last checkpoint)
+#   launch/tpu_pod.sh train [--config.KEY=VALUE ...]   # train; re-queued on exit 75 (preempted, saved)
 #   launch/tpu_pod.sh sync                        # copy the code again after a change (then `train`)
 #   launch/tpu_pod.sh stop                        # kill the trainer on every worker (e.g. after a failure)
 set -euo pipefail
@@ -23,6 +23,11 @@ PYTHON=python3.11                    # jax 0.10 needs Python >= 3.11 (installed 
 # Training reads a built dataset (only the embedded corpus is built on first use). Build it once into a directory
 # every worker sees (data.cache_dir on the shared mount); with a per-worker cache dir, every worker builds it.
 PREPARE="python -m dispersion_jax.data.build --config $CONFIG"
+# A trainer that was preempted (SIGTERM, e.g. a maintenance event) saves a checkpoint and exits 75: `train` then
+# runs again (resuming from it) up to MAX_REQUEUES times, REQUEUE_DELAY_S apart. A deleted VM (a spot TPU taken
+# back) is not re-created here: create it again, `setup`, then `train`.
+MAX_REQUEUES=${MAX_REQUEUES:-20}
+REQUEUE_DELAY_S=${REQUEUE_DELAY_S:-60}
 # ----------------------------------------------------------------------------------------------------------------
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,8 +58,23 @@ case ${1:-} in
   train)
     shift
     args=$(printf ' %q' --config "$CONFIG" --workdir "$WORKDIR" "$@")
-    # The same command on every worker; each prints its own log lines (gcloud prefixes them with the worker).
-    on_all "cd ~/$REMOTE_DIR && source ~/venv/bin/activate && python -m dispersion_jax.train$args"
+    log=$(mktemp)
+    trap 'rm -f "$log"' EXIT
+    for ((attempt = 0; ; attempt++)); do
+      # The same command on every worker; each prints its own log lines (gcloud prefixes them with the worker).
+      # Each worker also prints its trainer's exit status: gcloud's own status does not say which one it was.
+      status=0
+      on_all "cd ~/$REMOTE_DIR && source ~/venv/bin/activate && python -m dispersion_jax.train$args; \
+              rc=\$?; echo dispersion-train-exit=\$rc; exit \$rc" 2>&1 | tee "$log" || status=$?
+      codes=$(grep -o 'dispersion-train-exit=[0-9]*' "$log" | cut -d= -f2 | sort -u || true)
+      if [[ $codes == 75 ]] && ((attempt < MAX_REQUEUES)); then   # every worker: preempted
+        echo "tpu_pod.sh: preempted (exit 75, checkpoint saved); re-queued in ${REQUEUE_DELAY_S}s" \
+          "($((attempt + 1)) of $MAX_REQUEUES)" >&2
+        sleep "$REQUEUE_DELAY_S"
+        continue
+      fi
+      exit "$status"
+    done
     ;;
   stop)
     on_all "pkill -f 'python -m dispersion_jax.train' || true"

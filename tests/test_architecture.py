@@ -17,6 +17,7 @@ CORE = (
     "errors",
     "backend",
     "quiet",
+    "lifeline",
     "dispersion",
     "dispersion_fused",
     "dispersion_pallas",

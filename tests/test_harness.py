@@ -6,7 +6,6 @@ token-identical."""
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest

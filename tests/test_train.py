@@ -129,7 +129,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys, data_dir):
   )
   # A finished run, then a checkpoint of another model shape in the same workdir.
   train_main(base)
-  assert "another model shape" in _main_error(capsys, base + ["--config.model.n_embd=64", "--config.steps=4"])
+  msg = _main_error(capsys, base + ["--config.model.n_embd=64", "--config.steps=4"])
+  assert "model.n_embd (checkpoint 32, now 64)" in msg and "--config.model.n_embd=32" in msg
   # A corrupt checkpoint: overwrite every file of the latest step with garbage.
   step_dir = tmp_path / "w" / "checkpoints" / "2"
   for root, _, files in os.walk(step_dir):

@@ -119,7 +119,7 @@ def test_kill_9_then_rerun_continues_from_the_last_checkpoint(tmp_path, data_dir
   time.sleep(1.0)  # land somewhere in the middle of later steps and saves
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=30)
-  last = Checkpointer(workdir).latest_step()
+  last = Checkpointer.reader(workdir).latest_step()
   assert last is not None and last >= 2
   proc = _spawn(workdir, data_dir, "--config.steps=" + str(last + 2), "--config.checkpoint_every=2")
   out, _ = proc.communicate(timeout=240)
@@ -127,7 +127,10 @@ def test_kill_9_then_rerun_continues_from_the_last_checkpoint(tmp_path, data_dir
   assert f"resuming from step {last}" in out
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_and_exits_75(tmp_path, data_dir, sig):
+  """A preemption (SIGTERM) or Ctrl-C: a checkpoint at the next step, then exit code 75 (a scheduler re-queues on
+  it; 0 would read as finished)."""
   workdir = str(tmp_path / "preempted")
   proc = _spawn(workdir, data_dir, "--config.steps=100000", "--config.checkpoint_every=1000")
   deadline = time.time() + 240
@@ -135,12 +138,12 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
   while not (os.path.exists(jsonl) and os.path.getsize(jsonl) > 0) and time.time() < deadline:  # training steps
     assert proc.poll() is None, proc.stdout.read()
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out
-  assert "preempted at step" in out
+  assert proc.returncode == 75, out
+  assert "preempted at step" in out and "Traceback" not in out, out
   step = int(out.split("preempted at step ")[1].split(":")[0])
-  assert Checkpointer(workdir).latest_step() == step > 0
+  assert Checkpointer.reader(workdir).latest_step() == step > 0
 
 
 def test_checkpoints_of_the_grain_pipeline_and_a_new_batch_size_resume_at_the_right_row(tmp_path, data_dir):

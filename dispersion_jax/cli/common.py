@@ -1,17 +1,25 @@
 """What every command shares: one argument parser style (snake_case flags; argparse), run configs given as
-`--config FILE [--config.KEY=VALUE ...]`, launch flags for multi-process runs, and user errors reported as one
-line `error: ...` with exit code 2.
+`--config FILE [--config.KEY=VALUE ...]`, launch flags for multi-process runs, and the exit codes:
+
+  0   done
+  2   a user error: one line `error: ...` on stderr, nothing else after it, nothing created
+  75  interrupted (SIGTERM, e.g. a preemption, or Ctrl-C): what was done is kept (training saved a checkpoint, a
+      build keeps its finished work units); re-run the same command to continue. Schedulers re-queue on it
+      (EX_TEMPFAIL of sysexits.h: "try again later").
 """
 
 import argparse
 import functools
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from dispersion_jax import backend, distributed
-from dispersion_jax.errors import UserError
+from dispersion_jax.errors import UserError, clean_message
 
 USAGE_EXIT = 2
+INTERRUPTED_EXIT = 75  # EX_TEMPFAIL: preempted or interrupted, re-run the same command to continue
 FILE_ERRORS = (UserError, ValueError, OSError)  # tools reading user files: their readers' messages are one line
 
 
@@ -91,19 +99,62 @@ def check_model_source(p: Parser, args: argparse.Namespace) -> None:
     p.error("--step needs --workdir")
 
 
-def run_main(fn: Callable | None = None, *, catch: tuple[type[BaseException], ...] = (UserError,)) -> Callable:
+class Interrupted(KeyboardInterrupt):
+  """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that `finally` blocks (a build's pool
+  shutdown, temporary files) run before the command exits."""
+
+
+def _raise_interrupted(signum, frame):
+  raise Interrupted(signal.Signals(signum).name)
+
+
+def run_main(
+    fn: Callable | None = None,
+    *,
+    catch: tuple[type[BaseException], ...] = (UserError,),
+    interrupted: str = "re-run the same command to start again",
+) -> Callable:
   """Wraps a command's main: a user error (UserError; the tools that read user files also ValueError / OSError)
-  becomes one line on stderr and exit code 2."""
+  becomes one line on stderr and exit code 2; SIGTERM and Ctrl-C end it through its `finally` blocks with one
+  line (`interrupted` says what to do) and exit code 75. Commands that save state install their own handlers
+  (training: a checkpoint at the next step boundary)."""
   if fn is None:
-    return functools.partial(run_main, catch=catch)
+    return functools.partial(run_main, catch=catch, interrupted=interrupted)
 
   @functools.wraps(fn)
   def wrapper(*args, **kw):
     backend.prefer_cpu_without_accelerator()  # before the backend starts: no TPU / CUDA probing on a CPU box
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if main_thread:
+      previous = {signal.SIGINT: signal.getsignal(signal.SIGINT)}
+      previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
       return fn(*args, **kw)
     except catch as e:
-      print(f"error: {e}", file=sys.stderr)
-      distributed.exit_now(USAGE_EXIT)  # multi-process: no shutdown barrier with peers still computing
+      _exiting(main_thread)
+      fail(str(e))
+    except KeyboardInterrupt as e:
+      _exiting(main_thread)
+      name = str(e) if isinstance(e, Interrupted) else "SIGINT"
+      print(f"interrupted ({name}): {interrupted}", file=sys.stderr, flush=True)
+      distributed.exit_now(INTERRUPTED_EXIT)
+    finally:
+      for sig, handler in previous.items():  # None: a handler installed outside Python
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
   return wrapper
+
+
+def _exiting(main_thread: bool) -> None:
+  """Reporting and exiting: a second SIGTERM or Ctrl-C now would only add a traceback."""
+  if main_thread:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def fail(message: str) -> None:
+  """Exit 2 with `error: <message>`: one line (library text cleaned of object reprs and joined)."""
+  line = " ".join(clean_message(message).split())
+  print(f"error: {line}", file=sys.stderr, flush=True)
+  distributed.exit_now(USAGE_EXIT)  # multi-process: no shutdown barrier with peers still computing

@@ -1,21 +1,28 @@
-"""python -m dispersion_jax.data.build --config CFG [--config.KEY=VALUE ...] [--workers N] [--no_keep_tokens]
+"""python -m dispersion_jax.data.build (--config CFG | --workdir RUN) [--config.KEY=VALUE ...] [--workers N]
+    [--no_keep_tokens]
 
 Builds the run config's dataset once: tokenizes its input (data.source / data.text_dir / data.tfds_name, with the
 run's tokenizer) in N worker processes and writes pre-packed blocks of seq_len + 1 tokens with train and
-validation splits, in data.cache_dir (or data.data_dir). The output does not depend on N; a killed build leaves no
-half-built dataset, and re-running finishes it (a finished one is not rebuilt). Training reads the result.
+validation splits, in data.cache_dir (or data.data_dir). --workdir RUN: the dataset a training run was trained on
+(the run config of its latest checkpoint). The output does not depend on N; a killed build leaves no half-built
+dataset and no worker process, and re-running finishes it (a finished one is not rebuilt). Training reads the
+result. Exit codes: 0 built; 2 a user error (one line); 75 interrupted by SIGTERM or Ctrl-C (the workers are
+stopped, finished work units are kept: re-run to finish).
 """
 
 from collections.abc import Sequence
 
 from dispersion_jax import config as config_lib
-from dispersion_jax.cli.common import Parser, add_run_config, run_main
+from dispersion_jax import train
+from dispersion_jax.cli.common import FILE_ERRORS, Parser, run_main
 from dispersion_jax.data import build
 
 
 def parser() -> Parser:
   p = Parser(prog="python -m dispersion_jax.data.build", description=__doc__, overrides=True)
-  add_run_config(p, workdir=False)
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--config", metavar="FILE", help="a config file (configs/*.py)")
+  source.add_argument("--workdir", metavar="RUN", help="a training run: the dataset its checkpoints were trained on")
   p.add_argument(
       "--workers",
       type=int,
@@ -30,10 +37,17 @@ def parser() -> Parser:
   return p
 
 
-@run_main
+@run_main(
+    catch=FILE_ERRORS, interrupted="the finished work units are kept; re-run the same command to finish the build"
+)
 def main(argv: Sequence[str] | None = None) -> build.BuildReport:
   args = parser().parse_args(argv)
-  cfg = config_lib.load(args.config, args.overrides)
+  if args.workdir:
+    cfg = train.load_run_config(args.workdir)
+    for key, value in args.overrides:
+      config_lib.apply_override(cfg, key, value)
+  else:
+    cfg = config_lib.load(args.config, args.overrides)
   config_lib.validate(cfg)
   return build.build(
       config_lib.data_config(cfg),

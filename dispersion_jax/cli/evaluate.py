@@ -15,11 +15,13 @@ one release.
 
 import json
 import os
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
 from dispersion_jax import peft, train
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, add_model_source, check_model_source, run_main
+from dispersion_jax.errors import DatasetNotBuiltError
 from dispersion_jax.research import evaluate as ev
 
 
@@ -78,14 +80,22 @@ def run(args) -> dict[str, Any]:
     print(f"wrote PEFT adapter directory {args.peft_export}")
   results: dict[str, Any] = {}
   if args.split:
-    pp = ev.perplexity(
-        cfg,
-        params,
-        ev.data_config(args.workdir, cfg, tok_name),
-        split=args.split,
-        num_batches=args.num_batches or None,
-        batch_size=args.batch_size,
-    )
+    try:
+      pp = ev.perplexity(
+          cfg,
+          params,
+          ev.data_config(args.workdir, cfg, tok_name),
+          split=args.split,
+          num_batches=args.num_batches or None,
+          batch_size=args.batch_size,
+      )
+    except DatasetNotBuiltError as e:
+      if not args.workdir:
+        raise
+      flags = [f"--config.tokenizer={args.tokenizer}"] if args.tokenizer else []
+      raise e.with_command(
+          " ".join(["python -m dispersion_jax.data.build --workdir", *map(shlex.quote, [args.workdir, *flags])])
+      ) from None
     results["perplexity"] = pp
     print(f"{args.split:<24} loss={pp['loss']:.4f}  ppl={pp['ppl']:.2f}  ({pp['tokens']} tokens)")
   tasks = args.tasks.split(",") if args.tasks else [] if args.split else list(ev.DEFAULT_TASKS)

@@ -7,9 +7,10 @@ interrupted ones), evaluates them and tabulates the results (research/sweep.py s
 spellings (--max-members, --no-eval) are accepted for one release.
 """
 
+import sys
 from collections.abc import Sequence
 
-from dispersion_jax.cli.common import FILE_ERRORS, Parser, run_main
+from dispersion_jax.cli.common import FILE_ERRORS, INTERRUPTED_EXIT, Parser, run_main
 from dispersion_jax.research.sweep import run_sweep
 
 
@@ -25,10 +26,15 @@ def parser() -> Parser:
   return p
 
 
-@run_main(catch=FILE_ERRORS)
+@run_main(catch=FILE_ERRORS, interrupted="re-run the same command to resume the sweep")
 def main(argv: Sequence[str] | None = None) -> None:
+  """Exit codes: 0 done; 2 a user error; 75 preempted (SIGTERM or Ctrl-C: the running points saved a checkpoint;
+  re-run the same command to resume)."""
   args = parser().parse_args(argv)
-  run_sweep(args.config, args.workdir, vmap=args.vmap, max_members=args.max_members, evaluate=not args.no_eval)
+  rows = run_sweep(args.config, args.workdir, vmap=args.vmap, max_members=args.max_members, evaluate=not args.no_eval)
+  if any(str(r["status"]).startswith(("stopped", "not started")) for r in rows):
+    sys.stdout.flush()
+    sys.exit(INTERRUPTED_EXIT)
 
 
 if __name__ == "__main__":

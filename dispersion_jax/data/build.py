@@ -22,9 +22,11 @@ import dataclasses
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import time
 
+from dispersion_jax import lifeline
 from dispersion_jax.data import build_stages
 from dispersion_jax.data import inputs as inputs_lib
 from dispersion_jax.data import packed
@@ -105,9 +107,16 @@ def _resolve_workers(workers: int | None, cfg: DataConfig) -> int:
 
 
 def _init_worker() -> None:
-  # One thread per worker process: the pool is the parallelism (HF tokenizers read this before they start).
+  """Runs first in every worker process (after its imports). One thread per worker (the pool is the parallelism;
+  HF tokenizers read these before they start). Ctrl-C and SIGTERM sent to the whole process group (a terminal, a
+  scheduler) are the parent's to handle: it stops the pool (SIGKILL) and reports the interruption, instead of
+  seeing a worker die first. The worker ends when the build process does, however it ends: `_Runner` sets
+  lifeline.ENV, which the package applies first thing in the worker (dispersion_jax/__init__.py)."""
   os.environ["RAYON_NUM_THREADS"] = "1"
   os.environ["TOKENIZERS_PARALLELISM"] = "false"
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  lifeline.from_environment()  # in case the package was imported before the variable was set
 
 
 class _Runner:
@@ -126,9 +135,21 @@ class _Runner:
       # spawn, not fork: the parent may have imported JAX (threads, maybe a device runtime); fork is unsafe then.
       # A pool that loses a worker (OOM kill, ...) raises BrokenProcessPool instead of waiting forever.
       self._pool = concurrent.futures.ProcessPoolExecutor(
-          min(self.workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+          min(self.workers, len(tasks)),
+          mp_context=multiprocessing.get_context("spawn"),
+          initializer=_init_worker,
       )
-    futures = [self._pool.submit(fn, t) for t in tasks]
+    # The pool starts its workers here, on submit. Each ends with this process, even after a `kill -9` of it
+    # (lifeline.py; their work is disposable): the variable reaches them, and only them.
+    before = os.environ.get(lifeline.ENV)
+    os.environ[lifeline.ENV] = lifeline.environment(os.getpid(), signal.SIGKILL)
+    try:
+      futures = [self._pool.submit(fn, t) for t in tasks]
+    finally:
+      if before is None:
+        os.environ.pop(lifeline.ENV, None)
+      else:
+        os.environ[lifeline.ENV] = before
     try:
       for f in concurrent.futures.as_completed(futures):
         yield f.result()
@@ -148,23 +169,13 @@ class _Runner:
       self._pool.shutdown(wait=True)
       return
     # Failed or interrupted: do not wait for the running units (minutes for big ones); their files are written
-    # to temporary names, so a stopped worker leaves nothing that a re-run would take for finished work.
+    # to temporary names, so a killed worker leaves nothing that a re-run would take for finished work.
     procs = list((getattr(self._pool, "_processes", None) or {}).values())  # private: no public terminate()
     self._pool.shutdown(wait=False, cancel_futures=True)
     for p in procs:
-      p.terminate()
+      p.kill()
     for p in procs:
       p.join(timeout=10)
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 def _clean_stale_tmp(root: str, name: str) -> None:
@@ -176,7 +187,7 @@ def _clean_stale_tmp(root: str, name: str) -> None:
     if not entry.startswith(f".tmp-{name}-"):
       continue
     owner_host, _, pid = entry[len(f".tmp-{name}-") :].rpartition("-")
-    if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+    if owner_host == host and pid.isdigit() and not lifeline.alive(int(pid)):
       shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
@@ -253,7 +264,7 @@ def open_or_build_default(
   ident = packed.identify(data_cfg, tokenizer=tokenizer, seq_len=seq_len)
   if data_cfg.source == "default" and not os.path.isdir(ident.path):
     build(data_cfg, tokenizer=tokenizer, seq_len=seq_len, workers=workers, progress=progress)
-  return packed.open_identity(ident)
+  return packed.open_identity(ident, packed.build_command(data_cfg, tokenizer=tokenizer, seq_len=seq_len))
 
 
 if __name__ == "__main__":  # the command line lives in cli/data.py; keeps `python -m dispersion_jax.data.build`

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import os
+import shlex
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from dispersion_jax import tokenizer as tokenizer_lib
 from dispersion_jax.data import inputs as inputs_lib
 from dispersion_jax.data import token_files
 from dispersion_jax.data.config import DataConfig
-from dispersion_jax.errors import DataError
+from dispersion_jax.errors import DataError, DatasetNotBuiltError
 
 FORMAT_VERSION = 1  # bump when the records or their meaning change: a new fingerprint
 DATASET_NAME = "dispersion_packed"
@@ -245,14 +246,26 @@ def open_path(path: str) -> PackedDataset:
   return PackedDataset(path)
 
 
+def build_command(cfg: DataConfig, *, tokenizer: str, seq_len: int, config: str = "CFG") -> str:
+  """The command that builds this dataset: the run config file (`config`) with the data settings as flags."""
+  flags = [f"--config.{k}={v}" for k, v in (("seq_len", seq_len), ("tokenizer", tokenizer))]
+  default = DataConfig()
+  for f in dataclasses.fields(DataConfig):
+    value = getattr(cfg, f.name)
+    if value != getattr(default, f.name) and f.name not in ("read_threads",):
+      flags.append(f"--config.data.{f.name}={value}")
+  return " ".join(["python -m dispersion_jax.data.build --config", config, *(shlex.quote(x) for x in flags)])
+
+
 def open_packed(cfg: DataConfig, *, tokenizer: str, seq_len: int) -> PackedDataset:
   """The built dataset of this data config, tokenizer and seq_len; a DataError naming the build command if there is
   none (or only one of other inputs: an edited input has a new fingerprint)."""
   ident = identify(cfg, tokenizer=tokenizer, seq_len=seq_len)
-  return open_identity(ident)
+  return open_identity(ident, build_command(cfg, tokenizer=tokenizer, seq_len=seq_len))
 
 
-def open_identity(ident: Identity) -> PackedDataset:
+def open_identity(ident: Identity, command: str = BUILD_COMMAND) -> PackedDataset:
+  """The dataset `ident` names; DatasetNotBuiltError (ending with `command`) when it was not built."""
   if not os.path.isdir(ident.path):
     others = (
         sorted(n for n in os.listdir(ident.root) if n.startswith(f"{ident.inputs.label}-"))
@@ -260,10 +273,10 @@ def open_identity(ident: Identity) -> PackedDataset:
         else []
     )
     hint = f" ({len(others)} other build(s) of this input exist: inputs, tokenizer or seq_len differ)" if others else ""
-    raise DataError(
+    raise DatasetNotBuiltError(
         f"no built dataset for {ident.inputs.describe()} with tokenizer {ident.tokenizer} and "
-        f"seq_len={ident.seq_len} in {ident.root}{hint}; build it with `{BUILD_COMMAND}` "
-        "(the training config and --config.* flags)"
+        f"seq_len={ident.seq_len} in {ident.root}{hint}",
+        command,
     )
   ds = PackedDataset(ident.path)
   if ds.fingerprint != ident.fingerprint:

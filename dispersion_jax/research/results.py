@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from dispersion_jax import config as config_lib
+from dispersion_jax import metrics
 from dispersion_jax.errors import ConfigError, DataError
 from dispersion_jax.research import condensation_training as ct
 from dispersion_jax.research import evaluate, sweep
@@ -56,16 +57,9 @@ def check_keys(keys: Sequence[str]) -> None:
 
 
 def _metric_rows(workdir: str) -> tuple[dict[int, dict], dict[int, dict]]:
-  """(train rows, eval rows) of metrics.jsonl by step; a resumed run's re-logged step keeps its last row."""
-  train_rows, eval_rows = {}, {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.isfile(path):
-    with open(path) as fh:
-      for line in fh:
-        if line.strip():
-          r = json.loads(line)
-          (eval_rows if "val_loss" in r else train_rows if "loss" in r else {})[r["step"]] = r
-  return train_rows, eval_rows
+  """(train rows, eval rows) of metrics.jsonl by step: the run's one history (metrics.read_history)."""
+  history = metrics.read_history(workdir)
+  return history["train"], history["eval"]
 
 
 def eval_settings(ev: Mapping[str, Any]) -> dict[str, Any]:

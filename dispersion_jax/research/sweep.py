@@ -28,7 +28,7 @@ from flax import traverse_util
 from ml_collections import ConfigDict
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import train
+from dispersion_jax import metrics, train
 from dispersion_jax.condensation import model_statistics
 from dispersion_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dispersion_jax.research import evaluate, vmap_train
@@ -175,14 +175,6 @@ def train_points(
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def _metric_rows(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return []
-  with open(path) as fh:
-    return [json.loads(line) for line in fh if line.strip()]
-
-
 def evaluate_point(p: Point, ev: Mapping[str, Any]) -> dict[str, Any]:
   """Final train/val loss, task accuracy and condensation of a finished point (cached per step and settings)."""
   cache_path = os.path.join(p.workdir, "sweep_eval.json")
@@ -194,9 +186,9 @@ def evaluate_point(p: Point, ev: Mapping[str, Any]) -> dict[str, Any]:
       cached = json.load(fh)
     if cached.get("step") == step and cached.get("settings") == settings:
       return cached["row"]
-  rows = _metric_rows(p.workdir)
-  train_rows = [r for r in rows if "loss" in r and r["step"] <= step]
-  val = [r for r in rows if "val_loss" in r and r["step"] == step]
+  history = metrics.read_history(p.workdir)  # the run's one history: every (step, kind) once
+  train_rows = [history["train"][s] for s in sorted(history["train"]) if s <= step]
+  val = [history["eval"][step]] if step in history["eval"] else []
   model_cfg, params, tok_name = evaluate.load_model(p.workdir)
   # CE, not the total: a dispersion term (negative) would make totals incomparable across coefficients.
   tail = [r["ce"] for r in train_rows[-_TAIL:]]
@@ -209,7 +201,7 @@ def evaluate_point(p: Point, ev: Mapping[str, Any]) -> dict[str, Any]:
     )
     row.update(val_loss=pp["loss"], val_ppl=pp["ppl"], val_dispersion=None)
   tokenizer = get_tokenizer(tok_name)
-  logged = ([r for r in rows if r["step"] == step and any(k.startswith("lm_eval/") for k in r)] or [{}])[-1]
+  logged = next((r for r in val if any(k.startswith("lm_eval/") for k in r)), {})  # harness rows of that eval
   cols = evaluate.checkpoint_task_columns(model_cfg, params, tok_name, ev, logged)
   row.update({k: v for k, v in cols.items() if k != "mean_acc_norm"})
   tokens = [ids[: ev["max_length"]] for ids in tokenizer.encode_batch(corpus_texts(ev["num_texts"]))]

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 
 import jax
@@ -80,7 +81,11 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
   train.run's (loop.run_loop); only the step (vmapped over stacked states) and the save hook (one checkpoint per
   member, in its own workdir) differ.
   """
-  preempt = distributed.Preemption()  # first, as in train.run
+  with distributed.Preemption() as preempt:  # first, as in train.run
+    return _run_group(cfgs, workdirs, preempt, stop_at)
+
+
+def _run_group(cfgs: list[ConfigDict], workdirs: list[str], preempt, stop_at: int | None) -> int:
   if jax.process_count() > 1:
     raise TrainingError("vmapped sweeps run on one process; run the points individually instead")
   if len({group_key(c) for c in cfgs}) != 1 or len(cfgs) != len(workdirs):
@@ -95,24 +100,32 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
   seeds = sorted({c.seed for c in cfgs})
   stream_K = np.asarray([seeds.index(c.seed) for c in cfgs], np.int32)
   coeffs_K = np.asarray([c.dispersion.coeff for c in cfgs], np.float32)
-  ckpts = [Checkpointer(w, loop_cfg.max_to_keep) for w in workdirs]
-  starts = {ck.latest_step() for ck in ckpts}
+  resumes = [train.resume_point(c, w) for c, w in zip(cfgs, workdirs)]  # refuses a changed model, writes nothing
+  starts = {step for step, _ in resumes}
   if len(starts) != 1:
     raise CheckpointError(f"members are at different checkpoint steps {sorted(starts, key=str)}; group them by step")
-  start = starts.pop()
-  # One data stream per distinct seed, shared by the members with that seed (they saved the same position).
-  first = {s: next(k for k, c in enumerate(cfgs) if c.seed == s) for s in seeds}
-  data = {s: train.train_batches(cfgs[k], ds, mesh, train.resume_row(ckpts[k], start, ds)) for s, k in first.items()}
-  spec, adapters = lora_run.setup(base, model_cfg)  # LoRA: each member holds its base in state.frozen
-  target, shardings = state_shardings(model_cfg, tx, mesh, spec)
-  if start is None:
-    params = train.pretrained_params(base, model_cfg)
-    # traced seed: one compile for all members
-    init = jax.jit(lambda s, p, a: init_state(model_cfg, tx, s, p, spec, a))
-    states = [init(jnp.int32(c.seed), params, adapters) for c in cfgs]
-  else:
-    states = [train.restore_state(ck, start, c, model_cfg, spec, target, shardings) for ck, c in zip(ckpts, cfgs)]
-  records = [None if spec is None else lora_run.record(spec, s.frozen) for s in states]
+  for w in workdirs:
+    os.makedirs(w, exist_ok=True)
+  ckpts = [Checkpointer(w, loop_cfg.max_to_keep) for w in workdirs]
+  try:
+    start = ckpts[0].latest_step()
+    # One data stream per distinct seed, shared by the members with that seed (they saved the same position).
+    first = {s: next(k for k, c in enumerate(cfgs) if c.seed == s) for s in seeds}
+    data = {s: train.train_batches(cfgs[k], ds, mesh, train.resume_row(ckpts[k], start, ds)) for s, k in first.items()}
+    spec, adapters = lora_run.setup(base, model_cfg)  # LoRA: each member holds its base in state.frozen
+    target, shardings = state_shardings(model_cfg, tx, mesh, spec)
+    if start is None:
+      params = train.pretrained_params(base, model_cfg)
+      # traced seed: one compile for all members
+      init = jax.jit(lambda s, p, a: init_state(model_cfg, tx, s, p, spec, a))
+      states = [init(jnp.int32(c.seed), params, adapters) for c in cfgs]
+    else:
+      states = [train.restore_state(ck, start, c, model_cfg, spec, target, shardings) for ck, c in zip(ckpts, cfgs)]
+    records = [None if spec is None else lora_run.record(spec, s.frozen) for s in states]
+  except BaseException:
+    for ck in ckpts:
+      ck.close()
+    raise
   states = stack(states)
   start = start or 0
   vstep = vmapped_step(base, with_dispersion=bool(np.any(coeffs_K != 0)))
@@ -129,6 +142,9 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
       f"{'resuming from step ' + str(start) if start else 'starting'}: {K} members in one vmapped "
       f"step ({len(seeds)} data streams), {model_cfg.n_layer} layers, width {model_cfg.n_embd}"
   )
+  for lg, (_, changed) in zip(loggers, resumes):
+    lg.record_resume(start, changed)
+    train.announce_changes(lg, start, changed)
 
   def log(step, m, tokens_per_s):  # tokens/s per member
     for k, lg in enumerate(loggers):
@@ -144,9 +160,11 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
 
   def evaluate(step, states):  # one member at a time: the single-model eval, the numbers train.run logs
     for k, lg in enumerate(loggers):
+      if lg.has(step, "eval"):
+        continue
       row = train.validation_metrics(eval_fn, eval_params(member(states, k)), val_batches)
       row.pop("tokens")
-      lg.log(step, row)
+      lg.log(step, row, kind="eval")
 
   def batches():  # [S, B, L]: one row block per data stream, gathered per member on the device
     streams = [data[s].local_iter(0, loop_cfg.steps - start) for s in seeds]
@@ -163,6 +181,8 @@ def run_group(cfgs: list[ConfigDict], workdirs: list[str], *, stop_at: int | Non
       name_member=lambda k: f" in {workdirs[k]}",
   )
   try:
+    if start and loop_cfg.evaluates_at(start) and not all(lg.has(start, "eval") for lg in loggers):
+      evaluate(start, states)  # as train.run: killed between the checkpoint and its evaluation
     out = run_loop(
         lambda st, b: vstep(st, b, stream_K, coeffs_K),
         states,
