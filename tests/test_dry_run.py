@@ -1,5 +1,6 @@
 """Compile-only mode: memory per device and FLOPs from abstract inputs, and a per-device memory budget."""
 
+import gc
 import os
 import re
 import subprocess
@@ -36,6 +37,7 @@ def test_dry_run_compiles_without_params_or_data(monkeypatch, capsys):
   monkeypatch.setattr(build, "open_or_build_default", no_data)
   monkeypatch.setattr(packed, "open_identity", no_data)
   monkeypatch.setattr(loader.TrainBatches, "__init__", no_data)
+  gc.collect()  # arrays earlier tests of this process left unreachable would be freed mid-run and skew the count
   before = len(jax.live_arrays())
   cfg = _tiny_cfg()
   cfg.dry_run_memory_budget_gb = 100.0
