@@ -131,7 +131,8 @@ def test_resuming_on_other_base_weights_is_one_line_and_exit_2(tmp_path, data_di
   cfg = config_lib.load(first[1], [f.removeprefix("--config.") for f in first[4:]] + ["steps=1"])
   assert train.run(cfg, workdir, devices=jax.devices()[:1]) == 1
   capsys.readouterr()
-  other = _cli_flags(workdir, data_dir, _hf_base(tmp_path / "other", 1)) + ["--config.lora.rank=2"]
+  # Other weights at the same init_from path: a changed init_from alone is refused earlier, as config drift.
+  other = _cli_flags(workdir, data_dir, _hf_base(tmp_path / "base", 1)) + ["--config.lora.rank=2"]
   with pytest.raises(SystemExit) as e:  # the command line, on all 8 devices: the check is before any compile
     cli_train.main([f for f in other if f not in ONE_DEVICE])
   err = capsys.readouterr().err.strip()

@@ -113,17 +113,22 @@ def run_main(
     *,
     catch: tuple[type[BaseException], ...] = (UserError,),
     interrupted: str = "re-run the same command to start again",
+    start_backend: bool = True,
 ) -> Callable:
   """Wraps a command's main: a user error (UserError; the tools that read user files also ValueError / OSError)
   becomes one line on stderr and exit code 2; SIGTERM and Ctrl-C end it through its `finally` blocks with one
   line (`interrupted` says what to do) and exit code 75. Commands that save state install their own handlers
-  (training: a checkpoint at the next step boundary)."""
+  (training: a checkpoint at the next step boundary). `start_backend`: start JAX's backend first, quietly (the
+  CUDA plugin of the `compile` extra writes no-driver notes to fd 2 wherever it starts); training starts it itself,
+  after joining its peers."""
   if fn is None:
-    return functools.partial(run_main, catch=catch, interrupted=interrupted)
+    return functools.partial(run_main, catch=catch, interrupted=interrupted, start_backend=start_backend)
 
   @functools.wraps(fn)
   def wrapper(*args, **kw):
     backend.prefer_cpu_without_accelerator()  # before the backend starts: no TPU / CUDA probing on a CPU box
+    if start_backend:
+      backend.start()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {}
     if main_thread:

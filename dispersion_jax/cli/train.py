@@ -28,7 +28,7 @@ def build_command(args) -> str:
   return " ".join(["python -m dispersion_jax.data.build --config", *map(shlex.quote, [args.config, *flags])])
 
 
-@run_main(interrupted="re-run the same command to resume from the last checkpoint")
+@run_main(interrupted="re-run the same command to resume from the last checkpoint", start_backend=False)
 def main(argv: Sequence[str] | None = None) -> None:
   """Exit codes: 0 finished; 2 a user error (one line, nothing written); 75 preempted (SIGTERM or Ctrl-C): a
   checkpoint was saved, re-run the same command to resume."""
