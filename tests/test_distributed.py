@@ -229,7 +229,11 @@ def test_killed_process_stops_the_others_within_a_bounded_time(chain):
   print(f"the surviving process exited {k.seconds:.1f} s after the kill (heartbeat timeout {HEARTBEAT_S} s)")
   assert k.seconds < EXIT_BOUND_S, k.seconds
   assert k.rc != 0
-  assert "another task died" in k.log and "stopped sending heartbeats" in k.log, k.log[-3000:]
+  # The peer's death reaches the survivor as a heartbeat timeout, or, when the kill lands inside a collective, as
+  # gloo's broken transfer (a partial message from the closed socket); either way it stops within the bound.
+  heartbeat = "another task died" in k.log and "stopped sending heartbeats" in k.log
+  broken_collective = "Received data size doesn't match expected size" in k.log
+  assert heartbeat or broken_collective, k.log[-3000:]
 
 
 def test_rerun_resumes_from_the_last_checkpoint(chain):
