@@ -1,4 +1,4 @@
-"""The benchmark's default point (python -m dispersion_jax.bench): a 6-layer, 384-wide GPT-2 with the full GPT-2
+"""The benchmark's default point (python -m dispersion_jax bench): a 6-layer, 384-wide GPT-2 with the full GPT-2
 vocabulary, 8 x 256 tokens, angular_spread on all layers and all tokens, coeff 0.1, clamp 0.1 (the GPT-2
 training script's values). Override anything with --config.KEY=VALUE; comma-separated values are crossed."""
 

@@ -11,7 +11,7 @@ them as we do, and clips their gradient norm only (the frozen weights have none)
 float32 as in their script (GPT-2 124M is small); the dispersion loss runs on the LoRA model's hidden states.
 
 Export the adapters for `PeftModel.from_pretrained(GPT2LMHeadModel..., DIR)` with
-`python -m dispersion_jax.evaluate --workdir RUN --peft_export DIR` (--hf_export writes the merged model); start
+`python -m dispersion_jax eval --workdir RUN --peft_export DIR` (--hf_export writes the merged model); start
 from an adapter they trained with --config.lora.init_from=THEIR_ADAPTER_DIR.
 """
 

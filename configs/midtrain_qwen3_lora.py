@@ -16,7 +16,7 @@ Differs from it:
 - Base weights in bfloat16 (model.param_dtype): they keep float32 weights under bf16 autocast. The matmuls run in
   bf16 either way; holding the frozen base in bf16 halves its memory (8B: 15 instead of 30 GiB). Set
   --config.model.param_dtype=float32 for their precision.
-Export: python -m dispersion_jax.evaluate --workdir RUN --peft_export DIR (PeftModel.from_pretrained on
+Export: python -m dispersion_jax eval --workdir RUN --peft_export DIR (PeftModel.from_pretrained on
 Qwen3ForCausalLM; fan_in_fan_out false), --hf_export for the merged model.
 """
 

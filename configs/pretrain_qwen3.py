@@ -13,7 +13,7 @@ As their fork runs it (shared/docs/qwen3-and-baselines.md sections 2.2 and 3.2),
   Activation checkpointing: theirs is selective per op; remat "dots" keeps matmul outputs.
 - Init: Hugging Face's (N(0, 0.02)); theirs draws the token embedding from N(0, 1) and depth-scales wo/w2/w3.
 - Data: --config.data.source=text_dir --config.data.text_dir=FINEWEB_EDU_PARQUET_DIR, built once with
-  python -m dispersion_jax.data.build --config configs/pretrain_qwen3.py [...]. Tokenizer: a Qwen tokenizer
+  python -m dispersion_jax data-build --config configs/pretrain_qwen3.py [...]. Tokenizer: a Qwen tokenizer
   directory (--config.tokenizer=DIR).
 """
 

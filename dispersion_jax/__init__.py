@@ -1,16 +1,26 @@
-"""dispersion_jax: JAX/Flax training stack for the dispersion loss (embedding condensation regulariser)."""
+"""dispersion_jax: JAX/Flax training stack for the dispersion loss (embedding condensation regulariser).
 
-from dispersion_jax import lifeline as _lifeline
+The public API: the two model families and their interface, the dispersion loss, the training objective and
+Hugging Face interchange. Everything else is imported from its folder (docs/architecture.md has the map).
+"""
 
-_lifeline.from_environment()  # first: a build worker still importing the package ends with its parent too
+# Two things run at import, on purpose, because a package import is the first code any of our processes runs:
+# - a data-build worker (multiprocessing spawn) imports this package before its pool initializer could run, and
+#   must already end with its parent if the parent dies then (parallel/lifeline.py; a no-op unless the parent set
+#   DISPERSION_EXIT_WITH_PARENT);
+# - jax's first import loads the CUDA PJRT plugin when the `compile` extra is installed, which prints two C++
+#   notes on machines without a GPU; they would precede every command's one-line error (parallel/quiet.py).
+from dispersion_jax.parallel import lifeline as _lifeline
 
-from dispersion_jax.quiet import without_plugin_notes  # noqa: E402
+_lifeline.from_environment()
 
-with without_plugin_notes():  # jax's first import loads the CUDA plugin, if installed (quiet.py)
-  from dispersion_jax.dispersion import VARIANTS, dispersion_loss
-  from dispersion_jax.hf import load_pretrained, save_pretrained
-  from dispersion_jax.models import GPT, GPTConfig, Qwen3, Qwen3Config, build_model, hidden_states
-  from dispersion_jax.objective import DispersionConfig, objective, select_layers
+from dispersion_jax.parallel.quiet import without_plugin_notes  # noqa: E402
+
+with without_plugin_notes():
+  from dispersion_jax.interop.hf import load_pretrained, save_pretrained
+  from dispersion_jax.losses.dispersion import VARIANTS, dispersion_loss
+  from dispersion_jax.losses.objective import DispersionConfig, objective, select_layers
+  from dispersion_jax.models import GPT, GPTConfig, Qwen3, Qwen3Config, build_model, hidden_states, init_params
 
 __all__ = [
     "VARIANTS",
@@ -21,6 +31,7 @@ __all__ = [
     "Qwen3Config",
     "build_model",
     "hidden_states",
+    "init_params",
     "load_pretrained",
     "save_pretrained",
     "DispersionConfig",

@@ -18,16 +18,17 @@ from collections.abc import Sequence
 from flax import traverse_util
 from ml_collections import ConfigDict, FieldReference
 
-from dispersion_jax import backend, models
-from dispersion_jax.baselines import BaselineConfig
+from dispersion_jax import models
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.errors import ConfigError
-from dispersion_jax.harness_tasks import HarnessEvalConfig
-from dispersion_jax.loop import LoopConfig
-from dispersion_jax.lora import LoraConfig
-from dispersion_jax.objective import DispersionConfig
-from dispersion_jax.optim import OptimizerConfig
-from dispersion_jax.sharding import MeshConfig
+from dispersion_jax.evaluation.harness_tasks import HarnessEvalConfig
+from dispersion_jax.losses.objective import DispersionConfig
+from dispersion_jax.models.lora import LoraConfig
+from dispersion_jax.parallel import backend
+from dispersion_jax.parallel.sharding import MeshConfig
+from dispersion_jax.training.baselines import BaselineConfig
+from dispersion_jax.training.loop import LoopConfig
+from dispersion_jax.training.optim import OptimizerConfig
 
 _MODEL_SHAPE_KEYS = (
     "vocab_size",
@@ -263,7 +264,7 @@ def model_config(cfg: ConfigDict):
   )
   shape = {k: m[k] for k in _MODEL_SHAPE_KEYS if m[k] is not None}
   if cfg.init_from:
-    from dispersion_jax import hf  # noqa: PLC0415 - safetensors I/O only when mid-training
+    from dispersion_jax.interop import hf  # noqa: PLC0415 - safetensors I/O only when mid-training
 
     if shape:
       raise ConfigError(
@@ -320,7 +321,7 @@ def lora_dropout(cfg: ConfigDict) -> float:
   lora = lora_config(cfg)
   if not lora.enabled or lora.dropout is not None or not os.path.isdir(lora.init_from or ""):
     return (lora.dropout or 0.0) if lora.enabled else 0.0
-  from dispersion_jax import peft  # noqa: PLC0415 - adapter files only with lora.init_from
+  from dispersion_jax.interop import peft  # noqa: PLC0415 - adapter files only with lora.init_from
 
   try:
     return float(peft.read_config(lora.init_from).get("lora_dropout") or 0.0)
@@ -361,92 +362,3 @@ def from_saved(saved: dict) -> ConfigDict:
     if leaf in node:
       node[leaf] = value
   return cfg
-
-
-# ------------------------------------------------------------------------------------------------ resuming
-# Settings a resumed run may change: how long it runs and how often it logs, evaluates and saves; how the work is
-# laid out (the data position is the rows consumed, so mesh, global batch and micro-batching may change: elastic
-# resume); where the data lives (its identity is the dataset fingerprint, checked on resume); implementation
-# choices that compute the same function. Every other key (the model, seq_len, tokenizer, seed: the data order,
-# data source, baseline, init_from) decides what the model computes or what the saved state means: a resume that
-# changes one is refused.
-RESUME_MAY_CHANGE = (
-    "steps",
-    "log_every",
-    "eval_every",
-    "eval_batches",
-    "checkpoint_every",
-    "max_to_keep",
-    "batch_size",
-    "grad_accum",
-    "ce_chunk",
-    "dry_run",
-    "dry_run_memory_budget_gb",
-    "mesh.*",
-    "model.remat",
-    "model.attention",
-    "data.text_dir",
-    "data.data_dir",
-    "data.cache_dir",
-    "data.read_threads",
-    "data.build_workers",
-)
-# The objective and the update rule may change on purpose for the rest of a run: the dispersion term (turning it on,
-# or changing its coefficient, as mid-training does) and the optimizer's settings (a lower optimizer.lr after a
-# non-finite loss, as that error advises). Allowed, announced on the console and recorded in metrics.jsonl (a
-# `resume` row). Except optimizer.clip between None and a value: it changes the optimizer state's structure.
-RESUME_ANNOUNCED = ("dispersion.*", "optimizer.*")
-
-
-def _matches(key: str, patterns: Sequence[str]) -> bool:
-  return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
-
-
-def changes_training(key: str) -> bool:
-  """Whether a resume that changes `key` trains on differently (the objective or the update: RESUME_ANNOUNCED)."""
-  return _matches(key, RESUME_ANNOUNCED)
-
-
-def flag(key: str, value) -> str:
-  """The command-line flag that sets `key` to `value` (`--config.model.n_head=4`)."""
-  import shlex  # noqa: PLC0415
-
-  return shlex.quote(f"--config.{key}={value}")
-
-
-def resume_changes(saved: ConfigDict, cfg: ConfigDict, where: str) -> dict[str, tuple]:
-  """The settings that differ between a checkpoint's run config (`saved`, config_lib.from_saved) and this run's:
-  {key: (saved value, new value)} for the keys a resume may change (RESUME_MAY_CHANGE, RESUME_ANNOUNCED). Any
-  other difference is a ConfigError naming every such key and the flags that keep the run's values. `where`
-  names the checkpoint in the message."""
-  old, new = _flat(saved), _flat(from_saved(cfg.to_dict()))  # both normalised alike (e.g. eval_every 0 = None)
-  diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-  model_keys = [k for k in diff if k.startswith("model.") and not _matches(k, RESUME_MAY_CHANGE)]
-  if model_keys and _same_model(saved, cfg):  # spelled differently, the same model (e.g. a preset's own n_head)
-    for k in model_keys:
-      diff.pop(k)
-  refused = [
-      k
-      for k in diff
-      if not _matches(k, RESUME_MAY_CHANGE + RESUME_ANNOUNCED)
-      or (k == "optimizer.clip" and (diff[k][0] is None) != (diff[k][1] is None))
-  ]
-  if refused:
-    what = ", ".join(f"{k} (checkpoint {diff[k][0]!r}, now {diff[k][1]!r})" for k in refused)
-    keep = " ".join(flag(k, diff[k][0]) for k in refused)
-    raise ConfigError(
-        f"{where} was trained with other settings that change the model or the meaning of its state: {what}; "
-        f"resume with the run's values ({keep}) or train into a new --workdir"
-    )
-  return diff
-
-
-def _same_model(saved: ConfigDict, cfg: ConfigDict) -> bool:
-  """Whether both configs resolve to the same model (the keys a resume may change taken from `cfg`)."""
-  saved = ConfigDict(saved.to_dict())
-  for key in ("remat", "attention"):
-    saved.model[key] = cfg.model[key]
-  try:
-    return model_config(saved) == model_config(cfg)
-  except ConfigError:
-    return False

@@ -123,27 +123,27 @@ STEPCFG=(--config configs/bench.py --config.model.dtype=bfloat16 "${TIMING[@]}")
 # 2. The whole train step, GPT-2 124M (seq 1024, batch 16, bf16, cuDNN attention, angular_spread on all tokens of
 #    all 12 block outputs): no dispersion, then each impl (reference = the old path, xla = the reformulation,
 #    pallas = the kernel), and the PyTorch baseline (HF GPT-2 + the same dispersion), all in one run.
-step bench_train_gpt2 200 "$PY" -m dispersion_jax.bench "${STEPCFG[@]}" "${G124[@]}" --attention "$ATT" \
+step bench_train_gpt2 200 "$PY" -m dispersion_jax bench "${STEPCFG[@]}" "${G124[@]}" --attention "$ATT" \
   --config.dispersion.impl=reference,xla,pallas "${TORCH[@]}" --json "$RAW/bench_train_gpt2.json"
 
 # 3. The dispersion term alone (value+grad, GPT-2 124M sizes, per layer): reference vs xla vs pallas, kernel tiles.
-step bench_dispersion 60 "$PY" -m dispersion_jax.cli.bench_dispersion "${DISP[@]}" \
+step bench_dispersion 60 "$PY" -m dispersion_jax bench-dispersion "${DISP[@]}" \
   --variants angular_spread,orthogonalization --block_size none,512 --pallas_tile_n 64,128 \
   --json "$RAW/bench_dispersion.json"
 
 # 4. cuDNN vs XLA attention, same model and batch, with and without dispersion (impl xla), in one run.
-step bench_attention 90 "$PY" -m dispersion_jax.bench "${STEPCFG[@]}" "${G124[@]}" --attention cudnn,xla \
+step bench_attention 90 "$PY" -m dispersion_jax bench "${STEPCFG[@]}" "${G124[@]}" --attention cudnn,xla \
   --config.dispersion.impl=xla --json "$RAW/bench_attention.json"
 
 # 5. GPT-2 355M (batch 8) and the paper's Qwen3 pre-training size (width_256, batch 16): xla vs pallas.
-step bench_train_355m 90 "$PY" -m dispersion_jax.bench "${STEPCFG[@]}" "${G355[@]}" --attention "$ATT" \
+step bench_train_355m 90 "$PY" -m dispersion_jax bench "${STEPCFG[@]}" "${G355[@]}" --attention "$ATT" \
   --config.dispersion.impl=xla,pallas --json "$RAW/bench_train_355m.json"
-step bench_train_qwen3 90 "$PY" -m dispersion_jax.bench "${STEPCFG[@]}" --config.model.family=qwen3 \
+step bench_train_qwen3 90 "$PY" -m dispersion_jax bench "${STEPCFG[@]}" --config.model.family=qwen3 \
   --config.model.preset=qwen3-width_256 "${Q3[@]}" --attention "$ATT" --config.dispersion.impl=xla,pallas \
   --json "$RAW/bench_train_qwen3.json"
 
 # 6. One JSON of every run and the table against the targets (docs/benchmarks.md, "GPU check").
-"$PY" -m dispersion_jax.cli.gpu_report "$RAW" --json "$OUTDIR/bench.json" 2>&1 | tee "$OUTDIR/report.md" \
+"$PY" -m dispersion_jax gpu-report "$RAW" --json "$OUTDIR/bench.json" 2>&1 | tee "$OUTDIR/report.md" \
   || STATUS=1
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUTDIR/summary.txt"
 exit $STATUS

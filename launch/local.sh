@@ -7,7 +7,7 @@
 #   LOCAL_DEVICES_PER_PROCESS=K  give each process K fake CPU devices (CPU-only test of a multi-host run)
 #   COORDINATOR_PORT=P           coordinator port (default: a free one)
 #   PYTHON=python                the interpreter to run
-#   DISPERSION_HEARTBEAT_TIMEOUT_S / DISPERSION_INIT_TIMEOUT_S   see dispersion_jax/distributed.py
+#   DISPERSION_HEARTBEAT_TIMEOUT_S / DISPERSION_INIT_TIMEOUT_S   see dispersion_jax/parallel/distributed.py
 # Output lines are prefixed with the process index. If one process fails, the others are stopped and its exit
 # status is returned; re-running the same command resumes from the last checkpoint. Exit 75: preempted (SIGTERM to
 # this script or to a process: every process saved the same checkpoint); a scheduler re-queues on it, and
@@ -45,7 +45,7 @@ run_all() {   # starts the N processes, waits for them; returns the first non-ze
   for ((i = 0; i < N; i++)); do
     # DISPERSION_EXIT_WITH_PARENT: each process ends (SIGTERM: save, exit) when this script does, however it ends.
     env JAX_COORDINATOR_ADDRESS="127.0.0.1:$PORT" JAX_NUM_PROCESSES="$N" JAX_PROCESS_ID="$i" "${extra_env[@]}" \
-      DISPERSION_EXIT_WITH_PARENT="$$:TERM" PYTHONUNBUFFERED=1 "$PYTHON" -m dispersion_jax.train "$@" \
+      DISPERSION_EXIT_WITH_PARENT="$$:TERM" PYTHONUNBUFFERED=1 "$PYTHON" -m dispersion_jax train "$@" \
       > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
     index_of[$!]=$i
   done

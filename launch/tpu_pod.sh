@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM pod slice (v4 / v5e / v5p, several hosts): ship this checkout to every worker, install,
 # then run the same command on all workers at once. jax.distributed finds the slice's workers from the TPU VM
-# metadata (dispersion_jax/distributed.py calls it on any TPU VM); one process per host drives its local chips.
+# metadata (dispersion_jax/parallel/distributed.py calls it on any TPU VM); one process per host drives its local chips.
 #
 #   launch/tpu_pod.sh setup                       # once per TPU VM: copy the code, install, build the dataset
 #   launch/tpu_pod.sh train [--config.KEY=VALUE ...]   # train; re-queued on exit 75 (preempted, saved)
@@ -22,7 +22,7 @@ JAX_INSTALL='jax[tpu]>=0.10,<0.12'   # the TPU build of jax (pulls libtpu)
 PYTHON=python3.11                    # jax 0.10 needs Python >= 3.11 (installed with apt if missing)
 # Training reads a built dataset (only the embedded corpus is built on first use). Build it once into a directory
 # every worker sees (data.cache_dir on the shared mount); with a per-worker cache dir, every worker builds it.
-PREPARE="python -m dispersion_jax.data.build --config $CONFIG"
+PREPARE="python -m dispersion_jax data-build --config $CONFIG"
 # A trainer that was preempted (SIGTERM, e.g. a maintenance event) saves a checkpoint and exits 75: `train` then
 # runs again (resuming from it) up to MAX_REQUEUES times, REQUEUE_DELAY_S apart. A deleted VM (a spot TPU taken
 # back) is not re-created here: create it again, `setup`, then `train`.
@@ -64,7 +64,7 @@ case ${1:-} in
       # The same command on every worker; each prints its own log lines (gcloud prefixes them with the worker).
       # Each worker also prints its trainer's exit status: gcloud's own status does not say which one it was.
       status=0
-      on_all "cd ~/$REMOTE_DIR && source ~/venv/bin/activate && python -m dispersion_jax.train$args; \
+      on_all "cd ~/$REMOTE_DIR && source ~/venv/bin/activate && python -m dispersion_jax train$args; \
               rc=\$?; echo dispersion-train-exit=\$rc; exit \$rc" 2>&1 | tee "$log" || status=$?
       codes=$(grep -o 'dispersion-train-exit=[0-9]*' "$log" | cut -d= -f2 | sort -u || true)
       if [[ $codes == 75 ]] && ((attempt < MAX_REQUEUES)); then   # every worker: preempted
@@ -77,7 +77,7 @@ case ${1:-} in
     done
     ;;
   stop)
-    on_all "pkill -f 'python -m dispersion_jax.train' || true"
+    on_all "pkill -f 'python -m dispersion_jax train' || true"
     ;;
   *)
     echo "usage: $0 setup | sync | train [--config.KEY=VALUE ...] | stop" >&2

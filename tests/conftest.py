@@ -9,7 +9,7 @@ import jax  # noqa: E402
 import numpy as np
 import pytest
 
-from dispersion_jax import backend  # noqa: E402
+from dispersion_jax.parallel import backend  # noqa: E402
 
 # With the `compile` extra installed and no accelerator here: the CPU only, as the commands do (backend.py); the
 # accelerator compilers are then used for dry-run targets only.
@@ -70,9 +70,9 @@ def write_run(workdir, step: int, **model):
   """A training workdir as train.py leaves it: an Orbax checkpoint (state + run config) at `step`; returns the
   (model config, params) saved."""
   from dispersion_jax import config as config_lib
-  from dispersion_jax.checkpoint import Checkpointer
-  from dispersion_jax.optim import make_optimizer
-  from dispersion_jax.train_step import init_state
+  from dispersion_jax.training.checkpoint import Checkpointer
+  from dispersion_jax.training.optim import make_optimizer
+  from dispersion_jax.training.train_step import init_state
 
   cfg = config_lib.default_config()
   cfg.model.preset = "test"
@@ -103,7 +103,6 @@ def mixed(tmp_path_factory) -> tuple[pathlib.Path, list[tuple[str, str]]]:
   (doc id, text) of every document in build order."""
   import pyarrow as pa  # noqa: PLC0415 - only the data-build tests need it
   import pyarrow.parquet as pq  # noqa: PLC0415
-
   from data_build_helpers import random_text  # noqa: PLC0415
 
   root = tmp_path_factory.mktemp("mixed")
@@ -168,7 +167,20 @@ def tiny_cfg(data_dir: str, *overrides: str):
 def optimizer(cfg):
   """The run's optimizer and schedule, as train.run builds them."""
   from dispersion_jax import config as config_lib
-  from dispersion_jax.optim import lr_schedule, make_optimizer
+  from dispersion_jax.training.optim import lr_schedule, make_optimizer
 
   opt, steps = config_lib.optimizer_config(cfg), config_lib.loop_config(cfg).steps
   return make_optimizer(opt, steps), lr_schedule(opt, steps)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, data_dir):
+  """A 12-step run with a checkpoint every 4 steps (all kept), logging every 2, evaluating every 4. Shared by the
+  history and resume-rule tests, which copy it before changing it."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  flags = ["--config.steps=12", "--config.checkpoint_every=4", "--config.log_every=2", "--config.eval_every=4"]
+  from dispersion_jax.training import train
+
+  cfg = tiny_cfg(data_dir, *flags, "--config.max_to_keep=None")
+  assert train.run(cfg, str(workdir)) == 12
+  return workdir, flags + ["--config.max_to_keep=None"]

@@ -9,7 +9,8 @@ import shutil
 
 import numpy as np
 
-from dispersion_jax import hf, models
+from dispersion_jax import models
+from dispersion_jax.interop import hf
 
 TASKS = pathlib.Path(__file__).parent / "data" / "harness" / "tasks"
 REFERENCE = pathlib.Path(__file__).parent / "data" / "harness" / "reference.json"

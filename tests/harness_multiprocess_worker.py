@@ -5,17 +5,18 @@ process 0 runs the harness and writes what simple_evaluate returns to argv[2], t
 import json
 import sys
 
-from dispersion_jax import distributed
+from dispersion_jax.parallel import distributed
 
 distributed.initialize()
 
+import harness_helpers  # noqa: E402
 import jax  # noqa: E402
 import lm_eval  # noqa: E402
 
-import harness_helpers  # noqa: E402
-from dispersion_jax import harness, harness_tasks, sharding  # noqa: E402
-from dispersion_jax.research import evaluate as ev  # noqa: E402
-from dispersion_jax.tokenizer import get_tokenizer  # noqa: E402
+from dispersion_jax.data.tokenizer import get_tokenizer  # noqa: E402
+from dispersion_jax.evaluation import evaluate as ev  # noqa: E402
+from dispersion_jax.evaluation import harness, harness_tasks  # noqa: E402
+from dispersion_jax.parallel import sharding
 
 cfg, params, tok = ev.load_model(hf_model=sys.argv[1])
 mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, tensor=1))

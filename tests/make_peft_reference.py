@@ -107,7 +107,8 @@ def our_adapter(family: str):
   """(model config, LoraSpec, adapters) of stage 2: our init with a seed, then B drawn non-zero."""
   import jax
 
-  from dispersion_jax import hf, lora
+  from dispersion_jax.interop import hf
+  from dispersion_jax.models import lora
 
   model_cfg, params = hf.load_pretrained(os.path.join(DATA, family, "base"))
   spec = lora.LoraSpec(4, 8.0, 0.05, lora.select_targets(model_cfg, params, None))
@@ -124,7 +125,7 @@ def our_adapter(family: str):
 
 
 def stage_jax(family: str) -> None:
-  from dispersion_jax import peft
+  from dispersion_jax.interop import peft
 
   model_cfg, spec, adapters = our_adapter(family)
   peft.save_adapter(os.path.join(DATA, family, "ours_adapter"), model_cfg, spec, adapters)

@@ -12,12 +12,13 @@ import optax
 import pytest
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import train
-from dispersion_jax.baselines import BaselineConfig, Forgetting, add_embedding_noise, forgetting_lr, neftune_bound
+from dispersion_jax.losses.objective import DispersionConfig, objective
 from dispersion_jax.models import GPTConfig, build_model, init_params
-from dispersion_jax.objective import DispersionConfig, objective
-from dispersion_jax.optim import OptimizerConfig, make_optimizer
-from dispersion_jax.train_step import eval_step, init_state, train_step
+from dispersion_jax.models.neftune import add_embedding_noise, neftune_bound
+from dispersion_jax.training import saved_run, train
+from dispersion_jax.training.baselines import BaselineConfig, Forgetting, forgetting_lr
+from dispersion_jax.training.optim import OptimizerConfig, make_optimizer
+from dispersion_jax.training.train_step import eval_step, init_state, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = GPTConfig.preset("test")  # vocab 128, 2 layers, width 32
@@ -232,6 +233,6 @@ def test_active_forgetting_resumes_exactly_across_a_reset_sharded_and_accumulate
 
   assert loss(straight) == loss(resumed) and sorted(loss(straight)) == [1, 2, 3, 4, 5]
   # The checkpoint taken at step K already holds the fresh embedding; its pad row is the tokenizer's EOS (50256).
-  _, _, state = train.load_run(straight, step=2)
+  _, _, state = saved_run.load_run(straight, step=2)
   emb = np.asarray(state.params["wte"]["embedding"])
   assert not np.any(emb[50256]) and np.std(emb[:1000]) == pytest.approx(0.02, rel=0.1)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from dispersion_jax import condensation as cond
 from dispersion_jax.cli.condensation import main
-from dispersion_jax.hf import load_gpt2
+from dispersion_jax.evaluation import condensation as cond
+from dispersion_jax.interop.hf import load_gpt2
 
 BINS = 100
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from dispersion_jax import condensation as cond
 from dispersion_jax.cli import condensation_training as cli
+from dispersion_jax.evaluation import condensation as cond
 from dispersion_jax.research import condensation_training as ct
 
 IDS = np.random.default_rng(0).integers(0, 128, (3, 40))  # preset "test": vocab 128, n_positions 32, 2 layers
@@ -24,9 +24,9 @@ def ids_file(tmp_path_factory):
 def _checkpoint(workdir, step: int, seed: int):
   """A checkpoint like the make_run fixture's, with another init seed (make_run always uses seed 0)."""
   from dispersion_jax import config as config_lib
-  from dispersion_jax.checkpoint import Checkpointer
-  from dispersion_jax.optim import make_optimizer
-  from dispersion_jax.train_step import init_state
+  from dispersion_jax.training.checkpoint import Checkpointer
+  from dispersion_jax.training.optim import make_optimizer
+  from dispersion_jax.training.train_step import init_state
 
   cfg = config_lib.default_config()
   cfg.model.preset = "test"

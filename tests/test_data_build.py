@@ -8,14 +8,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from data_build_helpers import EOS, L, all_blocks, random_text, text_dir_cfg
 
 from dispersion_jax.data import build as build_lib
 from dispersion_jax.data import corpus, inputs, packed, readers, token_files
 from dispersion_jax.data.config import DataConfig
+from dispersion_jax.data.tokenizer import get_tokenizer
 from dispersion_jax.errors import DataError
-from dispersion_jax.tokenizer import get_tokenizer
-
-from data_build_helpers import EOS, L, all_blocks, random_text, text_dir_cfg
 
 
 def _expected_stream(docs, split: str) -> np.ndarray:
@@ -225,7 +224,7 @@ def test_missing_cache_names_the_build_command(mixed, tmp_path):
   with pytest.raises(DataError) as e:
     packed.open_packed(text_dir_cfg(mixed[0], tmp_path), tokenizer="gpt2", seq_len=L)
   msg = str(e.value)
-  assert "python -m dispersion_jax.data.build --config" in msg and "seq_len=16" in msg and "\n" not in msg
+  assert "python -m dispersion_jax data-build --config" in msg and "seq_len=16" in msg and "\n" not in msg
 
 
 def test_wrong_fingerprint_on_disk_is_a_data_error(mixed, built):

@@ -9,14 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
+from data_build_helpers import EOS, L, all_blocks, text_dir_cfg
 
 from dispersion_jax.data import build as build_lib
 from dispersion_jax.data import inputs, packed, readers
 from dispersion_jax.data.config import DataConfig
+from dispersion_jax.data.tokenizer import get_tokenizer
 from dispersion_jax.errors import ConfigError, DataError
-from dispersion_jax.tokenizer import get_tokenizer
-
-from data_build_helpers import EOS, L, all_blocks, text_dir_cfg
 
 WIKI = [
     "",

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dispersion_jax.data import build as build_lib
 from dispersion_jax.data import loader, packed

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from dispersion_jax import VARIANTS, dispersion_loss
-from dispersion_jax import dispersion as disp
-from dispersion_jax import dispersion_fused as fused
-from dispersion_jax import dispersion_pallas as dpal
+from dispersion_jax.losses import dispersion as disp
+from dispersion_jax.losses import dispersion_fused as fused
+from dispersion_jax.losses import dispersion_pallas as dpal
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -269,8 +269,8 @@ def test_train_step_with_the_kernel_lowers_for_cuda_without_a_gpu(monkeypatch, f
   import os
 
   from dispersion_jax import config as config_lib
-  from dispersion_jax import train
-  from dispersion_jax.train_step import init_state
+  from dispersion_jax.training import train
+  from dispersion_jax.training.train_step import init_state
 
   resolve = disp.resolve_impl  # its backend check wants a GPU; lowering needs none
   monkeypatch.setattr(disp, "resolve_impl", lambda impl, variant, backend=None: resolve(impl, variant, "gpu"))

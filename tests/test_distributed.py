@@ -24,7 +24,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # real processes: deselect with -m 'not slow'
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = [sys.executable, "-m", "dispersion_jax.train"]
+TRAIN = [sys.executable, "-m", "dispersion_jax", "train"]
 # Constant learning rate (no warmup, no decay): `steps` only says where to stop, so runs of different lengths agree.
 TINY = [
     "--config",
@@ -112,10 +112,11 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 _RESTORE = """
 import sys
 import jax, numpy as np, orbax.checkpoint as ocp
-from dispersion_jax import sharding, train
-from dispersion_jax.checkpoint import Checkpointer
+from dispersion_jax.parallel import sharding
+from dispersion_jax.training import saved_run
+from dispersion_jax.training.checkpoint import Checkpointer
 mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))
-_, _, state = train.load_run(sys.argv[1], mesh=mesh)
+_, _, state = saved_run.load_run(sys.argv[1], mesh=mesh)
 ckpt = Checkpointer(sys.argv[1], max_to_keep=None, async_save=False)
 step = ckpt.latest_step()
 meta = ckpt.manager.item_metadata(step)["state"]
@@ -331,5 +332,5 @@ def test_local_sh_stops_the_rest_when_one_process_fails(tmp_path):
   env = {**os.environ, "PYTHON": str(fake), "COORDINATOR_PORT": "12345"}
   r = _run(["bash", "launch/local.sh", "3", "--workdir", "x"], env, timeout=60)
   assert r.returncode == 7 and time.monotonic() - t0 < 15
-  assert "[1] boom 1/3@127.0.0.1:12345 -m dispersion_jax.train --workdir x" in r.stdout
+  assert "[1] boom 1/3@127.0.0.1:12345 -m dispersion_jax train --workdir x" in r.stdout
   assert "process 1 exited with status 7; stopping the others" in r.stderr

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dispersion_jax import distributed, sharding
+from dispersion_jax.parallel import distributed, sharding
 
 # The marks of test_distributed.py, whose half these tests were: `-m 'not slow'` selects the same tests as before.
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import dry_run as dry_run_lib
+from dispersion_jax.compile import dry_run as dry_run_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_dry_run_compiles_without_params_or_data(monkeypatch, capsys):
 
 
 def test_memory_budget():
-  from dispersion_jax import dry_run_report
+  from dispersion_jax.compile import dry_run_report
 
   def report(total, budget):
     return dict(memory_per_device={"total": total}, memory_budget_gb=budget, fits=None)
@@ -76,7 +76,7 @@ def test_gpt2_xl_on_64_simulated_devices(tmp_path):
       [
           sys.executable,
           "-m",
-          "dispersion_jax.train",
+          "dispersion_jax", "train",
           "--config",
           "configs/gpt2_xl.py",
           f"--workdir={tmp_path}",
@@ -119,7 +119,7 @@ def test_qwen3_8b_on_64_simulated_devices(tmp_path):
       [
           sys.executable,
           "-m",
-          "dispersion_jax.train",
+          "dispersion_jax", "train",
           "--config",
           "configs/pretrain_qwen3.py",
           f"--workdir={tmp_path}",

@@ -13,14 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from dispersion_jax import backend, chips, targets
 from dispersion_jax import config as config_lib
-from dispersion_jax import dry_run as dry_run_lib
-from dispersion_jax import dry_run_report
 from dispersion_jax.cli import train as train_cli
+from dispersion_jax.compile import chips, dry_run_report, targets
+from dispersion_jax.compile import dry_run as dry_run_lib
 from dispersion_jax.errors import ConfigError
+from dispersion_jax.parallel import backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TPU_COMPILER = importlib.util.find_spec("libtpu") is not None
@@ -201,7 +202,7 @@ def test_tiny_models_compile_for_the_target(tmp_path, capsys, family, target, me
 
 def _abstract_params(cfg) -> list:
   """The parameters' shapes and shardings on the target (float32 whatever the compute dtype)."""
-  from dispersion_jax import train
+  from dispersion_jax.training import train
 
   model_cfg = config_lib.model_config(cfg)
   tx = train.step_function(cfg, model_cfg)[1]

@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from dispersion_jax import harness  # noqa: E402
-from dispersion_jax.research import evaluate as ev
-from dispersion_jax.hf import load_gpt2
+from dispersion_jax.evaluation import evaluate as ev
+from dispersion_jax.evaluation import harness  # noqa: E402
+from dispersion_jax.interop.hf import load_gpt2
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,7 +108,7 @@ def test_rolling_windows_sum_to_the_golden_sequence_loglik(golden, lm64):
 
 
 def test_shipped_example_tasks_are_harness_tasks():
-  from dispersion_jax import harness_tasks
+  from dispersion_jax.evaluation import harness_tasks
 
   tm = harness_tasks.task_manager(include_defaults=False)
   harness_tasks.check_names(tm, harness_tasks.expand(ev.DEFAULT_TASKS))
@@ -118,7 +118,7 @@ def test_shipped_example_tasks_are_harness_tasks():
 
 
 def test_paper_suite_expands_to_the_authors_settings():
-  from dispersion_jax import harness_tasks as ht
+  from dispersion_jax.evaluation import harness_tasks as ht
 
   gpt2 = {s.name: (s.num_fewshot, s.limit) for s in ht.expand(["paper"])}
   qwen = {s.name: (s.num_fewshot, s.limit) for s in ht.expand(["paper_qwen3"])}

@@ -9,11 +9,12 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from dispersion_jax import GPTConfig, harness
+from dispersion_jax import GPTConfig
 from dispersion_jax.cli import evaluate as ev_cli
-from dispersion_jax.hf import load_gpt2, save_gpt2
+from dispersion_jax.data.tokenizer import get_tokenizer
+from dispersion_jax.evaluation import harness
+from dispersion_jax.interop.hf import load_gpt2, save_gpt2
 from dispersion_jax.models import init_params
-from dispersion_jax.tokenizer import get_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
 
 
 def test_unknown_task_and_missing_local_data(tmp_path):
-  from dispersion_jax import harness_tasks
+  from dispersion_jax.evaluation import harness_tasks
 
   tm = harness_tasks.task_manager()  # the built-in index (5 s): mmlu is a group of groups of tagged tasks
   with pytest.raises(ValueError, match="unknown harness task 'no_such_task'"):

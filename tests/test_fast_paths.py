@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dispersion_jax import GPT, DispersionConfig, GPTConfig, dispersion_loss, objective
-from dispersion_jax.dispersion import VARIANTS
-from dispersion_jax.fused_ce import fused_cross_entropy
-from dispersion_jax.hf import from_hf_state_dict, to_hf_state_dict
+from dispersion_jax import GPT, DispersionConfig, GPTConfig, dispersion_loss
+from dispersion_jax.interop.hf import from_hf_state_dict, to_hf_state_dict
+from dispersion_jax.losses import objective
+from dispersion_jax.losses.dispersion import VARIANTS
+from dispersion_jax.losses.fused_ce import fused_cross_entropy
+from dispersion_jax.losses.objective import cross_entropy
 from dispersion_jax.models import init_params
-from dispersion_jax.objective import cross_entropy
 
 DISP = DispersionConfig(coeff=0.1, clamp_threshold=0.1, block_size=None)
 CFG = GPTConfig.preset("test", vocab_size=2048)  # a vocabulary large enough that the logits show in memory
@@ -106,7 +107,7 @@ def test_scan_and_remat_equal_the_unrolled_model(plain, scan, remat):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_torch_baseline_dispersion_equals_jax(variant):
   torch = pytest.importorskip("torch")
-  from dispersion_jax.research.bench_torch import dispersion_loss as torch_dispersion
+  from dispersion_jax.benchmarks.bench_torch import dispersion_loss as torch_dispersion
 
   z = np.random.default_rng(0).normal(size=(2, 9, 6)).astype(np.float64) * 0.5
   zt = torch.tensor(z, requires_grad=True)

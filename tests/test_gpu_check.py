@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from dispersion_jax.cli import bench, gpu_report as gpu_report_cli
-from dispersion_jax.research import gpu_report
+from dispersion_jax.benchmarks import gpu_report
+from dispersion_jax.cli import bench
+from dispersion_jax.cli import gpu_report as gpu_report_cli
 
 TINY = ["--layers", "1", "--dim", "32", "--heads", "2", "--vocab", "128", "--seq", "8", "--batch", "2"]
 

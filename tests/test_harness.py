@@ -14,10 +14,11 @@ lm_eval = pytest.importorskip("lm_eval")
 
 import harness_helpers
 import make_harness_reference as ref_script
-from dispersion_jax import decode, harness
+
 from dispersion_jax.cli import generate as gen_cli
-from dispersion_jax.research import evaluate as ev
-from dispersion_jax.tokenizer import get_tokenizer
+from dispersion_jax.data.tokenizer import get_tokenizer
+from dispersion_jax.evaluation import decode, harness
+from dispersion_jax.evaluation import evaluate as ev
 
 REF = json.loads(harness_helpers.REFERENCE.read_text())
 

@@ -8,11 +8,12 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from conftest import tiny_cfg  # noqa: E402
-from dispersion_jax import train  # noqa: E402
 from dispersion_jax.cli import evaluate as ev_cli  # noqa: E402
 from dispersion_jax.errors import ConfigError  # noqa: E402
-from dispersion_jax.research import evaluate as ev  # noqa: E402
+from dispersion_jax.evaluation import evaluate as ev  # noqa: E402
+from dispersion_jax.training import train  # noqa: E402
+
+from conftest import tiny_cfg  # noqa: E402
 
 FLAGS = ["--config.model.vocab_size=50257", "--config.steps=4", "--config.eval_every=2", "--config.eval_batches=1"]
 FLAGS += ["--config.checkpoint_every=2", "--config.eval.tasks=example_cloze", "--config.eval.limit=4"]

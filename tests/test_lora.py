@@ -13,13 +13,13 @@ import pytest
 from flax import traverse_util
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import lora, sharding
-from dispersion_jax.dry_run import memory_per_device
+from dispersion_jax.compile.dry_run import memory_per_device
 from dispersion_jax.errors import ConfigError
-from dispersion_jax.models import GPTConfig, Qwen3Config, build_model, init_params, param_shapes
-from dispersion_jax.objective import DispersionConfig, objective
-from dispersion_jax.optim import OptimizerConfig, make_optimizer
-from dispersion_jax.train_step import init_state, state_shardings, train_step
+from dispersion_jax.losses.objective import DispersionConfig, objective
+from dispersion_jax.models import GPTConfig, Qwen3Config, build_model, init_params, lora, param_shapes
+from dispersion_jax.parallel import sharding
+from dispersion_jax.training.optim import OptimizerConfig, make_optimizer
+from dispersion_jax.training.train_step import init_state, state_shardings, train_step
 
 FAMILIES = {"gpt2": GPTConfig, "qwen3": Qwen3Config}
 CASES = [(f, scan) for f in FAMILIES for scan in (False, True)]
@@ -228,7 +228,7 @@ def test_a_lora_step_compiles_without_the_base_gradient_and_moments():
   """XLA's memory analysis of the compiled step (the dry run's numbers): the arguments of full fine-tuning are the
   weights and two Adam moments, LoRA's the base weights once plus the adapters and their two moments. (Temporaries,
   gradients among them, at real sizes: docs/benchmarks.md; at this size activations dominate them.)"""
-  from dispersion_jax.dry_run import compile_train_step
+  from dispersion_jax.compile.dry_run import compile_train_step
 
   def compiled_memory(*overrides):
     cfg = config_lib.load("configs/gpt2_tiny.py", ["model.preset=test", "batch_size=2", "seq_len=32", *overrides])
@@ -303,13 +303,13 @@ def test_lora_with_active_forgetting_is_refused():
     [("configs/midtrain_gpt2_lora.py", "gpt2", 3 * 2 + 2), ("configs/midtrain_qwen3_lora.py", "qwen3", 7 * 2)],
 )
 def test_the_lora_recipes_resolve_to_the_authors_settings(path, family, n_targets):
-  from dispersion_jax import lora_run
+  from dispersion_jax.training import lora_state
 
   overrides = ["init_from=None", f"model.family={family}", "model.preset=test"]
   cfg = config_lib.load(path, overrides)
   config_lib.validate(cfg)
   model_cfg = config_lib.model_config(cfg)
-  spec, adapters = lora_run.setup(cfg, model_cfg)
+  spec, adapters = lora_state.setup(cfg, model_cfg)
   assert (spec.rank, spec.alpha, spec.dropout, spec.scale, adapters) == (16, 32.0, 0.05, 2.0, None)
   assert len(spec.targets) == n_targets and model_cfg.lora_dropout == 0.05
   assert model_cfg.param_dtype == {"gpt2": "float32", "qwen3": "bfloat16"}[family]

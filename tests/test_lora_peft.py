@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from dispersion_jax import hf, lora, peft
-from dispersion_jax.models import build_model
+from dispersion_jax.interop import hf, peft
+from dispersion_jax.models import build_model, lora
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "peft")
 CASES = [(f, scan) for f in ("gpt2", "qwen3") for scan in (False, True)]

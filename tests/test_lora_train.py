@@ -14,16 +14,19 @@ from flax import traverse_util
 
 pytestmark = pytest.mark.slow  # trains models
 
-from conftest import REPO, TINY, tiny_cfg
-from dispersion_jax import config as config_lib
-from dispersion_jax import hf, lora, peft, train
-from dispersion_jax.checkpoint import Checkpointer
-from dispersion_jax.cli import evaluate as cli_evaluate
-from dispersion_jax.cli import train as cli_train
-from dispersion_jax.models import GPTConfig, init_params
-from dispersion_jax.research import vmap_train
 from test_lora_peft import DATA, _assert_same_adapter
 from test_train_resume import losses
+
+from dispersion_jax import config as config_lib
+from dispersion_jax.cli import evaluate as cli_evaluate
+from dispersion_jax.cli import train as cli_train
+from dispersion_jax.interop import hf, peft
+from dispersion_jax.models import GPTConfig, init_params, lora
+from dispersion_jax.research import vmap_train
+from dispersion_jax.training import saved_run, train
+from dispersion_jax.training.checkpoint import Checkpointer
+
+from conftest import REPO, TINY, tiny_cfg
 
 ONE_DEVICE = ["--config.mesh.data=1"]
 
@@ -66,7 +69,7 @@ def test_gpt2_lora_with_dispersion_neftune_and_accumulation_resumes_bit_for_bit(
   assert set(record["base_fingerprint"]) == {"/".join(p) for p in traverse_util.flatten_dict(init_params(
       config_lib.model_config(cfg), jax.random.PRNGKey(0)))}  # fmt: skip
   assert data_state is not None
-  _, model_cfg, state = train.load_run(workdir)
+  _, model_cfg, state = saved_run.load_run(workdir)
   assert state.frozen is not None and jax.tree.structure(state.opt_state[1][0].mu) == jax.tree.structure(state.params)
   # A vmapped sweep of LoRA members (another seed beside this one) trains member 0 as its individual run.
   other = cfg.copy_and_resolve_references()

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from dispersion_jax import GPT, GPTConfig, hidden_states
-from dispersion_jax.hf import from_hf_state_dict, load_gpt2, save_gpt2, to_hf_state_dict
+from dispersion_jax.interop.hf import from_hf_state_dict, load_gpt2, save_gpt2, to_hf_state_dict
 from dispersion_jax.models import count_params, init_params, param_logical_axes
 
 

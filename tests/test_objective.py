@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dispersion_jax import GPT, DispersionConfig, GPTConfig, dispersion_loss, hidden_states, objective, select_layers
-from dispersion_jax.hf import load_gpt2, to_hf_state_dict
+from dispersion_jax import GPT, DispersionConfig, GPTConfig, dispersion_loss, hidden_states, select_layers
+from dispersion_jax.interop.hf import load_gpt2, to_hf_state_dict
+from dispersion_jax.losses import objective
 from dispersion_jax.models import init_params
 
 

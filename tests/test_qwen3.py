@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from dispersion_jax import DispersionConfig, objective
-from dispersion_jax.hf import (
-    config_from_json,
-    from_hf_state_dict,
-    load_gpt2,
-    load_pretrained,
-    save_pretrained,
-    to_hf_state_dict,
+from dispersion_jax import DispersionConfig
+from dispersion_jax.interop.hf import (
+  config_from_json,
+  from_hf_state_dict,
+  load_gpt2,
+  load_pretrained,
+  save_pretrained,
+  to_hf_state_dict,
 )
-from dispersion_jax.models import Qwen3, Qwen3Config, build_model, hidden_states, init_params, lm_head
-from dispersion_jax.models import qwen3
+from dispersion_jax.losses import objective
+from dispersion_jax.models import Qwen3, Qwen3Config, build_model, hidden_states, init_params, lm_head, qwen3
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,8 @@ import dataclasses
 
 import pytest
 
-from dispersion_jax.hf import config_from_hf
-from dispersion_jax.models import Qwen3Config, count_params, flops_per_token, param_logical_axes, param_shapes
-from dispersion_jax.models import qwen3
+from dispersion_jax.interop.hf import config_from_hf
+from dispersion_jax.models import Qwen3Config, count_params, flops_per_token, param_logical_axes, param_shapes, qwen3
 
 # Qwen/Qwen3-0.6B's config.json as transformers 4.51 saved it (legacy top-level rope_theta, rope_scaling null).
 QWEN3_0_6B_JSON = {

@@ -285,9 +285,9 @@ def _write_point(workdir, seeds_by_step: dict[int, int]):
   """A finished point as train.py leaves it, without training: checkpoints (GPT-2 vocabulary, preset "test"
   shapes, different init seeds per step) and the evaluation rows of metrics.jsonl."""
   from dispersion_jax import config as config_lib
-  from dispersion_jax.checkpoint import Checkpointer
-  from dispersion_jax.optim import make_optimizer
-  from dispersion_jax.train_step import init_state
+  from dispersion_jax.training.checkpoint import Checkpointer
+  from dispersion_jax.training.optim import make_optimizer
+  from dispersion_jax.training.train_step import init_state
 
   cfg = config_lib.default_config()
   cfg.model.preset, cfg.model.vocab_size = "test", 50257

@@ -10,8 +10,9 @@ import pytest
 
 pytestmark = pytest.mark.slow  # trains models: deselect with -m 'not slow'
 
-from dispersion_jax import train
-from dispersion_jax.research import evaluate, sweep
+from dispersion_jax.evaluation import evaluate
+from dispersion_jax.research import sweep
+from dispersion_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = """

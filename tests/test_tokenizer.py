@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from dispersion_jax.tokenizer import get_tokenizer
+from dispersion_jax.data.tokenizer import get_tokenizer
 
 TEXTS = [
     "hello world",

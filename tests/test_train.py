@@ -10,15 +10,15 @@ import pytest
 
 pytestmark = pytest.mark.slow  # trains models: deselect with -m 'not slow'
 
-from conftest import REPO, TINY, optimizer, tiny_cfg
 from dispersion_jax import config as config_lib
-from dispersion_jax import train
-from dispersion_jax.checkpoint import CheckpointError
-from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.cli.train import main as train_main
 from dispersion_jax.errors import TrainingError
 from dispersion_jax.models import GPT, build_model
-from dispersion_jax.train_step import init_state, train_step
+from dispersion_jax.training import saved_run, train
+from dispersion_jax.training.checkpoint import Checkpointer, CheckpointError
+from dispersion_jax.training.train_step import init_state, train_step
+
+from conftest import REPO, TINY, optimizer, tiny_cfg
 
 
 def test_mid_training_from_hf_qwen3_starts_at_the_hf_loss(golden_dir, data_dir):
@@ -199,4 +199,4 @@ def test_config_errors_name_the_key():
   with pytest.raises(config_lib.ConfigError, match="batch_size=32 must be divisible by grad_accum=3"):
     config_lib.validate(cfg)
   with pytest.raises(CheckpointError):
-    train.load_params("/nonexistent-workdir")
+    saved_run.load_params("/nonexistent-workdir")

@@ -15,11 +15,12 @@ import pytest
 
 pytestmark = pytest.mark.slow  # trains models: deselect with -m 'not slow'
 
-from conftest import REPO, TINY, optimizer, tiny_cfg
 from dispersion_jax import config as config_lib
-from dispersion_jax import train
-from dispersion_jax.checkpoint import Checkpointer
-from dispersion_jax.train_step import init_state
+from dispersion_jax.training import train
+from dispersion_jax.training.checkpoint import Checkpointer
+from dispersion_jax.training.train_step import init_state
+
+from conftest import REPO, TINY, optimizer, tiny_cfg
 
 
 def losses(workdir: str) -> dict[int, float]:
@@ -86,7 +87,7 @@ def _spawn(workdir: str, data_dir: str, *extra: str) -> subprocess.Popen:
   cmd = [
       sys.executable,
       "-m",
-      "dispersion_jax.train",
+      "dispersion_jax", "train",
       "--config",
       "configs/gpt2_tiny.py",
       "--workdir",

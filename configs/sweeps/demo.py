@@ -1,7 +1,7 @@
 """The documented demo sweep (docs/experiment.md): baseline (coeff 0) vs angular_spread dispersion at three
 strengths, two seeds each, on a tiny GPT-2 and the embedded English corpus; CPU-sized (--vmap: one compiled step).
 
-  python -m dispersion_jax.sweep --config configs/sweeps/demo.py --vmap
+  python -m dispersion_jax sweep --config configs/sweeps/demo.py --vmap
 """
 
 from ml_collections import ConfigDict

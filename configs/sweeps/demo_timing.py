@@ -1,8 +1,8 @@
 """The demo sweep cut to 40 steps without evaluation: end-to-end wall time of --vmap vs separate runs
 (docs/experiment.md).
 
-  python -m dispersion_jax.sweep --config configs/sweeps/demo_timing.py --workdir runs/sweeps/timing_sep --no-eval
-  python -m dispersion_jax.sweep --config configs/sweeps/demo_timing.py --workdir runs/sweeps/timing_vmap --no-eval --vmap
+  python -m dispersion_jax sweep --config configs/sweeps/demo_timing.py --workdir runs/sweeps/timing_sep --no-eval
+  python -m dispersion_jax sweep --config configs/sweeps/demo_timing.py --workdir runs/sweeps/timing_vmap --no-eval --vmap
 """
 
 import importlib.util

@@ -5,8 +5,8 @@ methods_cpu_forgetting.py, trained into the same sweep directory (the baselines 
 axis crossed with dispersion.coeff):
 
   for s in methods_cpu methods_cpu_neftune methods_cpu_forgetting; do
-    python -m dispersion_jax.sweep --config configs/sweeps/$s.py --workdir runs/sweeps/methods --vmap; done
-  python -m dispersion_jax.cli.results --sweep_dir runs/sweeps/methods --config configs/sweeps/methods_cpu.py \\
+    python -m dispersion_jax sweep --config configs/sweeps/$s.py --workdir runs/sweeps/methods --vmap; done
+  python -m dispersion_jax results --sweep_dir runs/sweeps/methods --config configs/sweeps/methods_cpu.py \\
       configs/sweeps/methods_cpu_neftune.py configs/sweeps/methods_cpu_forgetting.py \\
       --group_by baseline.method,dispersion.coeff
 """

@@ -4,12 +4,12 @@ layers, the residual width, the data and the training settings fixed; CE only (d
 dispersion loss (coeff 0.1); three seeds. 24 runs. GPU-sized (one H100/H200-class device per run or per vmapped
 width group).
 
-  python -m dispersion_jax.data.build --config configs/gpt2_small.py --config.data.source=text_dir \
+  python -m dispersion_jax data-build --config configs/gpt2_small.py --config.data.source=text_dir \
       --config.data.text_dir=data/wikitext-103-raw-v1 --config.data.doc_grouping=wikitext    # once
-  python -m dispersion_jax.sweep --config configs/sweeps/width_study.py --workdir runs/sweeps/width [--vmap]
-  python -m dispersion_jax.cli.results --sweep_dir runs/sweeps/width --config configs/sweeps/width_study.py \
+  python -m dispersion_jax sweep --config configs/sweeps/width_study.py --workdir runs/sweeps/width [--vmap]
+  python -m dispersion_jax results --sweep_dir runs/sweeps/width --config configs/sweeps/width_study.py \
       --group_by model.n_inner,dispersion.coeff --rules last,val,test,test_group
-  python -m dispersion_jax.cli.condensation_training --corpus default --num_texts 64 --max_length 1024 \
+  python -m dispersion_jax condensation-training --corpus default --num_texts 64 --max_length 1024 \
       --workdirs runs/sweeps/width/coeff-0.0_n_inner-64_seed-0 runs/sweeps/width/coeff-0.1_n_inner-64_seed-0 \
       --labels "F=64 CE,F=64 dispersion" --out runs/sweeps/width/over_training
 

@@ -2,10 +2,10 @@
 1024 / 4096 at a fixed residual width, CE only (dispersion.coeff 0) vs angular_spread dispersion (coeff 0.1),
 three seeds: 24 runs of a 4-layer, width-64 GPT-2 on the embedded English corpus, 120 steps of 8 x 64 tokens each.
 
-  python -m dispersion_jax.sweep --config configs/sweeps/width_study_cpu.py --workdir runs/sweeps/width_cpu --vmap
-  python -m dispersion_jax.cli.results --sweep_dir runs/sweeps/width_cpu --config configs/sweeps/width_study_cpu.py \
+  python -m dispersion_jax sweep --config configs/sweeps/width_study_cpu.py --workdir runs/sweeps/width_cpu --vmap
+  python -m dispersion_jax results --sweep_dir runs/sweeps/width_cpu --config configs/sweeps/width_study_cpu.py \
       --group_by model.n_inner,dispersion.coeff
-  python -m dispersion_jax.cli.condensation_training --corpus default --num_texts 32 --max_length 64 \
+  python -m dispersion_jax condensation-training --corpus default --num_texts 32 --max_length 64 \
       --workdirs runs/sweeps/width_cpu/coeff-0.0_n_inner-64_seed-0 runs/sweeps/width_cpu/coeff-0.1_n_inner-64_seed-0 \
       --labels "F=64 CE only,F=64 dispersion 0.1" --out runs/sweeps/width_cpu/over_training
 

@@ -1,6 +1,6 @@
-"""python -m dispersion_jax.bench [--config configs/bench.py] [--config.KEY=VALUE[,VALUE...] ...]
+"""python -m dispersion_jax bench [--config configs/bench.py] [--config.KEY=VALUE[,VALUE...] ...]
     [--repeats 5] [--compile_only] [--torch_baseline [--torch_compile]] [--data_batches N] [--json out.json]
-python -m dispersion_jax.bench --vmap_members 4,8 --config configs/gpt2_tiny.py [--config.KEY=VALUE ...]
+python -m dispersion_jax bench --vmap_members 4,8 --config configs/gpt2_tiny.py [--config.KEY=VALUE ...]
 
 Times the compiled train step of each benchmark point (a run config: the config file plus overrides; a
 comma-separated value is an axis, crossed with the others) and its coeff-0 twin, in one run with interleaved
@@ -16,9 +16,10 @@ from collections.abc import Sequence
 
 import jax
 
+from dispersion_jax.benchmarks import bench
 from dispersion_jax.cli.common import Parser, run_main
 from dispersion_jax.config import load
-from dispersion_jax.research import bench, vmap_train
+from dispersion_jax.research import vmap_train
 
 # The previous release's flags -> the config keys they set: the row columns of research/bench.py, which bear the
 # same names, except the two added since (family, impl), which exist only as --config.* overrides.
@@ -27,7 +28,7 @@ _NONE_IF_ZERO = {"max_tokens", "block_size", "ce_chunk"}
 
 
 def parser() -> Parser:
-  p = Parser(prog="python -m dispersion_jax.bench", description=__doc__, overrides=True)
+  p = Parser(prog="python -m dispersion_jax bench", description=__doc__, overrides=True)
   p.add_argument("--config", default="configs/bench.py", metavar="FILE", help="the base run config")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--repeats", type=int, default=5)
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(vmap_train.table(rows))
   else:
     if args.torch_baseline:
-      from dispersion_jax.research import bench_torch  # noqa: PLC0415 - torch is an optional extra
+      from dispersion_jax.benchmarks import bench_torch  # noqa: PLC0415 - torch is an optional extra
 
       bench_torch.require_torch()  # fail in one line before compiling anything
     opts = bench.Options(

@@ -1,4 +1,4 @@
-"""python -m dispersion_jax.cli.bench_data [--json out.json] [--workers 1,2] [--batch_sizes 16,32] [--seq_len 1024]
+"""python -m dispersion_jax bench-data [--json out.json] [--workers 1,2] [--batch_sizes 16,32] [--seq_len 1024]
 
 The data layer on the embedded corpus: build tokens/s per number of worker processes, re-pack tokens/s, and the
 step-indexed read path's tokens/s per core (numpy rows, global arrays, thread prefetch). Prints a table.
@@ -6,12 +6,12 @@ step-indexed read path's tokens/s per core (numpy rows, global arrays, thread pr
 
 from collections.abc import Sequence
 
+from dispersion_jax.benchmarks import bench_data
 from dispersion_jax.cli.common import Parser, run_main
-from dispersion_jax.research import bench_data
 
 
 def parser() -> Parser:
-  p = Parser(prog="python -m dispersion_jax.cli.bench_data", description=__doc__)
+  p = Parser(prog="python -m dispersion_jax bench-data", description=__doc__)
   p.add_argument("--json", default="", help="write the results here")
   p.add_argument("--workers", default="1,2", help="build worker counts, comma-separated")
   p.add_argument("--batch_sizes", default="16,32", help="global batch sizes of the read benchmark")

@@ -1,4 +1,4 @@
-"""python -m dispersion_jax.cli.bench_dispersion [--preset gpt2|gpt2_b8|cpu|cpu_small] [--json out.json]
+"""python -m dispersion_jax bench-dispersion [--preset gpt2|gpt2_b8|cpu|cpu_small] [--json out.json]
     [--batch B --seq L --dim F] [--variants angular_spread,...|all] [--impls reference,xla,pallas]
     [--block_size none,512] [--pallas_tile_n 64,128]
 
@@ -10,10 +10,10 @@ import json
 
 import jax
 
-from dispersion_jax import dispersion_pallas
+from dispersion_jax.benchmarks.bench_dispersion import PRESETS, run, table
 from dispersion_jax.cli.common import Parser, run_main
-from dispersion_jax.dispersion import VARIANTS
-from dispersion_jax.research.bench_dispersion import PRESETS, run, table
+from dispersion_jax.losses import dispersion_pallas
+from dispersion_jax.losses.dispersion import VARIANTS
 
 
 def _csv(kind):
@@ -25,7 +25,7 @@ def _block(s: str):
 
 
 def parse_args(argv=None):
-  p = Parser(prog="python -m dispersion_jax.cli.bench_dispersion", description=__doc__)
+  p = Parser(prog="python -m dispersion_jax bench-dispersion", description=__doc__)
   p.add_argument("--preset", choices=sorted(PRESETS), default="gpt2", help="B, L, F (gpt2: 16, 1024, 768)")
   p.add_argument("--batch", type=int, default=None)
   p.add_argument("--seq", type=int, default=None)

@@ -1,4 +1,4 @@
-"""python -m dispersion_jax.cli.bench_harness [--torch_python PYTHON] [--batch_size 16] [--repeats 3] [--json OUT]
+"""python -m dispersion_jax bench-harness [--torch_python PYTHON] [--batch_size 16] [--repeats 3] [--json OUT]
 
 Requests/s of our lm-evaluation-harness model (harness.JaxLM) against the harness's torch HFLM on the same tiny
 GPT-2 and requests, and decoder tokens/s with and without the KV cache; prints a table, writes JSON. HFLM runs in
@@ -9,12 +9,12 @@ research/bench_harness.py says how it measures.
 import json
 from collections.abc import Sequence
 
+from dispersion_jax.benchmarks import bench_harness
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, run_main
-from dispersion_jax.research import bench_harness
 
 
 def parser() -> Parser:
-  p = Parser(prog="python -m dispersion_jax.cli.bench_harness", description=__doc__)
+  p = Parser(prog="python -m dispersion_jax bench-harness", description=__doc__)
   p.add_argument("--torch_python", default=None, help="a Python with torch + transformers + lm_eval, for HFLM")
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--repeats", type=int, default=3)

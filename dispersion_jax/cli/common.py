@@ -15,8 +15,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from dispersion_jax import backend, distributed
 from dispersion_jax.errors import UserError, clean_message
+from dispersion_jax.parallel import backend, distributed
 
 USAGE_EXIT = 2
 INTERRUPTED_EXIT = 75  # EX_TEMPFAIL: preempted or interrupted, re-run the same command to continue

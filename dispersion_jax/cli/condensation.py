@@ -1,4 +1,4 @@
-"""python -m dispersion_jax.condensation (--workdir RUN [--step N] | --hf_model DIR)
+"""python -m dispersion_jax condensation (--workdir RUN [--step N] | --hf_model DIR)
     (--texts FILE | --token_ids FILE.npy | --corpus default --num_texts K) --max_length N --out DIR
     [--compare OTHER/condensation.json [--labels A,B]]
 
@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, add_model_source, check_model_source, run_main
-from dispersion_jax.condensation import NUM_BINS, model_statistics
+from dispersion_jax.evaluation.condensation import NUM_BINS, model_statistics
+from dispersion_jax.evaluation.evaluate import load_model
 from dispersion_jax.research import condensation_report as rep
-from dispersion_jax.research.evaluate import load_model
 
 
 def parse_args(argv: Sequence[str] | None = None):
-  p = Parser(prog="python -m dispersion_jax.condensation", description=__doc__)
+  p = Parser(prog="python -m dispersion_jax condensation", description=__doc__)
   add_model_source(p)
   data = p.add_mutually_exclusive_group(required=True)
   data.add_argument("--texts", help="UTF-8 text file, one text per line")

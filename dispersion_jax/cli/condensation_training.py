@@ -1,4 +1,4 @@
-"""python -m dispersion_jax.cli.condensation_training --workdirs RUN [RUN ...] [--labels A,B,...]
+"""python -m dispersion_jax condensation-training --workdirs RUN [RUN ...] [--labels A,B,...]
     (--corpus default --num_texts K | --texts FILE | --token_ids F.npy) --max_length N --out DIR
     [--steps S1,S2,...] [--max_checkpoints K] [--batch_size B] [--num_bins K]
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, run_main
-from dispersion_jax.condensation import NUM_BINS
+from dispersion_jax.evaluation.condensation import NUM_BINS
 from dispersion_jax.research import condensation_report as rep
 from dispersion_jax.research import condensation_training as ct
 
@@ -25,7 +25,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def parser() -> Parser:
-  p = Parser(prog="python -m dispersion_jax.cli.condensation_training", description=__doc__)
+  p = Parser(prog="python -m dispersion_jax condensation-training", description=__doc__)
   p.add_argument("--workdirs", nargs="+", required=True, metavar="RUN", help="training run directories")
   p.add_argument("--labels", default=None, help="comma-separated, one per run (default: the directory names)")
   data = p.add_mutually_exclusive_group(required=True)

@@ -1,4 +1,4 @@
-"""python -m dispersion_jax.data.build (--config CFG | --workdir RUN) [--config.KEY=VALUE ...] [--workers N]
+"""python -m dispersion_jax data-build (--config CFG | --workdir RUN) [--config.KEY=VALUE ...] [--workers N]
     [--no_keep_tokens]
 
 Builds the run config's dataset once: tokenizes its input (data.source / data.text_dir / data.tfds_name, with the
@@ -13,13 +13,13 @@ stopped, finished work units are kept: re-run to finish).
 from collections.abc import Sequence
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import train
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, run_main
 from dispersion_jax.data import build
+from dispersion_jax.training import saved_run
 
 
 def parser() -> Parser:
-  p = Parser(prog="python -m dispersion_jax.data.build", description=__doc__, overrides=True)
+  p = Parser(prog="python -m dispersion_jax data-build", description=__doc__, overrides=True)
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--config", metavar="FILE", help="a config file (configs/*.py)")
   source.add_argument("--workdir", metavar="RUN", help="a training run: the dataset its checkpoints were trained on")
@@ -43,7 +43,7 @@ def parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> build.BuildReport:
   args = parser().parse_args(argv)
   if args.workdir:
-    cfg = train.load_run_config(args.workdir)
+    cfg = saved_run.load_run_config(args.workdir)
     for key, value in args.overrides:
       config_lib.apply_override(cfg, key, value)
   else:

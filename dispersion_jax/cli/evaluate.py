@@ -1,4 +1,4 @@
-"""python -m dispersion_jax.evaluate (--workdir RUN [--step N] | --hf_model DIR) [--tasks NAME[,NAME...]]
+"""python -m dispersion_jax eval (--workdir RUN [--step N] | --hf_model DIR) [--tasks NAME[,NAME...]]
     [--include_path DIR] [--data_dir DIR] [--num_fewshot K] [--limit N] [--batch_size B] [--output_path OUT.json]
     [--log_samples] [--split validation [--num_batches N]] [--hf_export DIR] [--peft_export DIR]
 
@@ -19,14 +19,15 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from dispersion_jax import peft, train
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, add_model_source, check_model_source, run_main
 from dispersion_jax.errors import DatasetNotBuiltError
-from dispersion_jax.research import evaluate as ev
+from dispersion_jax.evaluation import evaluate as ev
+from dispersion_jax.interop import peft
+from dispersion_jax.training import saved_run
 
 
 def parser() -> Parser:
-  p = Parser(prog="python -m dispersion_jax.evaluate", description=__doc__)
+  p = Parser(prog="python -m dispersion_jax eval", description=__doc__)
   add_model_source(p)
   p.add_argument("--tasks", default=None, help="comma-separated harness task names or suites (paper, paper_qwen3)")
   p.add_argument("--include_path", "--include-path", default=None, help="a folder of your own task YAMLs")
@@ -75,7 +76,7 @@ def run(args) -> dict[str, Any]:
     ev.export_hf(args.hf_export, cfg, params, tok_name)
     print(f"wrote Hugging Face directory {args.hf_export}")
   if args.peft_export:
-    run_cfg, model_cfg, spec, adapters = train.load_lora(args.workdir, args.step)
+    run_cfg, model_cfg, spec, adapters = saved_run.load_lora(args.workdir, args.step)
     peft.save_adapter(args.peft_export, model_cfg, spec, adapters, base_model=run_cfg.init_from)
     print(f"wrote PEFT adapter directory {args.peft_export}")
   results: dict[str, Any] = {}
@@ -94,7 +95,7 @@ def run(args) -> dict[str, Any]:
         raise
       flags = [f"--config.tokenizer={args.tokenizer}"] if args.tokenizer else []
       raise e.with_command(
-          " ".join(["python -m dispersion_jax.data.build --workdir", *map(shlex.quote, [args.workdir, *flags])])
+          " ".join(["python -m dispersion_jax data-build --workdir", *map(shlex.quote, [args.workdir, *flags])])
       ) from None
     results["perplexity"] = pp
     print(f"{args.split:<24} loss={pp['loss']:.4f}  ppl={pp['ppl']:.2f}  ({pp['tokens']} tokens)")

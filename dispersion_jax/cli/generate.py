@@ -10,11 +10,11 @@ a run has learnt.
 import time
 from collections.abc import Sequence
 
-from dispersion_jax import decode
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, add_model_source, check_model_source, run_main
+from dispersion_jax.data.tokenizer import get_tokenizer
 from dispersion_jax.errors import DataError
-from dispersion_jax.research import evaluate as ev
-from dispersion_jax.tokenizer import get_tokenizer
+from dispersion_jax.evaluation import decode
+from dispersion_jax.evaluation import evaluate as ev
 
 
 def parser() -> Parser:

@@ -1,4 +1,4 @@
-"""python -m dispersion_jax.cli.gpu_report DIR [--json bench.json]
+"""python -m dispersion_jax gpu-report DIR [--json bench.json]
 
 The GPU check's report (launch/gpu_check.sh): every benchmark JSON in DIR merged into one document (--json) and a
 Markdown table of the rows against the performance targets on stdout (research/gpu_report.py says how).
@@ -7,14 +7,14 @@ Markdown table of the rows against the performance targets on stdout (research/g
 import json
 import os
 
+from dispersion_jax.benchmarks import gpu_report
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, run_main
 from dispersion_jax.errors import UserError
-from dispersion_jax.research import gpu_report
 
 
 @run_main(catch=FILE_ERRORS)
 def main(argv=None) -> str:
-  p = Parser(prog="python -m dispersion_jax.cli.gpu_report", description=__doc__)
+  p = Parser(prog="python -m dispersion_jax gpu-report", description=__doc__)
   p.add_argument("directory", help="the folder of benchmark JSON files (one per run)")
   p.add_argument("--json", default=None, help="write {run name: its JSON} here")
   args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""python -m dispersion_jax.cli.results --sweep_dir WORKDIR --config SWEEP_CONFIG [SWEEP_CONFIG ...]
+"""python -m dispersion_jax results --sweep_dir WORKDIR --config SWEEP_CONFIG [SWEEP_CONFIG ...]
     [--group_by baseline.method,dispersion.coeff] [--reference dispersion.coeff=0,baseline.method=none]
     [--rules last,val,test] [--tasks NAME ...] [--steps S1,S2,...] [--max_checkpoints K]
     [--metrics val_loss,mean_acc,...] [--select_metrics acc/TASK,...] [--out DIR]
@@ -25,7 +25,7 @@ def _list(text: str | None) -> list[str] | None:
 
 
 def parser() -> Parser:
-  p = Parser(prog="python -m dispersion_jax.cli.results", description=__doc__)
+  p = Parser(prog="python -m dispersion_jax results", description=__doc__)
   p.add_argument("--sweep_dir", required=True, help="the sweep's --workdir (one training run per point)")
   p.add_argument(
       "--config",

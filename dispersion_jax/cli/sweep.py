@@ -1,4 +1,4 @@
-"""python -m dispersion_jax.sweep --config configs/sweeps/NAME.py [--workdir runs/sweeps/NAME] [--vmap]
+"""python -m dispersion_jax sweep --config configs/sweeps/NAME.py [--workdir runs/sweeps/NAME] [--vmap]
     [--max_members K] [--no_eval]
 
 Runs the cross product of a sweep config's axes as ordinary training runs (skipping finished points, resuming
@@ -15,7 +15,7 @@ from dispersion_jax.research.sweep import run_sweep
 
 
 def parser() -> Parser:
-  p = Parser(prog="python -m dispersion_jax.sweep", description=__doc__)
+  p = Parser(prog="python -m dispersion_jax sweep", description=__doc__)
   p.add_argument("--config", required=True, help="sweep config file (configs/sweeps/*.py)")
   p.add_argument("--workdir", default=None, help="default: runs/sweeps/<config name>")
   p.add_argument("--vmap", action="store_true", help="train points differing only in seed/coeff in one step")

@@ -1,4 +1,4 @@
-"""python -m dispersion_jax.train --config configs/gpt2_tiny.py --workdir runs/demo [--config.KEY=VALUE ...]
+"""python -m dispersion_jax train --config configs/gpt2_tiny.py --workdir runs/demo [--config.KEY=VALUE ...]
 
 Trains (or mid-trains, with --config.init_from) and resumes from the latest checkpoint when re-run with the same
 workdir. --config.dry_run=True compiles the step for the configured mesh and prints memory and FLOPs instead.
@@ -8,15 +8,16 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-
 from dispersion_jax import config as config_lib
-from dispersion_jax import backend, distributed, dry_run, train
 from dispersion_jax.cli.common import INTERRUPTED_EXIT, Parser, add_launch, add_run_config, run_main
+from dispersion_jax.compile import dry_run
 from dispersion_jax.errors import DatasetNotBuiltError
+from dispersion_jax.parallel import backend, distributed
+from dispersion_jax.training import train
 
 
 def parser() -> Parser:
-  p = Parser(prog="python -m dispersion_jax.train", description=__doc__, overrides=True)
+  p = Parser(prog="python -m dispersion_jax train", description=__doc__, overrides=True)
   add_run_config(p)
   add_launch(p)
   return p
@@ -25,7 +26,7 @@ def parser() -> Parser:
 def build_command(args) -> str:
   """The data build command of this run: the user's own config file and --config.* flags."""
   flags = [f"--config.{key}={value}" for key, value in args.overrides]
-  return " ".join(["python -m dispersion_jax.data.build --config", *map(shlex.quote, [args.config, *flags])])
+  return " ".join(["python -m dispersion_jax data-build --config", *map(shlex.quote, [args.config, *flags])])
 
 
 @run_main(interrupted="re-run the same command to resume from the last checkpoint", start_backend=False)

@@ -26,13 +26,12 @@ import signal
 import socket
 import time
 
-from dispersion_jax import lifeline
-from dispersion_jax.data import build_stages
+from dispersion_jax.data import build_stages, packed
 from dispersion_jax.data import inputs as inputs_lib
-from dispersion_jax.data import packed
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.data.inputs import SPLITS
 from dispersion_jax.errors import DataError
+from dispersion_jax.parallel import lifeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +255,7 @@ def open_or_build_default(
     data_cfg: DataConfig, *, tokenizer: str, seq_len: int, workers: int | None = 1, progress: bool = True
 ) -> packed.PackedDataset:
   """The built dataset; the embedded default corpus (source="default") is built here on first use, any other
-  source must have been built (`python -m dispersion_jax.data.build`): a DataError names the command.
+  source must have been built (`python -m dispersion_jax data-build`): a DataError names the command.
   `workers=1` by default: the corpus is small (~2M tokens, a few seconds), so tokenizer threads in this process
   beat starting worker processes; None = data_cfg.build_workers.
 
@@ -266,8 +265,3 @@ def open_or_build_default(
     build(data_cfg, tokenizer=tokenizer, seq_len=seq_len, workers=workers, progress=progress)
   return packed.open_identity(ident, packed.build_command(data_cfg, tokenizer=tokenizer, seq_len=seq_len))
 
-
-if __name__ == "__main__":  # the command line lives in cli/data.py; keeps `python -m dispersion_jax.data.build`
-  from dispersion_jax.cli.data import main
-
-  main()

@@ -12,8 +12,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from dispersion_jax.data import packed
-from dispersion_jax.data import token_files
+from dispersion_jax.data import packed, token_files
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.data.inputs import SPLITS, TRAIN, VALIDATION, unit_key
 from dispersion_jax.errors import DataError
@@ -164,8 +163,8 @@ def _move(pieces: dict, u: int, i: int, src: str, dst: str) -> dict:
 
 
 def pack(ident: packed.Identity, plans: dict, tmp: str, token_path: str, imap: Imap, progress: bool) -> dict:
-  from tensorflow_datasets.core import naming  # noqa: PLC0415
   import tensorflow_datasets as tfds  # noqa: PLC0415
+  from tensorflow_datasets.core import naming  # noqa: PLC0415
 
   width = ident.seq_len + 1
   per_shard = max(1, packed.SHARD_BYTES // (np.dtype(ident.dtype).itemsize * width))

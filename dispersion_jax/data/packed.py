@@ -24,9 +24,9 @@ import shlex
 
 import numpy as np
 
-from dispersion_jax import tokenizer as tokenizer_lib
 from dispersion_jax.data import inputs as inputs_lib
 from dispersion_jax.data import token_files
+from dispersion_jax.data import tokenizer as tokenizer_lib
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.errors import DataError, DatasetNotBuiltError
 
@@ -35,7 +35,7 @@ DATASET_NAME = "dispersion_packed"
 SPLITS = inputs_lib.SPLITS
 SHARD_BYTES = 64 << 20  # token bytes per ArrayRecord shard (file layout only; records do not depend on it)
 META_FILE = "pack_meta.json"
-BUILD_COMMAND = "python -m dispersion_jax.data.build --config CFG"
+BUILD_COMMAND = "python -m dispersion_jax data-build --config CFG"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -254,7 +254,7 @@ def build_command(cfg: DataConfig, *, tokenizer: str, seq_len: int, config: str 
     value = getattr(cfg, f.name)
     if value != getattr(default, f.name) and f.name not in ("read_threads",):
       flags.append(f"--config.data.{f.name}={value}")
-  return " ".join(["python -m dispersion_jax.data.build --config", config, *(shlex.quote(x) for x in flags)])
+  return " ".join(["python -m dispersion_jax data-build --config", config, *(shlex.quote(x) for x in flags)])
 
 
 def open_packed(cfg: DataConfig, *, tokenizer: str, seq_len: int) -> PackedDataset:

@@ -6,9 +6,8 @@ import os
 
 import numpy as np
 
-from dispersion_jax import tokenizer as tokenizer_lib
-from dispersion_jax.data import corpus
-from dispersion_jax.data import readers
+from dispersion_jax.data import corpus, readers
+from dispersion_jax.data import tokenizer as tokenizer_lib
 from dispersion_jax.data.inputs import SPLITS, TRAIN, VALIDATION, Unit
 
 _ENCODE_DOCS, _ENCODE_CHARS = 512, 4 << 20  # documents / characters per tokenizer call

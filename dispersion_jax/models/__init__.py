@@ -3,7 +3,7 @@
 Every family module (gpt2.py, qwen3.py) defines a frozen config dataclass with the shared fields `vocab_size`,
 `n_positions`, `n_embd`, `n_layer`, `dtype`, `param_dtype`, `remat`, `scan_layers`, `attention`, and `preset()`;
 a module `__call__(input_ids_BxL, positions_BxL=None, deterministic=True, embed_noise_alpha=0.0) -> logits_BxLxV`
-(float32 or wider; embed_noise_alpha > 0 adds baselines.add_embedding_noise to the embedding output) that
+(float32 or wider; embed_noise_alpha > 0 adds neftune.add_embedding_noise to the embedding output) that
 sows `intermediates/embed` (embedding output), `h_{i}/hidden` or scanned `h/hidden` (raw block outputs) and
 `intermediates/final` (the last block after the final norm); `lm_head(params, cfg) -> [V, D]` in compute dtype;
 `EMBED_PATH` (the input embedding in the params tree); `NEFTUNE_ALPHA` (the authors' default noise); `LORA_TARGETS`

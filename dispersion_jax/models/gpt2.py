@@ -12,10 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dispersion_jax import backend
-from dispersion_jax.baselines import add_embedding_noise
 from dispersion_jax.models import kv_cache
 from dispersion_jax.models.lora_dense import LoraDense
+from dispersion_jax.models.neftune import add_embedding_noise
+from dispersion_jax.parallel import backend
 
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),  # 124M
@@ -192,7 +192,7 @@ class GPT(nn.Module):
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
     )
     x_BxLxD = wte(input_ids_BxL) + wpe(positions_BxL)
-    if embed_noise_alpha:  # NEFTune-style noise (baselines.py); on wte's output or after wpe: the same sum
+    if embed_noise_alpha:  # NEFTune-style noise (neftune.py); on wte's output or after wpe: the same sum
       x_BxLxD = add_embedding_noise(x_BxLxD, embed_noise_alpha, self.make_rng("noise"))
     x_BxLxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))

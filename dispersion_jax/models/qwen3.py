@@ -18,10 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dispersion_jax.baselines import add_embedding_noise
 from dispersion_jax.models import kv_cache
 from dispersion_jax.models.gpt2 import ATTENTION_IMPLS, REMAT_POLICIES, resolve_attention
 from dispersion_jax.models.lora_dense import LoraDense
+from dispersion_jax.models.neftune import add_embedding_noise
 
 _SHAPES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head", "head_dim", "n_inner")
 _QWEN3 = dict(vocab_size=151936, n_positions=40960, head_dim=128)
@@ -243,7 +243,7 @@ class Qwen3(nn.Module):
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
     )
     x_BxLxD = embed(input_ids_BxL)  # no scaling, no position embedding
-    if embed_noise_alpha:  # NEFTune-style noise (baselines.py): the whole embedding output
+    if embed_noise_alpha:  # NEFTune-style noise (neftune.py): the whole embedding output
       x_BxLxD = add_embedding_noise(x_BxLxD, embed_noise_alpha, self.make_rng("noise"))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACT)
     self.sow("intermediates", "embed", x_BxLxD)

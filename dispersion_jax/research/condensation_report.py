@@ -1,4 +1,4 @@
-"""The condensation report (statistics in condensation.py; command line: python -m dispersion_jax.condensation).
+"""The condensation report (statistics in condensation.py; command line: python -m dispersion_jax condensation).
 
 Writes OUT/condensation.json, OUT/condensation_heatmap.png (layers x cosine, density as colour),
 OUT/condensation_mean.png (m_l vs depth) and, with --compare, OUT/condensation_compare.png.
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from dispersion_jax.data.corpus import default_docs
-from dispersion_jax.tokenizer import get_tokenizer
+from dispersion_jax.data.tokenizer import get_tokenizer
 
 FILES = {
     "json": "condensation.json",

@@ -1,5 +1,5 @@
 """Condensation over training: the per-layer cosine statistics (condensation.model_statistics) of every checkpoint
-of one or several runs, on one fixed set of texts (command line: python -m dispersion_jax.cli.condensation_training).
+of one or several runs, on one fixed set of texts (command line: python -m dispersion_jax condensation-training).
 
 Each (run, checkpoint step, settings) is computed once and cached in RUN/condensation_cache/<key>/step_<N>.json;
 the key is a hash of the token ids, max_length, batch_size and num_bins, and an entry is reused only while the
@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from dispersion_jax import train
-from dispersion_jax.condensation import NUM_BINS, model_statistics
 from dispersion_jax.errors import CheckpointError, ConfigError
+from dispersion_jax.evaluation.condensation import NUM_BINS, model_statistics
+from dispersion_jax.evaluation.evaluate import load_model
 from dispersion_jax.research import condensation_report as rep
-from dispersion_jax.research.evaluate import load_model
+from dispersion_jax.training import saved_run
 
 CACHE_DIR = "condensation_cache"
 _VERSION = 1  # bump when a cached summary changes meaning
@@ -133,7 +133,7 @@ def checkpoint_statistics(
 
 
 def run_tokenizer(workdir: str) -> str:
-  return train.load_run_config(workdir).tokenizer or "gpt2"
+  return saved_run.load_run_config(workdir).tokenizer or "gpt2"
 
 
 def over_training(

@@ -1,4 +1,4 @@
-"""The results table of a finished sweep (command line: python -m dispersion_jax.cli.results): collecting and
+"""The results table of a finished sweep (command line: python -m dispersion_jax results): collecting and
 evaluating a sweep directory's checkpoints and writing the table files.
 
 Per group of points (default: the sweep's axes except seed, e.g. baseline.method and dispersion.coeff; any run
@@ -29,14 +29,15 @@ import numpy as np
 from flax import traverse_util
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import metrics
+from dispersion_jax.data.tokenizer import get_tokenizer
 from dispersion_jax.errors import ConfigError, DataError
+from dispersion_jax.evaluation import evaluate
 from dispersion_jax.research import condensation_training as ct
-from dispersion_jax.research import evaluate, sweep
+from dispersion_jax.research import sweep
 from dispersion_jax.research.condensation_report import corpus_texts
 from dispersion_jax.research.results_render import build_tables, key_text, to_latex, to_markdown
 from dispersion_jax.research.results_select import DEFAULT_REFERENCE, DEFAULT_RULES, RULES, metric_columns, select
-from dispersion_jax.tokenizer import get_tokenizer
+from dispersion_jax.training import metrics
 
 _EVAL_VERSION = 2  # bump when a checkpoint's evaluation row changes meaning
 _TAIL = 5  # train_ce: mean CE of the last 5 logged steps up to the checkpoint
@@ -97,7 +98,7 @@ def evaluate_checkpoint(p: sweep.Point, step: int, ev: Mapping[str, Any]) -> dic
   if step in eval_rows:  # the run's own evaluation at this step
     r = eval_rows[step]
     row.update(val_loss=r["val_loss"], val_ppl=r["val_ppl"], val_dispersion=r.get("val_dispersion"))
-  else:  # the same batches train.evaluate uses
+  else:  # the same batches training's evaluations (training/validation.py) uses
     pp = evaluate.perplexity(
         model_cfg, params, p.cfg, num_batches=p.cfg.eval_batches, batch_size=p.cfg.batch_size // p.cfg.grad_accum
     )

@@ -1,4 +1,4 @@
-"""Grid sweeps of training runs (command line: python -m dispersion_jax.sweep, cli/sweep.py).
+"""Grid sweeps of training runs (command line: python -m dispersion_jax sweep, cli/sweep.py).
 
 A sweep config defines `get_config()` returning a ConfigDict (or dict) with
   base       a training config file (e.g. configs/gpt2_tiny.py)
@@ -28,12 +28,13 @@ from flax import traverse_util
 from ml_collections import ConfigDict
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import metrics, train
-from dispersion_jax.condensation import model_statistics
+from dispersion_jax.data.tokenizer import get_tokenizer
 from dispersion_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
-from dispersion_jax.research import evaluate, vmap_train
+from dispersion_jax.evaluation import evaluate
+from dispersion_jax.evaluation.condensation import model_statistics
+from dispersion_jax.research import vmap_train
 from dispersion_jax.research.condensation_report import corpus_texts
-from dispersion_jax.tokenizer import get_tokenizer
+from dispersion_jax.training import metrics, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # tasks None = evaluate.DEFAULT_TASKS; include_path: a folder of task YAMLs; None shots / limit: the tasks' own
@@ -195,7 +196,7 @@ def evaluate_point(p: Point, ev: Mapping[str, Any]) -> dict[str, Any]:
   row: dict[str, Any] = {"step": step, "train_ce": float(np.mean(tail)) if tail else None}
   if val:  # the run's own final evaluation
     row.update(val_loss=val[-1]["val_loss"], val_ppl=val[-1]["val_ppl"], val_dispersion=val[-1]["val_dispersion"])
-  else:  # same batches as train.evaluate would use
+  else:  # same batches as training's evaluations (training/validation.py) would use
     pp = evaluate.perplexity(
         model_cfg, params, p.cfg, num_batches=p.cfg.eval_batches, batch_size=p.cfg.batch_size // p.cfg.grad_accum
     )

@@ -10,7 +10,7 @@ Each member writes its own WORKDIR as `train.run` does (Orbax checkpoints with i
 metrics.jsonl), so any member can be resumed, evaluated, or continued alone by `train.run`.
 
 Benchmark (vmapped step vs the members' ordinary steps one by one, synthetic batches):
-  python -m dispersion_jax.bench --vmap_members 4,8 --config configs/gpt2_tiny.py [--config.KEY=VALUE ...]
+  python -m dispersion_jax bench --vmap_members 4,8 --config configs/gpt2_tiny.py [--config.KEY=VALUE ...]
 """
 
 import dataclasses
@@ -26,13 +26,14 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from dispersion_jax import config as config_lib
-from dispersion_jax import distributed, lora_run, sharding, train
-from dispersion_jax.checkpoint import Checkpointer
 from dispersion_jax.errors import CheckpointError, ConfigError, TrainingError
-from dispersion_jax.loop import Hooks, run_loop
-from dispersion_jax.metrics import MetricsLogger
 from dispersion_jax.models import build_model
-from dispersion_jax.train_step import eval_params, init_state, state_shardings, trainable
+from dispersion_jax.parallel import distributed, sharding
+from dispersion_jax.training import lora_state, resume, train, validation
+from dispersion_jax.training.checkpoint import Checkpointer
+from dispersion_jax.training.loop import Hooks, run_loop
+from dispersion_jax.training.metrics import MetricsLogger
+from dispersion_jax.training.train_step import eval_params, init_state, state_shardings, trainable
 
 MEMBER_KEYS = ("seed", "dispersion.coeff")  # what may differ inside one compiled group
 
@@ -100,7 +101,7 @@ def _run_group(cfgs: list[ConfigDict], workdirs: list[str], preempt, stop_at: in
   seeds = sorted({c.seed for c in cfgs})
   stream_K = np.asarray([seeds.index(c.seed) for c in cfgs], np.int32)
   coeffs_K = np.asarray([c.dispersion.coeff for c in cfgs], np.float32)
-  resumes = [train.resume_point(c, w) for c, w in zip(cfgs, workdirs)]  # refuses a changed model, writes nothing
+  resumes = [resume.resume_point(c, w) for c, w in zip(cfgs, workdirs)]  # refuses a changed model, writes nothing
   starts = {step for step, _ in resumes}
   if len(starts) != 1:
     raise CheckpointError(f"members are at different checkpoint steps {sorted(starts, key=str)}; group them by step")
@@ -111,8 +112,8 @@ def _run_group(cfgs: list[ConfigDict], workdirs: list[str], preempt, stop_at: in
     start = ckpts[0].latest_step()
     # One data stream per distinct seed, shared by the members with that seed (they saved the same position).
     first = {s: next(k for k, c in enumerate(cfgs) if c.seed == s) for s in seeds}
-    data = {s: train.train_batches(cfgs[k], ds, mesh, train.resume_row(ckpts[k], start, ds)) for s, k in first.items()}
-    spec, adapters = lora_run.setup(base, model_cfg)  # LoRA: each member holds its base in state.frozen
+    data = {s: train.train_batches(cfgs[k], ds, mesh, resume.resume_row(ckpts[k], start, ds)) for s, k in first.items()}
+    spec, adapters = lora_state.setup(base, model_cfg)  # LoRA: each member holds its base in state.frozen
     target, shardings = state_shardings(model_cfg, tx, mesh, spec)
     if start is None:
       params = train.pretrained_params(base, model_cfg)
@@ -121,7 +122,7 @@ def _run_group(cfgs: list[ConfigDict], workdirs: list[str], preempt, stop_at: in
       states = [init(jnp.int32(c.seed), params, adapters) for c in cfgs]
     else:
       states = [train.restore_state(ck, start, c, model_cfg, spec, target, shardings) for ck, c in zip(ckpts, cfgs)]
-    records = [None if spec is None else lora_run.record(spec, s.frozen) for s in states]
+    records = [None if spec is None else lora_state.record(spec, s.frozen) for s in states]
   except BaseException:
     for ck in ckpts:
       ck.close()
@@ -129,14 +130,14 @@ def _run_group(cfgs: list[ConfigDict], workdirs: list[str], preempt, stop_at: in
   states = stack(states)
   start = start or 0
   vstep = vmapped_step(base, with_dispersion=bool(np.any(coeffs_K != 0)))
-  eval_fn = train.jit_eval_step(
+  eval_fn = validation.jit_eval_step(
       build_model(model_cfg),
       config_lib.dispersion_config(base),
       mesh,
       eval_params(shardings),
       lora_scale=spec and spec.scale,
   )
-  val_batches = train.validation_batches(base, ds, mesh) if loop_cfg.eval_every else []
+  val_batches = validation.validation_batches(base, ds, mesh) if loop_cfg.eval_every else []
   loggers = [MetricsLogger(w, loop_cfg.steps, start, progress=k == 0) for k, w in enumerate(workdirs)]  # one bar
   loggers[0].write(
       f"{'resuming from step ' + str(start) if start else 'starting'}: {K} members in one vmapped "
@@ -144,7 +145,7 @@ def _run_group(cfgs: list[ConfigDict], workdirs: list[str], preempt, stop_at: in
   )
   for lg, (_, changed) in zip(loggers, resumes):
     lg.record_resume(start, changed)
-    train.announce_changes(lg, start, changed)
+    resume.announce_changes(lg, start, changed)
 
   def log(step, m, tokens_per_s):  # tokens/s per member
     for k, lg in enumerate(loggers):
@@ -162,7 +163,7 @@ def _run_group(cfgs: list[ConfigDict], workdirs: list[str], preempt, stop_at: in
     for k, lg in enumerate(loggers):
       if lg.has(step, "eval"):
         continue
-      row = train.validation_metrics(eval_fn, eval_params(member(states, k)), val_batches)
+      row = validation.validation_metrics(eval_fn, eval_params(member(states, k)), val_batches)
       row.pop("tokens")
       lg.log(step, row, kind="eval")
 

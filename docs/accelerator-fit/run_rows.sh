@@ -11,7 +11,7 @@ while read -r name config target flags; do
   [[ -z "$name" || "$name" == \#* ]] && continue
   [[ -e "$out/$name/dry_run.json" ]] && continue  # done in an earlier pass
   start=$(date +%s)
-  python -m dispersion_jax.train --config "$config" --workdir "$out/$name" --config.dry_run=True \
+  python -m dispersion_jax train --config "$config" --workdir "$out/$name" --config.dry_run=True \
     --config.dry_run_target="$target" $flags > "$out/$name.log" 2>&1
   echo "exit $? wall $(( $(date +%s) - start )) s" >> "$out/$name.log"
   tail -1 "$out/$name.log"

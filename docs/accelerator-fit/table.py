@@ -14,7 +14,7 @@ GIB = 1024**3
 def row(name: str, config: str, target: str, flags: str, out: str) -> str:
   log_path = os.path.join(out, f"{name}.log")
   command = (
-      f"`python -m dispersion_jax.train --config {config} --workdir /tmp/dry --config.dry_run=True "
+      f"`python -m dispersion_jax train --config {config} --workdir /tmp/dry --config.dry_run=True "
       f"--config.dry_run_target={target} {flags}`"
   )
   if not os.path.exists(log_path):

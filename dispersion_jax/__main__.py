@@ -1,0 +1,41 @@
+"""`python -m dispersion_jax COMMAND [ARGS...]`: every command of the package, the same as its console script
+`dispersion-COMMAND` (pyproject.toml's [project.scripts] lists the same table; tests/test_architecture.py keeps the
+two equal). `python -m dispersion_jax` alone lists the commands."""
+
+import importlib
+import sys
+
+# command -> the module in cli/ whose main(argv) runs it
+COMMANDS = {
+    "train": "train",
+    "eval": "evaluate",
+    "generate": "generate",
+    "condensation": "condensation",
+    "condensation-training": "condensation_training",
+    "sweep": "sweep",
+    "results": "results",
+    "data-build": "data",
+    "bench": "bench",
+    "bench-data": "bench_data",
+    "bench-dispersion": "bench_dispersion",
+    "bench-harness": "bench_harness",
+    "gpu-report": "gpu_report",
+}
+USAGE = "usage: python -m dispersion_jax COMMAND [--help | ARGS...]; commands: " + ", ".join(COMMANDS)
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help"):
+    print(USAGE)
+    return
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    print(f"error: unknown command {name!r} ({USAGE})", file=sys.stderr)
+    sys.exit(2)
+  sys.argv = [f"python -m dispersion_jax {name}", *rest]
+  importlib.import_module(f"dispersion_jax.cli.{COMMANDS[name]}").main(rest)
+
+
+if __name__ == "__main__":
+  main()

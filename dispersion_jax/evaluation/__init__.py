@@ -1,0 +1,1 @@
+"""Evaluation: lm-evaluation-harness on our models, its tasks, decoding, condensation statistics, a run evaluated."""

@@ -1,0 +1,1 @@
+"""The losses: the dispersion variants (reference, fused, Mosaic GPU kernel), fused cross-entropy, the objective."""

@@ -1,0 +1,40 @@
+"""Every path a run reads or writes, local or in a bucket: one type, `etils.epath.Path` (what Orbax itself uses).
+
+Local paths keep pathlib's behaviour. `gs://` goes through etils (gcsfs without TensorFlow) for files and through
+TensorStore for Orbax's arrays. Other schemes are refused in one line where a run cannot honour them (Orbax 0.12
+writes arrays to gs:// and local disks only: ../shared/docs/object-storage.md). Build paths with `path()` and
+`join()`, never with os.path: os.path.join("gs://b", "x") works, but os.path.isdir and open() on it create a local
+folder named `gs:`.
+"""
+
+import os
+
+from etils import epath
+
+from dispersion_jax.errors import ConfigError
+
+REMOTE_SCHEMES = ("gs://", "s3://")
+
+
+def is_remote(p: str | os.PathLike) -> bool:
+  """Whether `p` names an object store (gs://, s3://) rather than a local (or mounted) file system."""
+  return str(p).startswith(REMOTE_SCHEMES)
+
+
+def path(p: str | os.PathLike, *, what: str = "path", s3: bool = False) -> epath.Path:
+  """`p` as an epath.Path. `s3://` is refused (a ConfigError naming `what` and the fix) unless `s3=True`, for the
+  few places that can honour it (exports, data reads)."""
+  text = os.fspath(p)
+  if text.startswith("s3://") and not s3:
+    raise ConfigError(
+        f"{what}={text}: s3:// cannot hold this (Orbax 0.12 writes arrays to gs:// and local disks only); "
+        "use gs:// or mount the bucket (e.g. mountpoint-s3) and give the mount's local path"
+    )
+  if "://" in text and not is_remote(text):
+    raise ConfigError(f"{what}={text}: unknown scheme; use a local path or gs://BUCKET/...")
+  return epath.Path(text)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+  """`base/parts...` as a string, for local paths and gs:// alike."""
+  return os.fspath(epath.Path(os.fspath(base)).joinpath(*parts))
