@@ -128,7 +128,7 @@ def _one_line_error(cfg, match, seq_len=L):
             r"bad\.jsonl is not UTF-8 text \(bad byte at offset 3",
         ),
         ("bad.parquet", b"PAR1 this is not parquet", r"bad\.parquet is not a readable parquet file"),
-        ("bad.jsonl", b'{"text": "fine"}\n{"title": "no text"}\n', r"bad\.jsonl: the line at byte 17 .* 'text' string"),
+        ("bad.jsonl", b'{"text": "fine"}\n{"title": "no text"}\n', r"bad\.jsonl: line 2 \(byte 17\) .* 'text' string"),
     ],
 )
 def test_unreadable_inputs_name_the_file(tmp_path, name, content, match):

@@ -1,12 +1,15 @@
 """python -m dispersion_jax data-build (--config CFG | --workdir RUN) [--config.KEY=VALUE ...] [--workers N]
-    [--no_keep_tokens]
+    [--no_keep_tokens] [--beam_pipeline_options="runner=...,..."]
 
 Builds the run config's dataset once: tokenizes its input (data.source / data.text_dir / data.tfds_name, with the
 run's tokenizer) in N worker processes and writes pre-packed blocks of seq_len + 1 tokens with train and
 validation splits, in data.cache_dir (or data.data_dir). --workdir RUN: the dataset a training run was trained on
 (the run config of its latest checkpoint). The output does not depend on N; a killed build leaves no half-built
 dataset and no worker process, and re-running finishes it (a finished one is not rebuilt). Training reads the
-result. Exit codes: 0 built; 2 a user error (one line); 75 interrupted by SIGTERM or Ctrl-C (the workers are
+result. --beam_pipeline_options runs the same stages as an Apache Beam pipeline (TFDS's flag: comma-separated
+Beam options, passed on unchanged): "runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing"
+on one host, "runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp" on Dataflow; the same bytes as
+the worker pool's. Exit codes: 0 built; 2 a user error (one line); 75 interrupted by SIGTERM or Ctrl-C (the workers are
 stopped, finished work units are kept: re-run to finish).
 """
 
@@ -34,6 +37,13 @@ def parser() -> Parser:
       action="store_true",
       help="delete the tokenized files afterwards (a new seq_len then tokenizes again)",
   )
+  p.add_argument(
+      "--beam_pipeline_options",
+      metavar="OPTIONS",
+      default=None,
+      help='run the build as an Apache Beam pipeline with these options, e.g. "runner=DirectRunner,'
+      'direct_num_workers=2,direct_running_mode=multi_processing" (name the runner; needs the beam extra)',
+  )
   return p
 
 
@@ -55,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> build.BuildReport:
       seq_len=cfg.seq_len,
       workers=args.workers,
       keep_tokens=not args.no_keep_tokens,
+      beam_options=args.beam_pipeline_options,
   )
 
 

@@ -14,7 +14,12 @@ the format):
      out, and at least one document is kept in each split (as builder.py does).
   C. pack: workers write fixed block ranges (shards) of each stream into ArrayRecord files.
   D. register: `tfds.folder_dataset.write_metadata` + pack_meta.json in a temporary directory, renamed into place
-     at the end: a killed build leaves no dataset, and the records are the same for any number of workers.
+     at the end (`publish`, one call): a killed build leaves no dataset, and the records are the same for any
+     number of workers.
+
+Two executors of the same stage functions: this module's worker pool (one host), or an Apache Beam pipeline
+(`beam_options=`, `beam_build.py`: DirectRunner with worker processes, Dataflow, Flink, Spark). The bytes of the
+dataset do not depend on which one ran, nor on its number of workers.
 """
 
 import concurrent.futures
@@ -26,7 +31,7 @@ import signal
 import socket
 import time
 
-from dispersion_jax.data import build_stages, packed
+from dispersion_jax.data import beam_build, build_stages, packed
 from dispersion_jax.data import inputs as inputs_lib
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.data.inputs import SPLITS
@@ -49,6 +54,7 @@ class BuildReport:
   seconds: float
   workers: int
   ignored_files: tuple = ()  # input files of other splits (e.g. test-*.parquet), not read
+  runner: str = "pool"  # "pool" (this module's processes) or the Beam runner that ran the stages
 
   @property
   def tokens_per_s(self) -> float:
@@ -62,7 +68,8 @@ class BuildReport:
     lines = [
         f"{head}: {self.path}",
         f"  fingerprint {self.fingerprint}, seq_len {self.seq_len}, {self.units} work units "
-        f"({self.tokenized_units} tokenized now), {self.workers} worker(s)",
+        f"({self.tokenized_units} tokenized now), "
+        + (f"{self.workers} worker(s)" if self.runner == "pool" else f"Beam {self.runner}"),
         f"  documents: {per(self.documents)}",
         f"  tokens: {per(self.tokens)}",
         f"  blocks: {per(self.blocks)}",
@@ -79,7 +86,7 @@ class BuildReport:
 
 
 def _report_from_meta(
-    path: str, meta: dict, *, built: bool, tokenized: int, seconds: float, workers: int
+    path: str, meta: dict, *, built: bool, tokenized: int, seconds: float, workers: int, runner: str = "pool"
 ) -> BuildReport:
   return BuildReport(
       path,
@@ -95,6 +102,7 @@ def _report_from_meta(
       seconds,
       workers,
       tuple(meta.get("ignored_files", ())),
+      runner,
   )
 
 
@@ -190,6 +198,17 @@ def _clean_stale_tmp(root: str, name: str) -> None:
       shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
+def publish(tmp: str, final: str) -> None:
+  """The finished temporary directory (metadata written last inside it) becomes the dataset, in one step: a
+  reader sees no dataset or all of it. The build's one place that makes a dataset appear."""
+  try:
+    os.rename(tmp, final)
+  except OSError:
+    if not os.path.isdir(final):  # not a concurrent build of the same dataset that finished first
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build(
     data_cfg: DataConfig,
     *,
@@ -198,15 +217,20 @@ def build(
     workers: int | None = None,
     progress: bool = True,
     keep_tokens: bool = True,
+    beam_options: str | None = None,
 ) -> BuildReport:
   """Builds the dataset of `data_cfg` for this tokenizer and seq_len (a no-op if it exists) and returns a report.
 
   `workers` (None = data_cfg.build_workers; 0 = one per CPU core; 1 = in this process) never changes the output.
-  `keep_tokens=False` deletes the stage-A token files afterwards (a new seq_len then tokenizes again).
+  `beam_options` ("runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing", TFDS's
+  syntax): run the stages as an Apache Beam pipeline instead of the worker pool (`workers` is then unused); the
+  same bytes. `keep_tokens=False` deletes the stage-A token files afterwards (a new seq_len then tokenizes again).
   Raises DataError (one line naming the file or setting) for missing, unreadable, non-UTF-8 or empty input.
   """
   t0 = time.perf_counter()
-  n_workers = _resolve_workers(workers, data_cfg)
+  flags = None if beam_options is None else beam_build.pipeline_options(beam_options)
+  runner_name = "pool" if flags is None else next(f for f in flags if f.startswith("--runner="))[len("--runner=") :]
+  n_workers = _resolve_workers(workers, data_cfg) if flags is None else _beam_workers(flags)
   ident = packed.identify(data_cfg, tokenizer=tokenizer, seq_len=seq_len)
   if os.path.isdir(ident.path):
     ds = packed.open_identity(ident)
@@ -219,23 +243,23 @@ def build(
   units = inputs_lib.plan_units(data_cfg, ident.inputs)
   if not units:
     raise DataError(f"{ident.inputs.describe()} is empty (no rows in its files); add documents")
-  runner, ok = _Runner(n_workers), False
+  runner, ok = _Runner(n_workers if flags is None else 1), False
   tmp = os.path.join(ident.root, f".tmp-{ident.name}-{socket.gethostname()}-{os.getpid()}")
   try:
     token_path = ident.token_path(units)
-    tokenized = build_stages.tokenize(data_cfg, ident, units, token_path, runner.imap, progress)
-    stats = [build_stages.load_stats(token_path, i) for i in range(len(units))]
-    _clean_stale_tmp(ident.root, ident.name)
-    os.makedirs(tmp)
-    plan = build_stages.plan(ident, stats, token_path)
-    shard_sizes = build_stages.pack(ident, plan, tmp, token_path, runner.imap, progress)
-    meta = build_stages.register(ident, plan, shard_sizes, units, tmp)
-    try:
-      os.rename(tmp, ident.path)
-    except OSError:
-      if not os.path.isdir(ident.path):  # not a concurrent build of the same dataset that finished first
-        raise
-      shutil.rmtree(tmp, ignore_errors=True)
+    if flags is None:
+      tokenized = build_stages.tokenize(data_cfg, ident, units, token_path, runner.imap, progress)
+      stats = [build_stages.load_stats(token_path, i) for i in range(len(units))]
+      _clean_stale_tmp(ident.root, ident.name)
+      os.makedirs(tmp)
+      plan = build_stages.plan(ident, stats, token_path)
+      shard_sizes = build_stages.pack(ident, plan, tmp, token_path, runner.imap, progress)
+      meta = build_stages.register(ident, plan, shard_sizes, units, tmp)
+    else:
+      _clean_stale_tmp(ident.root, ident.name)
+      os.makedirs(tmp)
+      meta, tokenized = beam_build.run(data_cfg, ident, units, token_path, tmp, flags)
+    publish(tmp, ident.path)
     ok = True
   finally:
     runner.close(ok)
@@ -244,11 +268,26 @@ def build(
   if not keep_tokens:
     shutil.rmtree(token_path, ignore_errors=True)
   report = _report_from_meta(
-      ident.path, meta, built=True, tokenized=tokenized, seconds=time.perf_counter() - t0, workers=n_workers
+      ident.path,
+      meta,
+      built=True,
+      tokenized=tokenized,
+      seconds=time.perf_counter() - t0,
+      workers=n_workers,
+      runner=runner_name,
   )
   if progress:
     print(report.summary(), flush=True)
   return report
+
+
+def _beam_workers(flags: list[str]) -> int:
+  """The local worker count a DirectRunner was given (for the report); 0 = the runner decides."""
+  for f in flags:
+    if f.startswith("--direct_num_workers="):
+      value = f.partition("=")[2]
+      return int(value) if value.isdigit() else 0
+  return 0
 
 
 def open_or_build_default(

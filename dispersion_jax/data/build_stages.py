@@ -38,7 +38,8 @@ def load_stats(token_dir: str, index: int) -> dict | None:
     return None
 
 
-def tokenize(cfg: DataConfig, ident: packed.Identity, units: list, token_path: str, imap: Imap, progress: bool) -> int:
+def tokenize_tasks(cfg: DataConfig, ident: packed.Identity, units: list, token_path: str) -> list[dict]:
+  """The stage-A tasks (`token_files.tokenize_unit`) of the units not in the token cache yet."""
   os.makedirs(token_path, exist_ok=True)
   info = os.path.join(token_path, "tokens.json")
   if not os.path.exists(info):
@@ -55,7 +56,7 @@ def tokenize(cfg: DataConfig, ident: packed.Identity, units: list, token_path: s
       )
     os.replace(f"{info}.tmp{os.getpid()}", info)
   pending = [i for i in range(len(units)) if load_stats(token_path, i) is None]
-  tasks = [
+  return [
       {
           "index": i,
           "unit": units[i],
@@ -68,14 +69,18 @@ def tokenize(cfg: DataConfig, ident: packed.Identity, units: list, token_path: s
       }
       for i in pending
   ]
-  with _bar(sum(units[i].nbytes for i in pending) or len(pending), "tokenize", "B", progress) as bar:
+
+
+def tokenize(cfg: DataConfig, ident: packed.Identity, units: list, token_path: str, imap: Imap, progress: bool) -> int:
+  tasks = tokenize_tasks(cfg, ident, units, token_path)
+  with _bar(sum(t["unit"].nbytes for t in tasks) or len(tasks), "tokenize", "B", progress) as bar:
     bar.unit_scale = True
     tokens = 0
     for stats in imap(token_files.tokenize_unit, tasks):
       tokens += sum(stats["tokens"].values())
       bar.update(units[stats["unit"]].nbytes or 1)
       bar.set_postfix_str(f"{tokens:,} tokens", refresh=False)
-  return len(pending)
+  return len(tasks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,14 +167,19 @@ def _move(pieces: dict, u: int, i: int, src: str, dst: str) -> dict:
 # Stages C and D
 
 
-def pack(ident: packed.Identity, plans: dict, tmp: str, token_path: str, imap: Imap, progress: bool) -> dict:
+def shard_blocks(ident: packed.Identity) -> int:
+  return max(1, packed.SHARD_BYTES // (np.dtype(ident.dtype).itemsize * (ident.seq_len + 1)))
+
+
+def pack_tasks(ident: packed.Identity, plans: dict, tmp: str, token_path: str, per_shard: int = 0) -> list[dict]:
+  """The stage-C tasks (`packed.write_shard`), one per shard of `per_shard` blocks (0 = from packed.SHARD_BYTES):
+  the plan's arrays go to `tmp/.plan` (which `register` removes) and the shards into `tmp`."""
   import tensorflow_datasets as tfds  # noqa: PLC0415
   from tensorflow_datasets.core import naming  # noqa: PLC0415
 
-  width = ident.seq_len + 1
-  per_shard = max(1, packed.SHARD_BYTES // (np.dtype(ident.dtype).itemsize * width))
+  per_shard = per_shard or shard_blocks(ident)
   plan_dir = os.path.join(tmp, ".plan")
-  os.makedirs(plan_dir)
+  os.makedirs(plan_dir, exist_ok=True)
   tasks = []
   for split, plan in plans.items():
     seg_path = os.path.join(plan_dir, f"{split}.segments.npy")
@@ -195,22 +205,39 @@ def pack(ident: packed.Identity, plans: dict, tmp: str, token_path: str, imap: I
               "dtype": ident.dtype,
           }
       )
+  return tasks
+
+
+def shard_sizes(ident: packed.Identity, plans: dict, written: Iterable, per_shard: int = 0) -> dict:
+  """split -> the byte size of each shard, from the (split, shard, bytes, blocks) results of stage C."""
+  per_shard = per_shard or shard_blocks(ident)
   sizes = {split: [0] * (-(-plans[split].blocks // per_shard)) for split in plans}
-  with _bar(sum(p.blocks for p in plans.values()), "pack", "block", progress) as bar:
-    results = imap(packed.write_shard, tasks)
-    for split, shard, nbytes, blocks in results:
-      sizes[split][shard] = nbytes
-      bar.update(blocks)
-  shutil.rmtree(plan_dir)
+  for split, shard, nbytes, _ in written:
+    sizes[split][shard] = nbytes
   return sizes
 
 
-def register(ident: packed.Identity, plans: dict, sizes: dict, units: list, tmp: str) -> dict:
+def pack(ident: packed.Identity, plans: dict, tmp: str, token_path: str, imap: Imap, progress: bool) -> dict:
+  tasks = pack_tasks(ident, plans, tmp, token_path)
+  written = []
+  with _bar(sum(p.blocks for p in plans.values()), "pack", "block", progress) as bar:
+    for result in imap(packed.write_shard, tasks):
+      written.append(result)
+      bar.update(result[3])
+  return shard_sizes(ident, plans, written)
+
+
+def counts(plans: dict) -> dict:
+  """The plans without their arrays (what `register` needs; small enough to pass between processes)."""
+  return {s: dataclasses.replace(p, segments=None, starts=None) for s, p in plans.items()}
+
+
+def register(ident: packed.Identity, plans: dict, sizes: dict, units: list, tmp: str, per_shard: int = 0) -> dict:
   import tensorflow_datasets as tfds  # noqa: PLC0415
   from tensorflow_datasets.core import naming  # noqa: PLC0415
 
-  width = ident.seq_len + 1
-  per_shard = max(1, packed.SHARD_BYTES // (np.dtype(ident.dtype).itemsize * width))
+  width, per_shard = ident.seq_len + 1, per_shard or shard_blocks(ident)
+  shutil.rmtree(os.path.join(tmp, ".plan"), ignore_errors=True)
   template = naming.ShardedFileTemplate(
       data_dir=tfds.core.Path(tmp), dataset_name=packed.DATASET_NAME, filetype_suffix="array_record"
   )

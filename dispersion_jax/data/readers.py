@@ -50,6 +50,19 @@ def _lines(path: str, lo: int, hi: int | None = None) -> Iterator[tuple[int, byt
     raise DataError(f"cannot read input file {path} ({e.strerror or e}); fix its permissions or remove it") from None
 
 
+def _line_number(path: str, pos: int) -> int:
+  """The 1-based number of the line that starts at byte `pos` (for error messages: reads the file up to `pos`)."""
+  n = 1
+  with open(path, "rb") as f:
+    while pos > 0:
+      chunk = f.read(min(pos, 1 << 20))
+      if not chunk:
+        break
+      n += chunk.count(b"\n")
+      pos -= len(chunk)
+  return n
+
+
 def _jsonl_rows(path: str, rel: str, text_key: str, lo: int, hi: int | None = None) -> Iterator[Doc]:
   for pos, raw in _lines(path, lo, hi):
     line = _decode(raw, path, pos)
@@ -64,7 +77,7 @@ def _jsonl_rows(path: str, rel: str, text_key: str, lo: int, hi: int | None = No
         raise TypeError(f"{text_key!r} is a {type(text).__name__}")
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
       raise DataError(
-          f"{path}: the line at byte {pos} is not a JSON object with a {text_key!r} string "
+          f"{path}: line {_line_number(path, pos)} (byte {pos}) is not a JSON object with a {text_key!r} string "
           f"({type(e).__name__}: {one_line(e)}); fix the line or set --config.data.text_key"
       ) from None
     yield f"{rel}@{pos}", text
