@@ -172,28 +172,40 @@ def _argv(text_dir, cache, options=TWO_WORKERS) -> list[str]:
   return _build_command(text_dir, cache, f"--beam_pipeline_options={options}")[4:]
 
 
+def _parquet_without_text(d: pathlib.Path) -> None:
+  pq.write_table(pa.table({"body": ["x"]}), d / "a.parquet")
+
+
+def _jsonl_with_a_bad_row(d: pathlib.Path) -> None:
+  (d / "a.jsonl").write_text('{"text": "fine"}\n{"text": "ok"}\n{"body": "no text"}\n')
+
+
+def _one_txt(d: pathlib.Path) -> None:
+  (d / "a.txt").write_text("fine")
+
+
 @pytest.mark.parametrize(
     "make, options, match",
     [
         (lambda d: str(d / "*.parquet"), TWO_WORKERS, r"no \.parquet, \.jsonl or \.txt files"),
-        (lambda d: pq.write_table(pa.table({"body": ["x"]}), d / "a.parquet"), TWO_WORKERS, r"a\.parquet has no column 'text'"),
-        (lambda d: (d / "a.jsonl").write_text('{"text": "fine"}\n{"text": "ok"}\n{"body": "no text"}\n'), ONE_WORKER, r"a\.jsonl: line 3 \(byte 32\)"),  # noqa: E501
-        # (one worker, in this process: a worker's error travels the same way, and two start in ~20 s here)
-        (lambda d: (d / "a.txt").write_text("fine"), "runner=NoSuchRunner", r"unknown Beam runner 'NoSuchRunner'"),
-        (lambda d: (d / "a.txt").write_text("fine"), "direct_num_workers=2", r"names no runner; add runner=FnApiRunner or DirectRunner"),
+        (_parquet_without_text, TWO_WORKERS, r"a\.parquet has no column 'text'"),
+        # one worker, in this process: a worker's error travels the same way, and two start in ~20 s here
+        (_jsonl_with_a_bad_row, ONE_WORKER, r"a\.jsonl: line 3 \(byte 32\)"),
+        (_one_txt, "runner=NoSuchRunner", r"unknown Beam runner 'NoSuchRunner'"),
+        (_one_txt, "direct_num_workers=2", r"names no runner; add runner=FnApiRunner or DirectRunner"),
     ],
     ids=["glob-matches-nothing", "missing-column", "malformed-row", "unknown-runner", "no-runner"],
+    # (a gs:// source or cache: test_a_bucket_is_refused_until_the_stages_speak_it)
 )
 def test_bad_input_or_options_end_in_one_line_and_create_nothing(tmp_path, capfd, make, options, match):
-  src = tmp_path / "in"
+  src, cache = tmp_path / "in", tmp_path / "cache"
   src.mkdir()
   given = make(src)
-  text_dir = given if isinstance(given, str) else src
-  line = _one_line_error(capfd, _argv(text_dir, tmp_path / "cache", options))
+  line = _one_line_error(capfd, _argv(given if isinstance(given, str) else src, cache, options))
   assert re.search(match, line), line
-  made = sorted(p.name for p in (tmp_path / "cache" / packed.DATASET_NAME).iterdir()) if (tmp_path / "cache").exists() else []
+  made = sorted(p.name for p in (cache / packed.DATASET_NAME).iterdir()) if cache.exists() else []
   assert made in ([], ["tokens"])  # a malformed row is met while tokenizing: the units before it are kept
-  assert not any((tmp_path / "cache").rglob(".tmp-*"))
+  assert not any(cache.rglob(".tmp-*"))
 
 
 def test_an_output_prefix_holding_another_dataset_is_refused(corpus, builds, tmp_path, capfd):
@@ -206,3 +218,14 @@ def test_an_output_prefix_holding_another_dataset_is_refused(corpus, builds, tmp
   line = _one_line_error(capfd, _argv(corpus, cache))
   assert "has fingerprint 0123456789abcdef, expected" in line
   assert _files(cache) == before
+
+
+@pytest.mark.parametrize("key", ["text_dir", "cache_dir"])
+def test_a_bucket_is_refused_until_the_stages_speak_it(corpus, tmp_path, capfd, monkeypatch, key):
+  """gs:// at either end is not supported yet (docs/data-build-beam.md, "Buckets"): one line, and no local folder
+  named `gs:` appears."""
+  monkeypatch.chdir(tmp_path)
+  text_dir, cache = (("gs://bucket/corpus", tmp_path / "cache") if key == "text_dir" else (corpus, "gs://bucket/cache"))
+  line = _one_line_error(capfd, _argv(text_dir, cache))
+  assert f"data.{key}=gs://bucket/" in line and "mount the bucket" in line
+  assert list(tmp_path.iterdir()) == []

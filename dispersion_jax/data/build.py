@@ -37,6 +37,7 @@ from dispersion_jax.data.config import DataConfig
 from dispersion_jax.data.inputs import SPLITS
 from dispersion_jax.errors import DataError
 from dispersion_jax.parallel import lifeline
+from dispersion_jax.storage import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +229,7 @@ def build(
   Raises DataError (one line naming the file or setting) for missing, unreadable, non-UTF-8 or empty input.
   """
   t0 = time.perf_counter()
+  _refuse_buckets(data_cfg)
   flags = None if beam_options is None else beam_build.pipeline_options(beam_options)
   runner_name = "pool" if flags is None else next(f for f in flags if f.startswith("--runner="))[len("--runner=") :]
   n_workers = _resolve_workers(workers, data_cfg) if flags is None else _beam_workers(flags)
@@ -279,6 +281,17 @@ def build(
   if progress:
     print(report.summary(), flush=True)
   return report
+
+
+def _refuse_buckets(cfg: DataConfig) -> None:
+  """The stages read and write with local file calls so far: a bucket path would become a local folder named
+  `gs:`. One line instead, naming the way that works today (docs/data-build-beam.md, "Buckets")."""
+  for what, value in (("data.text_dir", cfg.text_dir), ("data.cache_dir", cfg.cache_dir or cfg.data_dir)):
+    if value and paths.is_remote(value):
+      raise DataError(
+          f"{what}={value}: the data build reads and writes local or mounted paths only so far; mount the bucket "
+          "(e.g. gcsfuse) and give the mount's path"
+      )
 
 
 def _beam_workers(flags: list[str]) -> int:
