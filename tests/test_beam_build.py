@@ -120,6 +120,7 @@ def _build_command(corpus: pathlib.Path, cache: pathlib.Path, *extra: str) -> li
   ]
 
 
+@pytest.mark.slow
 def test_a_killed_build_rerun_gives_the_same_bytes(corpus, builds, tmp_path, monkeypatch):
   """kill -9 of the build while its two Beam workers tokenize: no dataset, no process left; the re-run tokenizes
   only the rest and writes the records of the pool's build (the shard layout here is the default one)."""
