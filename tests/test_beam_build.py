@@ -121,9 +121,11 @@ def _build_command(corpus: pathlib.Path, cache: pathlib.Path, *extra: str) -> li
 
 
 @pytest.mark.slow
-def test_a_killed_build_rerun_gives_the_same_bytes(corpus, builds, tmp_path, monkeypatch):
-  """kill -9 of the build while its two Beam workers tokenize: no dataset, no process left; the re-run tokenizes
-  only the rest and writes the records of the pool's build (the shard layout here is the default one)."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_killed_build_rerun_gives_the_same_bytes(corpus, builds, tmp_path, monkeypatch, sig):
+  """kill -9 or SIGTERM of the build while its two Beam workers tokenize: no dataset, no process left (SIGTERM:
+  one line, exit 75); the re-run tokenizes only the rest and writes the records of the pool's build (the shard
+  layout here is the default one)."""
   for (module, name), value in DEFAULTS.items():  # the units and shards of the build command
     monkeypatch.setattr(module, name, value)
   cache = tmp_path / "cache"
@@ -132,7 +134,8 @@ def test_a_killed_build_rerun_gives_the_same_bytes(corpus, builds, tmp_path, mon
       cwd=REPO,
       env=env(),
       stdout=subprocess.DEVNULL,
-      stderr=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
   )
   tokens = cache / packed.DATASET_NAME / "tokens"
   deadline = time.monotonic() + 180
@@ -140,9 +143,11 @@ def test_a_killed_build_rerun_gives_the_same_bytes(corpus, builds, tmp_path, mon
     assert proc.poll() is None and time.monotonic() < deadline, "the build ended or never tokenized"
     time.sleep(0.05)
   kids = descendants(proc.pid)
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
-  assert not wait_gone(kids, 30)  # the Beam workers end with the build (lifeline.py)
+  os.kill(proc.pid, sig)
+  err = proc.communicate(timeout=60)[1]
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 75 and err.strip().splitlines()[-1].startswith("interrupted (SIGTERM): the finished")
+  assert not wait_gone(kids, 30)  # the Beam workers end with the build (their control channel closes)
   assert [p.name for p in (cache / packed.DATASET_NAME).iterdir() if not p.name.startswith(".tmp")] == ["tokens"]
   report = build_lib.build(  # one worker, in this process: the output does not depend on the count
       text_dir_cfg(corpus, cache), tokenizer="gpt2", seq_len=L, progress=False, beam_options=ONE_WORKER

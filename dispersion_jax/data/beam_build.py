@@ -24,11 +24,12 @@ stops producing, and `run` raises it as the one-line DataError (the first one in
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 
 from dispersion_jax.data import build_stages, packed, token_files
 from dispersion_jax.errors import DataError
-from dispersion_jax.parallel import lifeline
 
 ERROR_FILE = ".build_error.json"  # in the temporary directory: the user error a worker met
 LOG_FILE = ".beam.log"  # in the temporary directory while the pipeline runs: what Beam and its workers print
@@ -152,6 +153,69 @@ def _stderr_to(path: str):
     os.close(saved)
 
 
+def _interruptible(fn) -> None:
+  """fn() in a thread while this one waits, so that SIGTERM and Ctrl-C reach the build at once: a local runner
+  waiting on its workers does not return to Python's signal handling until they finish. On an interruption the
+  pipeline thread is left behind (a daemon: the command exits, and its local workers end when their control
+  channel to this process closes)."""
+  failure = []
+
+  def target():
+    try:
+      fn()
+    except BaseException as e:  # noqa: BLE001 - re-raised in the waiting thread
+      failure.append(e)
+
+  thread = threading.Thread(target=target, name="beam-pipeline", daemon=True)
+  thread.start()
+  while thread.is_alive():
+    thread.join(0.1)
+  if failure:
+    raise failure[0]
+
+
+def _quiet_runner_threads() -> None:
+  """The runner's threads outlive an interrupted build until the process exits; their errors about the workers
+  killed under them would follow the command's one line. Process-wide: only ever called when the build is ending
+  by an interruption."""
+  import logging  # noqa: PLC0415
+
+  logging.disable(logging.CRITICAL)
+  threading.excepthook = lambda args: None
+
+
+def _kill_local_workers() -> None:
+  """SIGKILL to the local Beam workers of this process (FnApiRunner's `sdk_worker_main` processes and the shells
+  that started them; their work is disposable: finished units are on disk). Read from /proc (Linux); elsewhere
+  nothing is done and the command exits when the workers finish their bundles."""
+  try:
+    entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+  except OSError:
+    return
+  parent, cmdline = {}, {}
+  for pid in entries:
+    try:
+      with open(f"/proc/{pid}/stat") as fh:
+        text = fh.read()
+      with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        cmdline[pid] = fh.read()
+    except OSError:
+      continue
+    parent[pid] = int(text[text.rindex(")") + 2 :].split()[1])
+  mine, todo = set(), [os.getpid()]
+  while todo:
+    pid = todo.pop()
+    kids = [c for c, pp in parent.items() if pp == pid and c not in mine]
+    mine.update(kids)
+    todo.extend(kids)
+  for pid in sorted(mine):
+    if b"sdk_worker_main" in cmdline.get(pid, b""):
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except OSError:
+        pass
+
+
 def _tail(path: str, n: int) -> str:
   try:
     with open(path, errors="replace") as fh:
@@ -167,14 +231,16 @@ def run(cfg, ident: packed.Identity, units: list, token_path: str, tmp: str, fla
 
   tasks = build_stages.tokenize_tasks(cfg, ident, units, token_path)
   per_shard = build_stages.shard_blocks(ident)  # decided here, as the work units: the layout is the driver's
-  # Local worker processes are children of this one: they end with it (lifeline.py; the package applies the
-  # variable when a worker unpickles the first stage), and run one tokenizer thread each, as the pool's.
-  env = {**_WORKER_ENV, lifeline.ENV: lifeline.environment(os.getpid())}
+  # Local worker processes (FnApiRunner starts them through /bin/sh, so lifeline.py's parent check does not
+  # apply) inherit this environment: one tokenizer thread each, as the pool's. They end when their control
+  # channel to this process closes, however it ends (kill -9 included: tests/test_beam_build.py).
+  env = dict(_WORKER_ENV)
   before = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   log = os.path.join(tmp, LOG_FILE)
-  try:
-    with _stderr_to(log), beam.Pipeline(options=PipelineOptions(flags)) as p:
+
+  def pipeline():
+    with beam.Pipeline(options=PipelineOptions(flags)) as p:
       stats = (
           p
           | "work units" >> beam.Create(tasks)
@@ -197,8 +263,16 @@ def run(cfg, ident: packed.Identity, units: list, token_path: str, tmp: str, fla
           | "all shards" >> beam.combiners.ToList()
           | "register" >> beam.Map(_register, beam.pvalue.AsSingleton(planned), ident, units, tmp, per_shard)
       )
+
+  try:
+    with _stderr_to(log):
+      _interruptible(pipeline)
   except Exception:
     print(f"Beam's output (last {LOG_TAIL} lines):\n{_tail(log, LOG_TAIL)}", file=sys.stderr, flush=True)
+    raise
+  except BaseException:  # SIGTERM or Ctrl-C: the runner would wait for its workers' bundles before it lets go
+    _quiet_runner_threads()  # what they say about the killed workers is not news: the command is ending
+    _kill_local_workers()
     raise
   finally:
     for k, v in before.items():
