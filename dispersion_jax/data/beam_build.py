@@ -1,7 +1,7 @@
-"""The build's stages as one Apache Beam pipeline: any Beam runner (DirectRunner with worker processes on one host,
-Dataflow, Flink, Spark) runs the same stage functions as the single-host pool of `build.py`.
+"""The build's stages as one Apache Beam pipeline: any Beam runner (FnApiRunner / DirectRunner with worker processes
+on one host, Dataflow, Flink, Spark) runs the same stage functions as the single-host pool of `build.py`.
 
-  build.build(cfg, tokenizer=..., seq_len=..., beam_options="runner=DirectRunner,direct_num_workers=2,"
+  build.build(cfg, tokenizer=..., seq_len=..., beam_options="runner=FnApiRunner,direct_num_workers=2,"
               "direct_running_mode=multi_processing")
 
 The options are TFDS's `--beam_pipeline_options` (`tfds build`): comma-separated, each passed to Beam as `--KEY=VALUE`.
@@ -15,7 +15,8 @@ The pipeline, one node per stage of `build_stages.py` (no stage is written twice
 Every element's output is a pure function of the element, so the records are the same bytes for any runner and
 any number of workers, and the same as the pool's (`tests/test_beam_build.py`). Workers write the token files
 to the token cache and the shards to the build's temporary directory (both must be on storage every worker sees:
-a local disk for DirectRunner, gs:// for Dataflow); `build.py` makes the temporary directory the dataset after the
+a local disk for the local runners; a shared mount for others, until the stages read and write gs:// through
+storage/paths.py: docs/data-build-beam.md, "Buckets"); `build.py` makes the temporary directory the dataset after the
 pipeline has finished (one call, metadata already last inside it). A user error in a worker (a malformed row, a
 missing field) does not fail the pipeline with a worker traceback: the stage returns it as a value, the pipeline
 stops producing, and `run` raises it as the one-line DataError (the first one in unit order).
