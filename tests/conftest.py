@@ -173,9 +173,9 @@ def optimizer(cfg):
   return make_optimizer(opt, steps), lr_schedule(opt, steps)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
-  """A 12-step run with a checkpoint every 4 steps (all kept), logging every 2, evaluating every 4. Shared by the
+  """A 12-step run with a checkpoint every 4 steps (all kept), logging every 2, evaluating every 4. Used by the
   history and resume-rule tests, which copy it before changing it."""
   workdir = tmp_path_factory.mktemp("trained") / "run"
   flags = ["--config.steps=12", "--config.checkpoint_every=4", "--config.log_every=2", "--config.eval_every=4"]
