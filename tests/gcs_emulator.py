@@ -32,6 +32,7 @@ class Emulator:
     self.fault = None  # None, or a function (method, path) -> HTTP status to answer instead (or None to pass)
     self.requests = 0
     self._wrap_handler()
+    _keep_generations()
 
   def _wrap_handler(self):
     """Its handler class, subclassed: each request first asks `self.fault` (no public hook exists for this)."""
@@ -47,7 +48,10 @@ class Emulator:
         fault = emulator.fault
         status = fault(method, self.path) if fault else None
         if status is None:
-          return original(self)
+          try:
+            return original(self)
+          except (BrokenPipeError, ConnectionResetError):  # the client gave up on this request
+            return None
         if status == "hang":
           time.sleep(3600)
         self.send_response(status)
@@ -103,6 +107,54 @@ class Emulator:
       yield
     finally:
       self.fault = None
+
+
+def _keep_generations() -> None:
+  """Two things of the GCS API that TensorStore (Orbax's arrays) relies on and the emulator lacks: the object's
+  generation in the `x-goog-generation` header of a download (else TensorStore reports "Malformed
+  StorageGeneration" reading OCDBT manifests), and the `ifGenerationMatch` precondition of an upload (OCDBT commits
+  its manifest with it). Added by wrapping two handlers of the emulator's route table, once per process."""
+  import logging  # noqa: PLC0415
+
+  from gcp_storage_emulator import server as server_mod  # noqa: PLC0415
+  from gcp_storage_emulator.exceptions import NotFound  # noqa: PLC0415
+  from gcp_storage_emulator.handlers import objects  # noqa: PLC0415
+
+  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # "Resource not found" for every probe
+  if getattr(objects.download, "_dispersion", False):
+    return
+  download, insert = objects.download, objects.insert
+
+  def generation(storage, bucket, name) -> str:
+    try:
+      return str(storage.get_file_obj(bucket, name)["generation"])
+    except NotFound:
+      return "0"
+
+  def download_with_generation(request, response, storage, *args, **kw):
+    gen = generation(storage, request.params["bucket_name"], request.params["object_id"])
+    if gen != "0":
+      response["x-goog-generation"] = gen
+    return download(request, response, storage, *args, **kw)
+
+  def insert_with_precondition(request, response, storage, *args, **kw):
+    want = request.query.get("ifGenerationMatch")
+    name = (request.query.get("name") or [None])[0]
+    if want and name is not None:
+      if generation(storage, request.params["bucket_name"], name) != want[0]:
+        response.status = 412
+        response.json({"error": {"code": 412, "message": "Precondition Failed"}})
+        return None
+    return insert(request, response, storage, *args, **kw)
+
+  download_with_generation._dispersion = True
+  objects.download, objects.insert = download_with_generation, insert_with_precondition
+  for _, handlers in server_mod.HANDLERS:
+    for method, fn in list(handlers.items()):
+      if fn is download:
+        handlers[method] = download_with_generation
+      elif fn is insert:
+        handlers[method] = insert_with_precondition
 
 
 def writes_fail(status: int = 503):

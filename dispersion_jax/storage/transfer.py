@@ -123,3 +123,33 @@ def writes_dir(fn):
       return fn(local, *args, **kw)
 
   return wrapper
+
+
+class Mirror:
+  """A local directory whose files are copied, whole, to a bucket prefix at each `sync()`: for writers that append
+  to local files (TensorBoard's event files), since an append to a gs:// object replaces it. Only files that changed
+  since the last sync are uploaded; each upload replaces the object atomically. `close()` syncs and removes the
+  local directory. For a local `dest` the directory is `dest` itself and syncing does nothing."""
+
+  def __init__(self, dest: str | os.PathLike):
+    self.dest = dest
+    self.remote = paths.is_remote(dest)
+    self.local = tempfile.mkdtemp(prefix="dispersion-mirror-") if self.remote else os.fspath(dest)
+    self._sent: dict[str, tuple[int, int]] = {}
+
+  def sync(self) -> None:
+    if not self.remote:
+      return
+    target = paths.path(self.dest)
+    for name in sorted(os.listdir(self.local)):
+      f = os.path.join(self.local, name)
+      st = os.stat(f)
+      if os.path.isfile(f) and self._sent.get(name) != (st.st_size, st.st_mtime_ns):
+        with open(f, "rb") as fh:
+          target.joinpath(name).write_bytes(fh.read())
+        self._sent[name] = (st.st_size, st.st_mtime_ns)
+
+  def close(self) -> None:
+    if self.remote:
+      self.sync()
+      shutil.rmtree(self.local, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 In a bucket (gs:// workdir) nothing is appended (an append replaces a gs:// object): the history is the chunk
 objects of WORKDIR/metrics.jsonl.d/ (storage/lines.py), read and rewound the same way, and TensorBoard's event
-files are uploaded by tensorboardX (whole, at every flush: each checkpoint and the end of the run).
+files are written locally and uploaded whole at every checkpoint and at the end (storage/transfer.Mirror): what a
+crash loses are the events after the last checkpoint, which the resumed run writes again.
 
 metrics.jsonl holds one history: rows `{"step", "kind", ...}` with kind `train` (every log_every steps) or `eval`
 (every eval_every steps), each (step, kind) once. A run that resumes from the checkpoint of step S first rewrites the
@@ -20,7 +21,7 @@ from typing import Mapping
 import numpy as np
 import tqdm
 
-from dispersion_jax.storage import lines, paths
+from dispersion_jax.storage import lines, paths, transfer
 
 FILE = "metrics.jsonl"
 KINDS = ("train", "eval")
@@ -114,7 +115,8 @@ class MetricsLogger:
     from tensorboardX import SummaryWriter
 
     # TensorBoard hides the events of steps >= purge_step written before this session: the same history.
-    self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=start_step + 1)
+    self._tb_dir = transfer.Mirror(paths.join(workdir, "tensorboard"))
+    self._tb = SummaryWriter(self._tb_dir.local, purge_step=start_step + 1)
     self._log.open_for_append()
 
   def has(self, step: int, kind: str) -> bool:
@@ -163,6 +165,7 @@ class MetricsLogger:
     """TensorBoard's events so far to their file (in a bucket: one upload of the whole event file)."""
     if self.enabled:
       self._tb.flush()
+      self._tb_dir.sync()
 
   def write(self, text: str) -> None:
     if self.enabled:
@@ -172,6 +175,7 @@ class MetricsLogger:
     self._bar.close()
     if self.enabled:
       self._tb.close()
+      self._tb_dir.close()
       self._log.close()
 
 
