@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dispersion_jax import models
-from dispersion_jax.storage import transfer
+from dispersion_jax.storage import paths, transfer
 from dispersion_jax.models import GPTConfig, Qwen3Config
 
 _LEAF = {"scale": "weight", "kernel": "weight", "embedding": "weight", "bias": "bias"}
@@ -295,17 +295,16 @@ def from_hf_state_dict(cfg, state: dict[str, np.ndarray]) -> dict:
 
 def _missing(path: str, what: str) -> ValueError:
   return ValueError(
-      f"{os.path.join(path, what)} not found: init_from / --hf-model must be a Hugging Face GPT-2 or "
+      f"{paths.join(path, what)} not found: init_from / --hf-model must be a Hugging Face GPT-2 or "
       f"Qwen3 directory with config.json and model.safetensors (or {_INDEX})"
   )
 
 
 def _read_config(path: str) -> dict:
-  f = os.path.join(path, "config.json")
-  if not os.path.isfile(f):
+  f = paths.path(path, what="init_from").joinpath("config.json")  # a local directory or a bucket prefix
+  if not f.is_file():
     raise _missing(path, "config.json")
-  with open(f) as fh:
-    return json.load(fh)
+  return json.loads(f.read_text())
 
 
 def config_from_hf(hf: dict, **overrides: Any):
@@ -322,6 +321,7 @@ def config_from_json(path: str, **overrides: Any):
   return config_from_hf(_read_config(path), **overrides)
 
 
+@transfer.reads_dir
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Every tensor of `path/model.safetensors` or of the shards listed in `path/model.safetensors.index.json`, in
   its stored dtype (bfloat16 as ml_dtypes.bfloat16)."""
