@@ -32,6 +32,7 @@ from dispersion_jax.data.config import DataConfig
 from dispersion_jax.data.inputs import SPLITS
 from dispersion_jax.errors import DataError
 from dispersion_jax.parallel import lifeline
+from dispersion_jax.storage import transfer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +232,7 @@ def build(
     shard_sizes = build_stages.pack(ident, plan, tmp, token_path, runner.imap, progress)
     meta = build_stages.register(ident, plan, shard_sizes, units, tmp)
     try:
-      os.rename(tmp, ident.path)
+      transfer.publish(tmp, ident.path)  # local: os.rename; gs://: upload, marker object last
     except OSError:
       if not os.path.isdir(ident.path):  # not a concurrent build of the same dataset that finished first
         raise

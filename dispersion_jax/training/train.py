@@ -182,6 +182,7 @@ def check_locations(cfg: ConfigDict, workdir: str) -> None:
     if value:
       paths.path(value, what=what)
   bucket.check_writable(workdir, what="--workdir")
+  distributed.check_shared_workdir(workdir)  # multi-process: one directory for all, or one line (never a hang)
 
 
 def _run(cfg: ConfigDict, workdir: str, preempt, devices: list | None, stop_at: int | None) -> int:
