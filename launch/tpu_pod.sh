@@ -14,9 +14,10 @@ TPU_NAME=my-tpu-v4-64                # gcloud compute tpus tpu-vm list
 ZONE=us-central2-b
 PROJECT=my-gcp-project
 CONFIG=configs/gpt2_xl.py
-# Every worker writes its shards of each checkpoint into WORKDIR: it must be one directory that all workers see
-# (a Filestore/NFS mount, or a bucket mounted with gcsfuse), never a worker's local disk.
-WORKDIR=/mnt/shared/runs/gpt2_xl
+# Every worker writes its shards of each checkpoint into WORKDIR: one place all workers see. A bucket (gs://, the
+# default: docs/runs-in-a-bucket.md) or a shared mount (Filestore/NFS, gcsfuse); never a worker's local disk (the
+# trainer refuses one at start-up, in one line).
+WORKDIR=gs://my-bucket/runs/gpt2_xl
 REMOTE_DIR=dispersion_jax            # where the code goes on each worker (relative to $HOME)
 JAX_INSTALL='jax[tpu]>=0.10,<0.12'   # the TPU build of jax (pulls libtpu)
 PYTHON=python3.11                    # jax 0.10 needs Python >= 3.11 (installed with apt if missing)

@@ -184,3 +184,25 @@ def trained(tmp_path_factory, data_dir):
   cfg = tiny_cfg(data_dir, *flags, "--config.max_to_keep=None")
   assert train.run(cfg, str(workdir)) == 12
   return workdir, flags + ["--config.max_to_keep=None"]
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS emulator on a free loopback port for the whole session (started and stopped here), with this process's
+  environment pointing every storage library at it (subprocesses inherit it). Skips without the `test` extra."""
+  pytest.importorskip("gcp_storage_emulator")
+  pytest.importorskip("gcsfs")
+  from gcs_emulator import Emulator  # noqa: PLC0415
+
+  emulator = Emulator().start()
+  saved = {k: os.environ.get(k) for k in emulator.environment()}
+  os.environ.update(emulator.environment())
+  try:
+    yield emulator
+  finally:
+    emulator.stop()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v

@@ -23,6 +23,7 @@ from dispersion_jax.cli.common import FILE_ERRORS, Parser, add_model_source, che
 from dispersion_jax.errors import DatasetNotBuiltError
 from dispersion_jax.evaluation import evaluate as ev
 from dispersion_jax.interop import peft
+from dispersion_jax.storage import paths
 from dispersion_jax.training import saved_run
 
 
@@ -70,6 +71,9 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 def run(args) -> dict[str, Any]:
+  for flag in ("workdir", "hf_model", "hf_export", "peft_export", "output_path"):  # s3:// etc.: one line, before work
+    if getattr(args, flag):
+      paths.path(getattr(args, flag), what=f"--{flag}")
   cfg, params, tok_name = ev.load_model(args.workdir, args.step, args.hf_model)
   tok_name = args.tokenizer or tok_name
   if args.hf_export:
@@ -119,9 +123,9 @@ def run(args) -> dict[str, Any]:
     results = json.loads(json.dumps(results, default=handle_non_serializable))
   results["model"] = {"source": args.hf_model or args.workdir, "step": args.step, "tokenizer": tok_name}
   if args.output_path:
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_path)), exist_ok=True)
-    with open(args.output_path, "w") as fh:
-      json.dump(results, fh, indent=2, ensure_ascii=False)
+    out_path = paths.path(paths.absolute(args.output_path))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
     print(f"wrote {args.output_path}")
   return results
 

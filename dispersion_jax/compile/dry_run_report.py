@@ -6,11 +6,11 @@ Pure functions of a compiled executable (jax.stages.Compiled) and the chip table
 
 import json
 import math
-import os
 import re
 
 from dispersion_jax.compile.chips import Chip
 from dispersion_jax.errors import ConfigError
+from dispersion_jax.storage import paths
 
 GIB = 1024**3
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -128,11 +128,11 @@ def not_fitting_error(report: dict) -> ConfigError | None:
 
 
 def write(report: dict, workdir: str) -> str:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "dry_run.json")
-  with open(path, "w") as fh:
-    json.dump(report, fh, indent=1, sort_keys=False, default=float)
-  return path
+  """WORKDIR/dry_run.json (a local path or gs://: one object written whole)."""
+  target = paths.path(workdir, what="--workdir")
+  target.mkdir(parents=True, exist_ok=True)
+  target.joinpath("dry_run.json").write_text(json.dumps(report, indent=1, sort_keys=False, default=float))
+  return paths.join(workdir, "dry_run.json")
 
 
 def lines(r: dict) -> list[str]:

@@ -37,7 +37,7 @@ from dispersion_jax.data.config import DataConfig
 from dispersion_jax.data.inputs import SPLITS
 from dispersion_jax.errors import DataError
 from dispersion_jax.parallel import lifeline
-from dispersion_jax.storage import paths
+from dispersion_jax.storage import paths, transfer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +203,7 @@ def publish(tmp: str, final: str) -> None:
   """The finished temporary directory (metadata written last inside it) becomes the dataset, in one step: a
   reader sees no dataset or all of it. The build's one place that makes a dataset appear."""
   try:
-    os.rename(tmp, final)
+    transfer.publish(tmp, final)  # local: os.rename; gs://: upload, marker object last
   except OSError:
     if not os.path.isdir(final):  # not a concurrent build of the same dataset that finished first
       raise

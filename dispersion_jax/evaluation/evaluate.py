@@ -27,6 +27,7 @@ from dispersion_jax.interop import hf
 from dispersion_jax.losses.objective import DispersionConfig
 from dispersion_jax.models import build_model
 from dispersion_jax.parallel import sharding
+from dispersion_jax.storage import paths, transfer
 from dispersion_jax.training import saved_run, train, validation
 from dispersion_jax.training.train_step import eval_step
 
@@ -49,7 +50,7 @@ def load_model(
     # An HF dir that ships its own tokenizer uses it; otherwise GPT-2 BPE.
     has_tok = any(os.path.isfile(os.path.join(hf_model, f)) for f in ("tokenizer.json", "vocab.json"))
     return cfg, params, hf_model if has_tok else "gpt2"
-  if not os.path.isdir(workdir):
+  if not paths.is_dir(workdir, what="--workdir"):
     raise ConfigError(f"--workdir {workdir} is not a directory")
   run_cfg, cfg, weights = saved_run.load_weights(workdir, step)  # a LoRA run's adapters merged into its base
   # Analysis in float32 with plain XLA attention (cuDNN flash attention needs bf16), whatever the run used.
@@ -88,14 +89,14 @@ def run_harness(
   """What lm_eval.simple_evaluate returns (merged over the suite's shot/limit groups) for task names, suites
   (harness_tasks.SUITES) and tasks under include_path / TASK_DIR; data_dir: local copies of every task's data."""
   specs = harness_tasks.expand(tasks, num_fewshot, limit)
-  paths = [include_path] if include_path else []
+  task_paths = [include_path] if include_path else []
   try:
-    tm = harness_tasks.task_manager(paths)
+    tm = harness_tasks.task_manager(task_paths)
     harness_tasks.check_names(tm, specs)
     with tempfile.TemporaryDirectory() as overrides:
       if data_dir:
         harness_tasks.local_data_overrides(tm, [s.name for s in specs], data_dir, overrides)
-        tm = harness_tasks.task_manager(paths + [overrides])
+        tm = harness_tasks.task_manager(task_paths + [overrides])
       return harness_tasks.run_tasks(lm, specs, tm, log_samples=log_samples, bootstrap_iters=bootstrap_iters)
   finally:
     lm.close()
@@ -178,7 +179,13 @@ def data_config(workdir: str | None, cfg, tokenizer_name: str):
 
 # --------------------------------------------------------------------------------------------- export
 def export_hf(out_dir: str, cfg, params: Any, tokenizer_name: str) -> None:
-  """HF model directory (weights + config) and, where we have the files, its tokenizer."""
+  """HF model directory (weights + config) and, where we have the files, its tokenizer. A gs:// `out_dir` is written
+  locally and uploaded when complete."""
+  with transfer.output_dir(out_dir) as local:
+    _export_hf(local, cfg, params, tokenizer_name)
+
+
+def _export_hf(out_dir: str, cfg, params: Any, tokenizer_name: str) -> None:
   hf.save_pretrained(out_dir, cfg, params)
   if tokenizer_name == "gpt2" and cfg.vocab_size >= 50257:
     import importlib.resources

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dispersion_jax import models
+from dispersion_jax.storage import paths, transfer
 from dispersion_jax.models import GPTConfig, Qwen3Config
 
 _LEAF = {"scale": "weight", "kernel": "weight", "embedding": "weight", "bias": "bias"}
@@ -294,17 +295,16 @@ def from_hf_state_dict(cfg, state: dict[str, np.ndarray]) -> dict:
 
 def _missing(path: str, what: str) -> ValueError:
   return ValueError(
-      f"{os.path.join(path, what)} not found: init_from / --hf-model must be a Hugging Face GPT-2 or "
+      f"{paths.join(path, what)} not found: init_from / --hf-model must be a Hugging Face GPT-2 or "
       f"Qwen3 directory with config.json and model.safetensors (or {_INDEX})"
   )
 
 
 def _read_config(path: str) -> dict:
-  f = os.path.join(path, "config.json")
-  if not os.path.isfile(f):
+  f = paths.path(path, what="init_from").joinpath("config.json")  # a local directory or a bucket prefix
+  if not f.is_file():
     raise _missing(path, "config.json")
-  with open(f) as fh:
-    return json.load(fh)
+  return json.loads(f.read_text())
 
 
 def config_from_hf(hf: dict, **overrides: Any):
@@ -321,6 +321,7 @@ def config_from_json(path: str, **overrides: Any):
   return config_from_hf(_read_config(path), **overrides)
 
 
+@transfer.reads_dir
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Every tensor of `path/model.safetensors` or of the shards listed in `path/model.safetensors.index.json`, in
   its stored dtype (bfloat16 as ml_dtypes.bfloat16)."""
@@ -343,6 +344,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   return state
 
 
+@transfer.reads_dir
 def load_pretrained(path: str, **overrides: Any) -> tuple[Any, dict]:
   """(config, params) of a Hugging Face GPT-2 or Qwen3 directory. `overrides` set runtime options (dtype,
   param_dtype, scan_layers, remat, attention, dropout); params are cast to param_dtype."""
@@ -350,6 +352,7 @@ def load_pretrained(path: str, **overrides: Any) -> tuple[Any, dict]:
   return cfg, from_hf_state_dict(cfg, read_safetensors(path))
 
 
+@transfer.writes_dir
 def save_pretrained(path: str, cfg, params: dict, dtype: str = "float32") -> None:
   """Write config.json and model.safetensors that transformers' `AutoModelForCausalLM.from_pretrained` loads
   (GPT2LMHeadModel / Qwen3ForCausalLM); weights in `dtype` (float32, bfloat16, float16); no head when tied."""
@@ -361,6 +364,7 @@ def save_pretrained(path: str, cfg, params: dict, dtype: str = "float32") -> Non
     json.dump({**fam.config_to_hf(cfg), "dtype": dtype, "torch_dtype": dtype}, fh, indent=2)
 
 
+@transfer.reads_dir
 def load_gpt2(path: str, **overrides: Any) -> tuple[GPTConfig, dict]:
   """load_pretrained for a GPT-2 directory only (the original entry point)."""
   kind = _read_config(path).get("model_type", "gpt2")

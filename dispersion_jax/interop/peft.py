@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 
 from dispersion_jax.interop import hf
 from dispersion_jax.models.lora import LoraSpec
+from dispersion_jax.storage import transfer
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -55,6 +56,7 @@ def target_modules(model_cfg, modules: list[str]) -> list[str]:
   return sorted(modules)
 
 
+@transfer.writes_dir
 def save_adapter(out_dir: str, model_cfg, spec: LoraSpec, adapters, base_model: str | None = None) -> None:
   """Write a PEFT adapter directory that `PeftModel.from_pretrained(<the HF model>, out_dir)` loads."""
   names, fan_in_fan_out = hf.block_kernel_names(model_cfg)
@@ -87,6 +89,7 @@ def save_adapter(out_dir: str, model_cfg, spec: LoraSpec, adapters, base_model: 
     json.dump(config, fh, indent=2)
 
 
+@transfer.reads_dir
 def read_config(path: str) -> dict:
   """adapter_config.json of a PEFT LoRA directory, checked for what we support (ValueError, one line)."""
   f = os.path.join(path, CONFIG)
@@ -106,6 +109,7 @@ def read_config(path: str) -> dict:
   return c
 
 
+@transfer.reads_dir
 def load_adapter(path: str, model_cfg) -> tuple[LoraSpec, dict]:
   """(spec, adapters) of a PEFT LoRA directory for `model_cfg` (scanned or not), adapters in float32."""
   c = read_config(path)

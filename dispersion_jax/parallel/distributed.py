@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 
 from dispersion_jax.errors import ConfigError
+from dispersion_jax.storage import paths
 
 
 @dataclasses.dataclass
@@ -155,6 +157,39 @@ def check_same_config(cfg: dict) -> None:
     raise ConfigError(
         f"processes run different configs or code versions (config+code hash: {detail}); launch "
         "every process with the same command line and the same checkout"
+    )
+
+
+def check_shared_workdir(workdir: str) -> None:
+  """Every process must see one work directory: Orbax's multi-process save writes one checkpoint from all of them,
+  and when each host has its own local directory it hangs (../shared/docs/object-storage.md). Process 0 writes a
+  per-run token file there and every process looks for it; a process that does not see it makes every process
+  stop with the same one-line ConfigError, before the first save and within seconds."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  lead = jax.process_index() == 0
+  token = np.asarray(multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(16), np.uint8)))
+  root = paths.path(workdir, what="--workdir")
+  probe = root.joinpath(f".shared-workdir-check-{bytes(token).hex()}")
+  created = lead and not root.exists()
+  if lead:
+    root.mkdir(parents=True, exist_ok=True)
+    probe.write_text("written by process 0 to check that every process sees this work directory\n")
+  barrier("shared_workdir_written")
+  seen = np.asarray(multihost_utils.process_allgather(np.array([probe.exists()], np.uint8))).reshape(-1)
+  barrier("shared_workdir_read")
+  if lead:
+    probe.unlink(missing_ok=True)
+  blind = [i for i, ok in enumerate(seen) if not ok]
+  if blind:
+    if created and not paths.is_remote(workdir):
+      shutil.rmtree(os.fspath(root), ignore_errors=True)  # a run that fails to start leaves no workdir behind
+    raise ConfigError(
+        f"--workdir={workdir} is not the same directory on every process (processes {blind} do not see the file "
+        "process 0 wrote there: each host has its own disk); use a gs://BUCKET/... workdir or a directory every "
+        "host mounts (NFS, gcsfuse)"
     )
 
 

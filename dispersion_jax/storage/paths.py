@@ -15,6 +15,12 @@ from dispersion_jax.errors import ConfigError
 
 REMOTE_SCHEMES = ("gs://", "s3://")
 
+# gcsfs >= 2026 picks an "extended" file system that first asks the Storage Control API for the bucket's layout and,
+# where it cannot (an emulator, missing credentials), logs a warning on every call before falling back to the
+# classic one. The classic GCSFileSystem serves every bucket type; use it unless the user chose otherwise (this
+# must be set before gcsfs is imported, which etils does lazily on the first gs:// access).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 
 def is_remote(p: str | os.PathLike) -> bool:
   """Whether `p` names an object store (gs://, s3://) rather than a local (or mounted) file system."""
@@ -38,3 +44,17 @@ def path(p: str | os.PathLike, *, what: str = "path", s3: bool = False) -> epath
 def join(base: str | os.PathLike, *parts: str) -> str:
   """`base/parts...` as a string, for local paths and gs:// alike."""
   return os.fspath(epath.Path(os.fspath(base)).joinpath(*parts))
+
+
+def absolute(p: str | os.PathLike, *, what: str = "path") -> str:
+  """`p` made absolute (a local path against the working directory; a gs:// URL as it is), as a string."""
+  return os.fspath(path(p, what=what)) if is_remote(p) else os.path.abspath(os.fspath(p))
+
+
+def exists(p: str | os.PathLike, *, what: str = "path") -> bool:
+  return path(p, what=what).exists()
+
+
+def is_dir(p: str | os.PathLike, *, what: str = "path") -> bool:
+  """Whether `p` is a directory; in a bucket, whether any object lies under the prefix `p/`."""
+  return path(p, what=what).is_dir()

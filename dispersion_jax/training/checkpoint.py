@@ -2,13 +2,14 @@
 runs, `lora`: the resolved adapter setting and a fingerprint of the frozen base weights, which are not saved).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a `kill -9` at any moment
-leaves only finished checkpoints behind (the temporary ones are ignored and cleaned up). The data position is a
+leaves only finished checkpoints behind (the temporary ones are ignored and cleaned up). In a bucket (gs://) there
+is no rename: Orbax writes `commit_success.txt` into a step last, and a step without it is not listed (the previous
+checkpoint stays the resume point). The data position is a
 small JSON (`data_state`: rows consumed + the dataset's fingerprint, data/loader.py), the same on every process,
 so a checkpoint resumes on any process count. Checkpoints of earlier versions hold a Grain iterator item (`data`)
 instead; it is not read (`data_state` returns None, and the loop resumes at step x batch).
 """
 
-import os
 import sys
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from dispersion_jax.errors import CheckpointError, clean_message
+from dispersion_jax.storage import paths
 
 
 class Checkpointer:
@@ -24,7 +26,7 @@ class Checkpointer:
   a save that a running training job may be writing."""
 
   def __init__(self, workdir: str, max_to_keep: int | None = 3, async_save: bool = True, writer: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = paths.join(paths.absolute(workdir, what="--workdir"), "checkpoints")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=writer,
@@ -61,7 +63,7 @@ class Checkpointer:
 
   def data_state(self, step: int) -> dict | None:
     """The data position saved with `step`; None for a checkpoint without one (an earlier version's)."""
-    if not os.path.isdir(os.path.join(self.directory, str(step), "data_state")):
+    if not paths.path(self.directory).joinpath(str(step), "data_state").exists():
       return None
     try:
       return self.manager.restore(step, args=ocp.args.Composite(data_state=ocp.args.JsonRestore()))["data_state"]
@@ -74,7 +76,7 @@ class Checkpointer:
 
   def lora(self, step: int) -> dict | None:
     """The LoRA record saved with `step`; None for a full fine-tuning checkpoint."""
-    if not os.path.isdir(os.path.join(self.directory, str(step), "lora")):
+    if not paths.path(self.directory).joinpath(str(step), "lora").exists():
       return None
     try:
       return self.manager.restore(step, args=ocp.args.Composite(lora=ocp.args.JsonRestore()))["lora"]

@@ -1,5 +1,10 @@
 """Where metrics go: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per logged step) and a tqdm bar.
 
+In a bucket (gs:// workdir) nothing is appended (an append replaces a gs:// object): the history is the chunk
+objects of WORKDIR/metrics.jsonl.d/ (storage/lines.py), read and rewound the same way, and TensorBoard's event
+files are written locally and uploaded whole at every checkpoint and at the end (storage/transfer.Mirror): what a
+crash loses are the events after the last checkpoint, which the resumed run writes again.
+
 metrics.jsonl holds one history: rows `{"step", "kind", ...}` with kind `train` (every log_every steps) or `eval`
 (every eval_every steps), each (step, kind) once. A run that resumes from the checkpoint of step S first rewrites the
 file (atomically) to the rows of steps <= S: what a killed run logged after its last checkpoint, or after the
@@ -11,11 +16,12 @@ the same step updates it); readers of the history skip it (`read_history`).
 
 import json
 import math
-import os
 from typing import Mapping
 
 import numpy as np
 import tqdm
+
+from dispersion_jax.storage import lines, paths, transfer
 
 FILE = "metrics.jsonl"
 KINDS = ("train", "eval")
@@ -29,22 +35,24 @@ def row_kind(row: Mapping) -> str | None:
   return "eval" if "val_loss" in row else "train" if "loss" in row else None
 
 
-def _read_rows(path: str) -> tuple[list[dict], bool]:
-  """(the rows of a metrics file, whether every line was a whole row). A line cut short by a kill (or otherwise
+def history_location(workdir: str) -> str:
+  """The run's metrics history: WORKDIR/metrics.jsonl, or in a bucket the folder of its chunks (storage/lines.py)."""
+  return lines.location(workdir, FILE)
+
+
+def _read_rows(log: lines.LineLog) -> tuple[list[dict], bool]:
+  """(the rows of a metrics history, whether every line was a whole row). A line cut short by a kill (or otherwise
   unreadable) is skipped."""
   rows, whole = [], True
-  if not os.path.isfile(path):
-    return rows, whole
-  with open(path) as fh:
-    for line in fh:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        row = None
-      if isinstance(row, dict) and isinstance(row.get("step"), int) and line.endswith("\n"):
-        rows.append(row)
-      elif line.strip():
-        whole = False
+  for line in log.read_lines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      row = None
+    if isinstance(row, dict) and isinstance(row.get("step"), int) and line.endswith("\n"):
+      rows.append(row)
+    elif line.strip():
+      whole = False
   return rows, whole
 
 
@@ -53,18 +61,19 @@ def read_history(workdir: str) -> dict[str, dict[int, dict]]:
   earlier version (which appended the rows of a resumed run after the discarded ones), the last row of a
   (step, kind) wins, as the resumed run's."""
   out: dict[str, dict[int, dict]] = {k: {} for k in KINDS}
-  for row in _read_rows(os.path.join(workdir, FILE))[0]:
+  for row in _read_rows(lines.LineLog(history_location(workdir)))[0]:
     kind = row_kind(row)
     if kind in out:
       out[kind][row["step"]] = row
   return out
 
 
-def rewind(path: str, step: int) -> tuple[list[dict], dict | None]:
-  """Rewrites the metrics file to its rows of steps <= `step` (written to a temporary file, then renamed: a kill
-  leaves the old file or the new one). Returns (the train/eval rows dropped, the resume row of `step` if any: it
-  is taken out to be updated)."""
-  rows, whole = _read_rows(path)
+def rewind(log: "lines.LineLog | str", step: int) -> tuple[list[dict], dict | None]:
+  """Rewrites the metrics history (a LineLog, or the location of one) to its rows of steps <= `step` (atomically:
+  a kill leaves the old history or the new one). Returns (the train/eval rows dropped, the resume row of `step` if
+  any: it is taken out to be updated)."""
+  log = log if isinstance(log, lines.LineLog) else lines.LineLog(log)
+  rows, whole = _read_rows(log)
   keep, dropped, previous = [], [], None
   for row in rows:
     if row_kind(row) == RESUME and row["step"] == step:
@@ -73,12 +82,9 @@ def rewind(path: str, step: int) -> tuple[list[dict], dict | None]:
       keep.append(row)
     elif row_kind(row) in KINDS:
       dropped.append(row)
-  if not os.path.exists(path) or (whole and len(keep) == len(rows)):
-    return dropped, previous  # nothing to drop: leave the file as it is
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as fh:
-    fh.writelines(json.dumps(r) + "\n" for r in keep)
-  os.replace(tmp, path)
+  if not log.exists() or (whole and len(keep) == len(rows)):
+    return dropped, previous  # nothing to drop: leave the history as it is
+  log.replace([json.dumps(r) + "\n" for r in keep])
   return dropped, previous
 
 
@@ -98,19 +104,20 @@ class MetricsLogger:
     )
     self.dropped: list[dict] = []
     self._previous_resume = None
-    path = os.path.join(workdir, FILE)
+    self._log = lines.LineLog(history_location(workdir))
     if enabled:
-      self.dropped, self._previous_resume = rewind(path, start_step)
+      self.dropped, self._previous_resume = rewind(self._log, start_step)
     # Every process reads what the history holds up to the start (the workdir is shared): decisions taken on it
     # (train.py's evaluation of a checkpoint that has none yet) must be the same on all of them.
-    self._logged = {(r["step"], row_kind(r)) for r in _read_rows(path)[0] if r["step"] <= start_step}
+    self._logged = {(r["step"], row_kind(r)) for r in _read_rows(self._log)[0] if r["step"] <= start_step}
     if not enabled:
       return
     from tensorboardX import SummaryWriter
 
     # TensorBoard hides the events of steps >= purge_step written before this session: the same history.
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
-    self._jsonl = open(path, "a", buffering=1)
+    self._tb_dir = transfer.Mirror(paths.join(workdir, "tensorboard"))
+    self._tb = SummaryWriter(self._tb_dir.local, purge_step=start_step + 1)
+    self._log.open_for_append()
 
   def has(self, step: int, kind: str) -> bool:
     """Whether the history holds a row of this (step, kind)."""
@@ -135,7 +142,7 @@ class MetricsLogger:
         "restarts": prev.get("restarts", 0) + 1,
     }
     if self.enabled:
-      self._jsonl.write(json.dumps(row) + "\n")
+      self._log.append(json.dumps(row) + "\n")
       self._logged.add((step, RESUME))
     return row
 
@@ -148,11 +155,17 @@ class MetricsLogger:
     scalars = {k: _scalar(v) for k, v in metrics.items()}
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
-    self._jsonl.write(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
+    self._log.append(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
     self._logged.add((step, kind))
     shown = {k: scalars[k] for k in ("loss", "ce", "dispersion", "val_loss") if k in scalars}
     if shown:
       self._bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
+
+  def flush(self) -> None:
+    """TensorBoard's events so far to their file (in a bucket: one upload of the whole event file)."""
+    if self.enabled:
+      self._tb.flush()
+      self._tb_dir.sync()
 
   def write(self, text: str) -> None:
     if self.enabled:
@@ -162,7 +175,8 @@ class MetricsLogger:
     self._bar.close()
     if self.enabled:
       self._tb.close()
-      self._jsonl.close()
+      self._tb_dir.close()
+      self._log.close()
 
 
 def _scalar(v) -> float:

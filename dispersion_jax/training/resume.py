@@ -5,7 +5,6 @@ cadence and where the data lives may change; the objective and the optimizer may
 recorded); anything that changes the model or the meaning of the saved state is refused in one line.
 """
 
-import os
 import shlex
 from collections.abc import Sequence
 
@@ -16,6 +15,7 @@ from dispersion_jax.config import _flat, from_saved, model_config
 from dispersion_jax.data import loader
 from dispersion_jax.data.packed import PackedDataset
 from dispersion_jax.errors import ConfigError
+from dispersion_jax.storage import paths
 from dispersion_jax.training.checkpoint import Checkpointer
 from dispersion_jax.training.metrics import MetricsLogger
 
@@ -120,7 +120,7 @@ def resume_point(cfg: ConfigDict, workdir: str) -> tuple[int | None, dict[str, t
   """(the step a run in `workdir` resumes from, None for a fresh run; the settings it changes, key -> (old, new)).
   Reads the latest checkpoint's run config without creating anything; a change of the model or of the meaning of
   the saved state is a ConfigError (resume_changes)."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not paths.is_dir(paths.join(workdir, "checkpoints")):
     return None, {}
   reader = Checkpointer.reader(workdir)
   try:

@@ -3,7 +3,6 @@ evaluate, export or study a run after training (evaluate, generate, condensation
 """
 
 import functools
-import os
 
 import jax
 from ml_collections import ConfigDict
@@ -12,6 +11,7 @@ from dispersion_jax import config as config_lib
 from dispersion_jax.errors import CheckpointError, ConfigError
 from dispersion_jax.models import lora
 from dispersion_jax.parallel import sharding
+from dispersion_jax.storage import paths
 from dispersion_jax.training import lora_state
 from dispersion_jax.training.checkpoint import Checkpointer
 from dispersion_jax.training.train import optimizer_and_step, restore_state
@@ -20,7 +20,7 @@ from dispersion_jax.training.train_step import state_shardings
 
 def _open_run(workdir: str, step: int | None) -> tuple[Checkpointer, int]:
   """A reader of a run's checkpoints (it creates nothing) and the step to read: `step`, or the latest one."""
-  if not os.path.isdir(workdir):
+  if not paths.is_dir(workdir, what="--workdir"):
     raise CheckpointError(f"--workdir {workdir} is not a directory (a training run's workdir)")
   ckpt = Checkpointer.reader(workdir)
   steps = ckpt.all_steps()

@@ -6,7 +6,6 @@ workdir resumes exactly from the latest checkpoint (train state + data position)
 """
 
 import functools
-import os
 import shlex
 import sys
 
@@ -22,11 +21,12 @@ from dispersion_jax.errors import ConfigError, DataError
 from dispersion_jax.evaluation import harness_tasks
 from dispersion_jax.models import build_model, flops_per_token, lora
 from dispersion_jax.parallel import distributed, sharding
+from dispersion_jax.storage import bucket, paths
 from dispersion_jax.training import lora_state
 from dispersion_jax.training.baselines import Forgetting
 from dispersion_jax.training.checkpoint import Checkpointer
 from dispersion_jax.training.loop import Hooks, run_loop
-from dispersion_jax.training.metrics import MetricsLogger
+from dispersion_jax.training.metrics import MetricsLogger, history_location
 from dispersion_jax.training.optim import lr_schedule, make_optimizer
 from dispersion_jax.training.resume import announce_changes, resume_point, resume_row
 from dispersion_jax.training.train_step import (
@@ -174,8 +174,20 @@ def run(cfg: ConfigDict, workdir: str, *, devices: list | None = None, stop_at: 
     return _run(cfg, workdir, preempt, devices, stop_at)
 
 
+def check_locations(cfg: ConfigDict, workdir: str) -> None:
+  """Every path of a run is one it can use (a local path or gs://; s3:// is one line naming the fix), and a gs://
+  workdir's bucket exists and takes writes: checked before anything is compiled or written."""
+  paths.path(workdir, what="--workdir")
+  for what, value in (("init_from", cfg.init_from), ("lora.init_from", cfg.lora.init_from)):
+    if value:
+      paths.path(value, what=what)
+  bucket.check_writable(workdir, what="--workdir")
+  distributed.check_shared_workdir(workdir)  # multi-process: one directory for all, or one line (never a hang)
+
+
 def _run(cfg: ConfigDict, workdir: str, preempt, devices: list | None, stop_at: int | None) -> int:
   lead = jax.process_index() == 0
+  check_locations(cfg, workdir)
   loop_cfg = config_lib.loop_config(cfg)
   mesh = sharding.make_mesh(config_lib.mesh_config(cfg), devices)
   model_cfg, disp = config_lib.model_config(cfg), config_lib.dispersion_config(cfg)
@@ -186,7 +198,7 @@ def _run(cfg: ConfigDict, workdir: str, preempt, devices: list | None, stop_at: 
   ds = open_data(cfg)
 
   spec, adapters = lora_state.setup(cfg, model_cfg)  # before makedirs: a LoRA setting error creates nothing
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)  # a bucket has no folders: nothing to create there
   target, shardings = state_shardings(model_cfg, tx, mesh, spec)
   ckpt = Checkpointer(workdir, loop_cfg.max_to_keep)
   try:
@@ -263,8 +275,9 @@ def _run(cfg: ConfigDict, workdir: str, preempt, devices: list | None, stop_at: 
       evaluate=evaluate,
       advance=logger.advance,
       last_checkpoint=ckpt.latest_step,
-      save=lambda step, state: ckpt.save(
-          step, trainable(state), data.state(data.rows_consumed(step - start)), cfg.to_dict(), record
+      save=lambda step, state: (
+          ckpt.save(step, trainable(state), data.state(data.rows_consumed(step - start)), cfg.to_dict(), record),
+          logger.flush(),
       ),
       should_stop=lambda step: distributed.preemption_requested(preempt.requested or step == stop_at, ckpt, step),
   )
@@ -301,10 +314,10 @@ def summary(workdir: str, out, last_eval: dict, stop_at: int | None = None) -> s
     lines.append(f"  train loss {float(out.last_metrics['loss']):.4f} (ce {float(out.last_metrics['ce']):.4f})")
   if "val_loss" in last_eval:
     lines.append(f"  validation loss {last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.1f})")
-  lines.append(f"  checkpoints: {os.path.join(workdir, 'checkpoints')}")
+  lines.append(f"  checkpoints: {paths.join(workdir, 'checkpoints')}")
   lines.append(
-      f"  metrics: {os.path.join(workdir, 'metrics.jsonl')}; TensorBoard: tensorboard --logdir "
-      f"{shlex.quote(os.path.join(workdir, 'tensorboard'))}"
+      f"  metrics: {history_location(workdir)}; TensorBoard: tensorboard --logdir "
+      f"{shlex.quote(paths.join(workdir, 'tensorboard'))}"
   )
   lines.append(f"  evaluate: python -m dispersion_jax eval --workdir {shlex.quote(workdir)}")
   return "\n".join(lines)
