@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, scaled
 
 CONFIG = os.path.join(REPO, "configs/gpt2_tiny.py")
 INTERRUPTED = 75
@@ -24,9 +24,8 @@ def env() -> dict:
 
 
 def run_python(*args: str, **kw) -> subprocess.CompletedProcess:
-  return subprocess.run(
-      [sys.executable, *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=kw.pop("timeout", 240)
-  )
+  timeout = scaled(kw.pop("timeout", 240))  # a hang guard
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
 def tree(root: pathlib.Path) -> list[str]:
