@@ -185,13 +185,14 @@ def optimizer(cfg):
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, data_dir):
+def trained(tmp_path_factory, corpus_dir):
   """A 12-step run with a checkpoint every 4 steps (all kept), logging every 2, evaluating every 4. Shared by the
-  history and resume-rule tests, which copy it before changing it."""
+  history and resume-rule tests, which copy it before changing it. (corpus_dir, not the module-scoped data_dir it
+  equals: a session fixture may not use a module one.)"""
   workdir = tmp_path_factory.mktemp("trained") / "run"
   flags = ["--config.steps=12", "--config.checkpoint_every=4", "--config.log_every=2", "--config.eval_every=4"]
   from dispersion_jax.training import train
 
-  cfg = tiny_cfg(data_dir, *flags, "--config.max_to_keep=None")
+  cfg = tiny_cfg(corpus_dir, *flags, "--config.max_to_keep=None")
   assert train.run(cfg, str(workdir)) == 12
   return workdir, flags + ["--config.max_to_keep=None"]
