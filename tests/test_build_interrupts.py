@@ -21,6 +21,7 @@ from command_helpers import (
   CONFIG,
   INTERRUPTED,
   NOISE,
+  ctrl_c_as_in_a_terminal,
   descendants,
   env,
   ignores_sigint,
@@ -63,7 +64,13 @@ def _start_build(text_dir: pathlib.Path, cache: pathlib.Path, hold: pathlib.Path
       "2",
   ]
   return subprocess.Popen(
-      cmd, cwd=REPO, env={**env(), HOLD_ENV: str(hold)}, stdout=subprocess.DEVNULL, stderr=stderr, text=True
+      cmd,
+      cwd=REPO,
+      env={**env(), HOLD_ENV: str(hold)},
+      stdout=subprocess.DEVNULL,
+      stderr=stderr,
+      text=True,
+      preexec_fn=ctrl_c_as_in_a_terminal,
   )
 
 

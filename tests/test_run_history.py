@@ -67,10 +67,8 @@ def test_kill_9_after_a_logged_step_then_resume_gives_the_uninterrupted_history(
   for _ in range(3):
     shutil.rmtree(killed_dir, ignore_errors=True)
     killed, jsonl = start(killed_dir, "killed.log"), str(killed_dir / "metrics.jsonl")
-    deadline = time.monotonic() + scaled(240)  # a hang guard
     caught = False
-    while not caught and killed.poll() is None:
-      assert time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+    while not caught and killed.poll() is None:  # no clock: the run ends by itself (32 steps) if never caught
       killed.send_signal(signal.SIGSTOP)
       steps = [r["step"] for r in _complete_rows(jsonl) if r.get("kind") == "train"]
       ckpts = checkpoints()

@@ -20,6 +20,7 @@ from dispersion_jax.training import train
 from dispersion_jax.training.checkpoint import Checkpointer
 from dispersion_jax.training.train_step import init_state
 
+from command_helpers import ctrl_c_as_in_a_terminal
 from conftest import REPO, TINY, optimizer, scaled, tiny_cfg
 
 
@@ -97,7 +98,15 @@ def _spawn(workdir: str, data_dir: str, *extra: str) -> subprocess.Popen:
       *extra,
   ]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+      cmd,
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      preexec_fn=ctrl_c_as_in_a_terminal,  # the SIGINT test's Ctrl-C reaches it
+  )
 
 
 def _wait_for_checkpoint(workdir: str, proc: subprocess.Popen, timeout: float = 240) -> None:
