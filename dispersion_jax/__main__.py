@@ -24,18 +24,20 @@ COMMANDS = {
 USAGE = "usage: python -m dispersion_jax COMMAND [--help | ARGS...]; commands: " + ", ".join(COMMANDS)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
+  """The command's exit code: what its main returns (None or an int; 0 done, 2 a user error, 75 interrupted:
+  cli/common.py), or the code it exits with."""
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help"):
     print(USAGE)
-    return
+    return None
   name, rest = argv[0], argv[1:]
   if name not in COMMANDS:
     print(f"error: unknown command {name!r} ({USAGE})", file=sys.stderr)
     sys.exit(2)
   sys.argv = [f"python -m dispersion_jax {name}", *rest]
-  importlib.import_module(f"dispersion_jax.cli.{COMMANDS[name]}").main(rest)
+  return importlib.import_module(f"dispersion_jax.cli.{COMMANDS[name]}").main(rest)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

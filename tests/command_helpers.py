@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, scaled
 
 CONFIG = os.path.join(REPO, "configs/gpt2_tiny.py")
 INTERRUPTED = 75
@@ -23,10 +23,16 @@ def env() -> dict:
   return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1"}
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+  """Popen's preexec_fn for a command the test sends SIGINT: Ctrl-C at its default, as under a terminal. A shell
+  without job control starts background commands with SIGINT ignored (POSIX), and a test run launched so (`pytest
+  ... &` in a script) would pass that on: the command would never see the test's Ctrl-C."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_python(*args: str, **kw) -> subprocess.CompletedProcess:
-  return subprocess.run(
-      [sys.executable, *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=kw.pop("timeout", 240)
-  )
+  timeout = scaled(kw.pop("timeout", 240))  # a hang guard
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
 def tree(root: pathlib.Path) -> list[str]:

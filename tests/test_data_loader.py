@@ -19,6 +19,8 @@ from dispersion_jax.data import loader, packed
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.errors import CheckpointError
 
+from conftest import scaled
+
 ROOT = Path(__file__).resolve().parents[1]
 EOS = 50256
 L = 16
@@ -227,8 +229,9 @@ import sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 port, n, i, path, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+INIT_S = int(float(sys.argv[6]))  # a hang guard: every process must have joined
 if n > 1:
-  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=i, initialization_timeout=60)
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=i, initialization_timeout=INIT_S)
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dispersion_jax.data import loader, packed
@@ -273,7 +276,7 @@ def _run_processes(n: int, path: str, tmp: Path) -> list[SimpleNamespace]:
   port = _free_port()
   procs = [
       subprocess.Popen(
-          [sys.executable, "-c", _WORKER, str(port), str(n), str(i), path, str(tmp / f"{n}_{i}.npz")],
+          [sys.executable, "-c", _WORKER, str(port), str(n), str(i), path, str(tmp / f"{n}_{i}.npz"), str(scaled(60))],
           cwd=ROOT,
           env=_env(4 // n),
           stdout=subprocess.PIPE,
@@ -283,7 +286,7 @@ def _run_processes(n: int, path: str, tmp: Path) -> list[SimpleNamespace]:
       for i in range(n)
   ]
   try:
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    outs = [p.communicate(timeout=scaled(120))[0] for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:

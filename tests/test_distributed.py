@@ -21,6 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import scaled
+
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # real processes: deselect with -m 'not slow'
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +44,14 @@ TINY = [
     "--config.mesh.fsdp=4",
 ]  # fsdp inside a process, data across the two
 HEARTBEAT_S = 10
-EXIT_BOUND_S = 60  # heartbeat timeout + slack for a loaded 2-core machine
+# The feature under test: a killed peer stops the others within the heartbeat timeout plus the time to notice and
+# exit. The bound does not scale (conftest.scaled is for hang guards only): 60 s = the 10 s timeout + a 50 s margin
+# for a loaded 2-core machine (the test prints the measured time).
+EXIT_BOUND_S = 60
+# launch/local.sh stops the other processes as soon as one fails: they would otherwise sleep 60 s. The stop itself
+# is a kill; 15 s leaves a margin for starting bash three times on a loaded machine, well apart from the 60 s of a
+# launcher that waited.
+LOCAL_SH_STOP_BOUND_S = 15
 
 
 def _env(devices: int, rank: tuple[int, int, int] | None = None) -> dict:
@@ -57,7 +66,7 @@ def _env(devices: int, rank: tuple[int, int, int] | None = None) -> dict:
       PYTHONPATH=str(ROOT),
       XLA_FLAGS=_xla_flags(env, devices),
       DISPERSION_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
-      DISPERSION_INIT_TIMEOUT_S="120",
+      DISPERSION_INIT_TIMEOUT_S=str(int(scaled(120))),
   )
   if rank:
     port, n, i = rank
@@ -83,7 +92,8 @@ def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 def _run(args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
-  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  """`timeout`: a hang guard, scaled by DISPERSION_TEST_TIME_SCALE."""
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=scaled(timeout))
 
 
 def _steps(workdir: Path) -> list[int]:
@@ -145,9 +155,9 @@ def chain(tmp_path_factory):
       for i in range(2)
   ]
   try:
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + scaled(240)  # a hang guard: the first checkpoint comes after 2 steps
     while not _steps(work):
-      assert time.monotonic() < deadline, "no checkpoint after 240 s"
+      assert time.monotonic() < deadline, "hang guard: no checkpoint after scaled(240) s"
       assert all(p.poll() is None for p in procs), (d / "killed_0.log").read_text()[-3000:]
       time.sleep(0.2)
     procs[1].kill()
@@ -207,7 +217,7 @@ def chain(tmp_path_factory):
       for n in (8, 2)
   }
   try:
-    restored = {n: (p.communicate(timeout=240)[0], p.returncode) for n, p in restores.items()}
+    restored = {n: (p.communicate(timeout=scaled(240))[0], p.returncode) for n, p in restores.items()}
   finally:
     _stop(list(restores.values()))
   return SimpleNamespace(
@@ -311,7 +321,7 @@ def test_processes_with_different_configs_refuse_to_start(tmp_path):
       for i in range(2)
   ]
   try:
-    rcs = [p.wait(timeout=120) for p in procs]
+    rcs = [p.wait(timeout=scaled(120)) for p in procs]
   finally:
     _stop(procs)
   for i, rc in enumerate(rcs):
@@ -331,6 +341,6 @@ def test_local_sh_stops_the_rest_when_one_process_fails(tmp_path):
   t0 = time.monotonic()
   env = {**os.environ, "PYTHON": str(fake), "COORDINATOR_PORT": "12345"}
   r = _run(["bash", "launch/local.sh", "3", "--workdir", "x"], env, timeout=60)
-  assert r.returncode == 7 and time.monotonic() - t0 < 15
+  assert r.returncode == 7 and time.monotonic() - t0 < LOCAL_SH_STOP_BOUND_S
   assert "[1] boom 1/3@127.0.0.1:12345 -m dispersion_jax train --workdir x" in r.stdout
   assert "process 1 exited with status 7; stopping the others" in r.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from conftest import scaled
 from dispersion_jax import config as config_lib
 from dispersion_jax.compile import dry_run as dry_run_lib
 
@@ -91,7 +92,7 @@ def test_gpt2_xl_on_64_simulated_devices(tmp_path):
       env=env,
       capture_output=True,
       text=True,
-      timeout=300,
+      timeout=scaled(300),  # a hang guard
   )
   assert r.returncode == 2, r.stderr[-3000:]
   assert "1,557.6M params (48 layers, width 1600" in r.stdout
@@ -137,7 +138,7 @@ def test_qwen3_8b_on_64_simulated_devices(tmp_path):
       env=env,
       capture_output=True,
       text=True,
-      timeout=300,
+      timeout=scaled(300),  # a hang guard
   )
   assert r.returncode == 0, r.stderr[-3000:]
   assert "8,190.7M params (36 layers, width 4096" in r.stdout

@@ -35,7 +35,7 @@ def gpt2_vocab_model(tmp_path_factory):
 def test_cli_end_to_end_with_export(gpt2_vocab_model, tmp_path):
   out, export = tmp_path / "res.json", tmp_path / "hf"
   argv = ["--hf-model", gpt2_vocab_model, "--num-fewshot", "2", "--hf-export", str(export), "--out", str(out)]
-  res = ev_cli.main(argv + ["--batch-size", "32", "--log_samples", "--limit", "8"])
+  res = ev_cli.run(ev_cli.parse_args(argv + ["--batch-size", "32", "--log_samples", "--limit", "8"]))
   saved = json.loads(out.read_text())
   assert set(saved["results"]) == {"example_arithmetic", "example_cloze"} == set(saved["configs"])
   for name, r in saved["results"].items():
@@ -92,9 +92,11 @@ def test_data_dir_points_a_builtin_task_at_a_local_copy(gpt2_vocab_model, tmp_pa
   docs = [{"goal": f"Open jar {i}", "sol1": " twist the lid", "sol2": " eat the lid", "label": 0} for i in range(3)]
   for split in ("train", "validation"):  # piqa's YAML names both splits
     (local / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-  res = ev_cli.main(
-      ["--hf-model", gpt2_vocab_model, "--tasks", "piqa", "--data_dir", str(tmp_path / "data"), "--log_samples"]
-      + ["--bootstrap_iters", "0"]
+  res = ev_cli.run(
+      ev_cli.parse_args(
+          ["--hf-model", gpt2_vocab_model, "--tasks", "piqa", "--data_dir", str(tmp_path / "data"), "--log_samples"]
+          + ["--bootstrap_iters", "0"]
+      )
   )
   assert res["n-samples"]["piqa"]["effective"] == 3
   assert res["samples"]["piqa"][0]["arguments"][0][0] == "Question: Open jar 0\nAnswer:"
@@ -104,7 +106,7 @@ def test_cli_workdir(tmp_path, make_run, capsys):
   model_cfg, params = make_run(tmp_path / "run", 5, vocab_size=50257, n_positions=64)  # GPT-2 BPE fits
   out, export = tmp_path / "res.json", tmp_path / "hf"
   argv = ["--workdir", str(tmp_path / "run"), "--tasks", "example_cloze", "--hf-export", str(export)]
-  res = ev_cli.main(argv + ["--output_path", str(out), "--log_samples", "--limit", "3"])
+  res = ev_cli.run(ev_cli.parse_args(argv + ["--output_path", str(out), "--log_samples", "--limit", "3"]))
   assert res["model"]["tokenizer"] == "gpt2" and res["n-samples"]["example_cloze"]["effective"] == 3
   # Same numbers as the harness scoring the params directly.
   lm = harness.JaxLM(model_cfg, params, get_tokenizer("gpt2"))

@@ -159,7 +159,7 @@ def test_stop_sequences_and_max_gen_toks(tiny):
 def test_generate_command_prints_the_greedy_continuation(tiny, capsys):
   family, lm = tiny
   case = REF["families"][family]["generate"][0]
-  texts = gen_cli.main(["--hf_model", lm.path, "--prompt", case["prompt"], "--max_new_tokens", "10"])
+  texts = gen_cli.run(gen_cli.parse_args(["--hf_model", lm.path, "--prompt", case["prompt"], "--max_new_tokens", "10"]))
   assert texts == [lm.tok_decode([t for t in case["new_ids"] if t != lm.eot_token_id])]
   assert case["prompt"] + texts[0] in capsys.readouterr().out
   with pytest.raises(SystemExit) as e:

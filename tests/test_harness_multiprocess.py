@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("lm_eval")
 
 import harness_helpers  # noqa: E402
+from conftest import scaled  # noqa: E402
 from test_distributed import ROOT, _env, _free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -37,7 +38,7 @@ def test_two_processes_evaluate_without_deadlock(tmp_path):
         )
     )
   try:
-    codes = [p.wait(timeout=400) for p in procs]
+    codes = [p.wait(timeout=scaled(400)) for p in procs]  # a hang guard
   finally:
     for p in procs:
       if p.poll() is None:

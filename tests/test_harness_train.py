@@ -31,7 +31,9 @@ def test_training_logs_harness_metrics_that_the_results_table_reads(tmp_path, da
   logged = {k: v for k, v in evals[4].items() if k.startswith("lm_eval/")}
   assert set(logged) == {"lm_eval/example_cloze/acc", "lm_eval/example_cloze/acc_norm"}
   # The same numbers as the harness on the saved checkpoint, offline.
-  offline = ev_cli.main(["--workdir", workdir, "--tasks", "example_cloze", "--limit", "4", "--bootstrap_iters", "0"])
+  offline = ev_cli.run(
+      ev_cli.parse_args(["--workdir", workdir, "--tasks", "example_cloze", "--limit", "4", "--bootstrap_iters", "0"])
+  )
   assert offline["results"]["example_cloze"]["acc,none"] == logged["lm_eval/example_cloze/acc"]
   assert offline["results"]["example_cloze"]["acc_norm,none"] == logged["lm_eval/example_cloze/acc_norm"]
 

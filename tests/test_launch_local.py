@@ -9,7 +9,7 @@ from command_helpers import (
   CONFIG,
   INTERRUPTED,
 )
-from conftest import REPO
+from conftest import REPO, scaled
 
 _FAKE_TRAINER = """#!/usr/bin/env bash
 # A stand-in for python: records who started it, exits 75 (preempted) the first $FAIL_TIMES times, then 0.
@@ -33,7 +33,7 @@ def test_local_sh_passes_on_a_preemption_and_re_queues_on_request(tmp_path, requ
       env=env,
       capture_output=True,
       text=True,
-      timeout=60,
+      timeout=scaled(60),  # a hang guard
   )
   starts = log.read_text().splitlines()
   if requeue:

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import struct
 import subprocess
 import time
@@ -20,7 +21,7 @@ from command_helpers import (
   pytestmark_processes,
   train_cmd,
 )
-from conftest import REPO, tiny_cfg
+from conftest import REPO, scaled, tiny_cfg
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
@@ -55,28 +56,40 @@ def test_kill_9_after_a_logged_step_then_resume_gives_the_uninterrupted_history(
     with open(tmp_path / log, "w") as fh:
       return subprocess.Popen(train_cmd(workdir, *flags), cwd=REPO, env=env(), stdout=fh, stderr=fh)
 
+  def checkpoints() -> list[int]:
+    folder = killed_dir / "checkpoints"  # finished ones only: Orbax writes a temporary name, then renames it
+    return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if folder.is_dir() else []
+
   straight = start(straight_dir, "straight.log")
-  for attempt in range(3):  # kill -9 right after a step that was logged but is not checkpointed
+  # kill -9 right after a step that was logged but is not checkpointed. No race with the clock: the run is frozen
+  # (SIGSTOP) while the test reads its files, so what the test sees is exactly what the kill leaves; otherwise it
+  # runs on (SIGCONT). Most of its time is such a moment; a run that ends before one was seen is started again.
+  for _ in range(3):
     shutil.rmtree(killed_dir, ignore_errors=True)
     killed, jsonl = start(killed_dir, "killed.log"), str(killed_dir / "metrics.jsonl")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-      assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+    caught = False
+    while not caught and killed.poll() is None:  # no clock: the run ends by itself (32 steps) if never caught
+      killed.send_signal(signal.SIGSTOP)
       steps = [r["step"] for r in _complete_rows(jsonl) if r.get("kind") == "train"]
-      if steps and steps[-1] >= 10 and steps[-1] % 8 in (2, 3, 4, 5, 6):
-        killed.kill()
-        break
-      time.sleep(0.01)
-    killed.wait(timeout=30)
-    ckpts = [int(n) for n in os.listdir(killed_dir / "checkpoints") if n.isdigit()]
-    logged = max((r["step"] for r in _complete_rows(jsonl) if r.get("kind") == "train"), default=0)
-    if logged > max(ckpts, default=0):  # the case to test (a busy machine may let the run pass a checkpoint)
+      ckpts = checkpoints()
+      caught = bool(steps and ckpts and steps[-1] >= 10 and steps[-1] > ckpts[-1])
+      if caught:
+        killed.kill()  # a stopped process dies of SIGKILL as it is
+      else:
+        killed.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    killed.wait(timeout=scaled(30))
+    if caught:
       break
+    assert killed.returncode == 0, (tmp_path / "killed.log").read_text()[-3000:]  # finished before it was caught
   else:
-    raise AssertionError("never killed the run between a logged step and the next checkpoint")
+    raise AssertionError("three runs finished before one was frozen between a logged step and its checkpoint")
+  ckpts = checkpoints()
+  logged = max(r["step"] for r in _complete_rows(jsonl) if r.get("kind") == "train")
+  assert logged > max(ckpts), (logged, ckpts)  # the case to test
   resumed = subprocess.run(train_cmd(killed_dir, *flags), capture_output=True, text=True, cwd=REPO, env=env())
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert straight.wait(timeout=240) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+  assert straight.wait(timeout=scaled(240)) == 0, (tmp_path / "straight.log").read_text()[-3000:]
   got, want = history(killed_dir), history(straight_dir)
   assert _unique(got), [(r["step"], r["kind"]) for r in got]
   assert _comparable(got) == _comparable(want)  # bit for bit, every step and evaluation once

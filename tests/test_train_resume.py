@@ -20,7 +20,8 @@ from dispersion_jax.training import train
 from dispersion_jax.training.checkpoint import Checkpointer
 from dispersion_jax.training.train_step import init_state
 
-from conftest import REPO, TINY, optimizer, tiny_cfg
+from command_helpers import ctrl_c_as_in_a_terminal
+from conftest import REPO, TINY, optimizer, scaled, tiny_cfg
 
 
 def losses(workdir: str) -> dict[int, float]:
@@ -97,13 +98,21 @@ def _spawn(workdir: str, data_dir: str, *extra: str) -> subprocess.Popen:
       *extra,
   ]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+      cmd,
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      preexec_fn=ctrl_c_as_in_a_terminal,  # the SIGINT test's Ctrl-C reaches it
+  )
 
 
 def _wait_for_checkpoint(workdir: str, proc: subprocess.Popen, timeout: float = 240) -> None:
   ckpts = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + timeout
-  while time.time() < deadline:
+  deadline = time.monotonic() + scaled(timeout)  # a hang guard
+  while time.monotonic() < deadline:
     if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
       return
     assert proc.poll() is None, proc.stdout.read()
@@ -117,13 +126,15 @@ def test_kill_9_then_rerun_continues_from_the_last_checkpoint(tmp_path, data_dir
   args = ("--config.steps=400", "--config.checkpoint_every=2")
   proc = _spawn(workdir, data_dir, *args)
   _wait_for_checkpoint(workdir, proc)
-  time.sleep(1.0)  # land somewhere in the middle of later steps and saves
+  # Land somewhere in the middle of later steps and saves. Any point will do (a checkpoint exists, and 400 steps
+  # outlast the second): the assertions below hold wherever the kill lands.
+  time.sleep(1.0)
   proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=30)
+  proc.wait(timeout=scaled(30))
   last = Checkpointer.reader(workdir).latest_step()
   assert last is not None and last >= 2
   proc = _spawn(workdir, data_dir, "--config.steps=" + str(last + 2), "--config.checkpoint_every=2")
-  out, _ = proc.communicate(timeout=240)
+  out, _ = proc.communicate(timeout=scaled(240))
   assert proc.returncode == 0, out
   assert f"resuming from step {last}" in out
 
@@ -134,13 +145,13 @@ def test_sigterm_or_ctrl_c_saves_and_exits_75(tmp_path, data_dir, sig):
   it; 0 would read as finished)."""
   workdir = str(tmp_path / "preempted")
   proc = _spawn(workdir, data_dir, "--config.steps=100000", "--config.checkpoint_every=1000")
-  deadline = time.time() + 240
+  deadline = time.monotonic() + scaled(240)  # a hang guard; 100000 steps cannot finish before the signal
   jsonl = os.path.join(workdir, "metrics.jsonl")
-  while not (os.path.exists(jsonl) and os.path.getsize(jsonl) > 0) and time.time() < deadline:  # training steps
+  while not (os.path.exists(jsonl) and os.path.getsize(jsonl) > 0) and time.monotonic() < deadline:  # steps
     assert proc.poll() is None, proc.stdout.read()
     time.sleep(0.2)
   proc.send_signal(sig)
-  out, _ = proc.communicate(timeout=120)
+  out, _ = proc.communicate(timeout=scaled(120))
   assert proc.returncode == 75, out
   assert "preempted at step" in out and "Traceback" not in out, out
   step = int(out.split("preempted at step ")[1].split(":")[0])

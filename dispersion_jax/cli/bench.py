@@ -85,7 +85,7 @@ def overrides_of(args) -> list[tuple[str, str]]:
 
 
 @run_main
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def main(argv: Sequence[str] | None = None) -> None:
   args = parser().parse_args(argv)
   overrides = overrides_of(args)
   if args.vmap_members:
@@ -115,7 +115,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   if args.json:
     with open(args.json, "w") as fh:
       json.dump(rows, fh, indent=1)
-  return rows
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ def parser() -> Parser:
 
 
 @run_main
-def main(argv: Sequence[str] | None = None) -> dict:
-  return bench_data.run(parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> None:
+  bench_data.run(parser().parse_args(argv))  # prints its table (and writes --json)
 
 
 if __name__ == "__main__":

@@ -58,14 +58,13 @@ def parse_args(argv=None):
 
 
 @run_main
-def main(argv=None):
+def main(argv=None) -> None:
   args = parse_args(argv)
   result = run(args)
   print(table(result))
   if args.json:
     with open(args.json, "w") as fh:
       json.dump(result, fh, indent=1)
-  return result
 
 
 if __name__ == "__main__":

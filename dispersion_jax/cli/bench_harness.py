@@ -23,14 +23,13 @@ def parser() -> Parser:
 
 
 @run_main(catch=FILE_ERRORS + (RuntimeError,))
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> None:
   args = parser().parse_args(argv)
   rows = bench_harness.run(args.torch_python, batch_size=args.batch_size, repeats=args.repeats)
   print(bench_harness.table(rows))
   if args.json:
     with open(args.json, "w") as fh:
       json.dump(rows, fh, indent=1)
-  return rows
 
 
 if __name__ == "__main__":

@@ -78,8 +78,8 @@ def run(args) -> dict[str, Any]:
 
 
 @run_main(catch=FILE_ERRORS)
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  return run(parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> None:
+  run(parse_args(argv))  # the result is for library callers (run); a command's outcome is its exit code
 
 
 if __name__ == "__main__":

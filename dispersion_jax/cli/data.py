@@ -47,11 +47,7 @@ def parser() -> Parser:
   return p
 
 
-@run_main(
-    catch=FILE_ERRORS, interrupted="the finished work units are kept; re-run the same command to finish the build"
-)
-def main(argv: Sequence[str] | None = None) -> build.BuildReport:
-  args = parser().parse_args(argv)
+def run(args) -> build.BuildReport:
   if args.workdir:
     cfg = saved_run.load_run_config(args.workdir)
     for key, value in args.overrides:
@@ -67,6 +63,13 @@ def main(argv: Sequence[str] | None = None) -> build.BuildReport:
       keep_tokens=not args.no_keep_tokens,
       beam_options=args.beam_pipeline_options,
   )
+
+
+@run_main(
+    catch=FILE_ERRORS, interrupted="the finished work units are kept; re-run the same command to finish the build"
+)
+def main(argv: Sequence[str] | None = None) -> None:
+  run(parser().parse_args(argv))  # the report is printed by the build; the exit code says how it ended
 
 
 if __name__ == "__main__":

@@ -87,9 +87,9 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 @run_main(catch=FILE_ERRORS)
-def main(argv: Sequence[str] | None = None):
+def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(argv)
-  tables = results.run_results(
+  results.run_results(
       args.config,
       args.sweep_dir,
       args.out,
@@ -109,7 +109,6 @@ def main(argv: Sequence[str] | None = None):
       f"wrote {out}/results_table.md, results_table.tex, results_table.json, results_checkpoints.csv, "
       "results_selected.csv"
   )
-  return tables
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 """Stage A worker of a build: one work unit -> its token files per split (tokens with EOS after each document, and
-the document lengths) and its stats file, written last: its presence marks the unit as done."""
+the document lengths) and its stats file, written last: its presence marks the unit as done.
+
+HOLD_ENV (tests only): a folder. Each work unit then announces itself there (a file named after the worker's pid)
+and never finishes, so an interruption test signals a build that is certainly still tokenizing, however fast or
+busy the machine (tests/test_build_interrupts.py). Unset, as everywhere else, it costs one lookup per unit.
+"""
 
 import json
 import os
+import time
 
 import numpy as np
 
@@ -28,8 +34,22 @@ def _save_npy(path: str, array: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+HOLD_ENV = "DISPERSION_BUILD_TEST_HOLD"
+
+
+def _hold_if_testing() -> None:
+  folder = os.environ.get(HOLD_ENV)
+  if not folder:
+    return
+  with open(os.path.join(folder, str(os.getpid())), "w"):
+    pass
+  while True:  # until the build stops this worker (SIGKILL) or its lifeline ends it
+    time.sleep(60)
+
+
 def tokenize_unit(task: dict) -> dict:
   """Tokenizes one unit into its token files; returns (and writes, last) its stats. Runs in a worker process."""
+  _hold_if_testing()
   unit: Unit = task["unit"]
   index, token_dir, dtype = task["index"], task["token_dir"], np.dtype(task["dtype"])
   tok = tokenizer_lib.get_tokenizer(task["tokenizer"])
