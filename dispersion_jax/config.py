@@ -89,9 +89,10 @@ def default_config() -> ConfigDict:
   c.model.dropout = 0.0
   c.model.dtype = "auto"  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
   c.model.param_dtype = "float32"
-  c.model.remat = "none"  # none | full | dots
+  c.model.remat = "none"  # none | full | minimal | dots (models/remat.py: what each saves)
   c.model.scan_layers = False
-  c.model.attention = "auto"  # auto = cuDNN flash attention on GPU (bf16), XLA elsewhere
+  c.model.attention = "auto"  # auto = cuDNN flash attention on GPU, the splash kernel on TPU (bf16), XLA elsewhere
+  c.model.document_mask = False  # attend within each packed document only (the batch's segment ids)
 
   c.dispersion = _section(DispersionConfig)
   c.optimizer = _section(OptimizerConfig)
@@ -260,6 +261,7 @@ def model_config(cfg: ConfigDict):
       remat=m.remat,
       scan_layers=m.scan_layers,
       attention=m.attention,
+      document_mask=m.document_mask,
       lora_dropout=lora_dropout(cfg),
   )
   shape = {k: m[k] for k in _MODEL_SHAPE_KEYS if m[k] is not None}

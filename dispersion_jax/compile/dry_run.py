@@ -27,7 +27,7 @@ from dispersion_jax.compile.chips import CHIPS, table
 from dispersion_jax.compile.dry_run_report import memory_per_device  # noqa: F401 - research.bench imports it here
 from dispersion_jax.losses.dispersion import resolve_impl
 from dispersion_jax.models import count_params, flops_per_token, param_shapes
-from dispersion_jax.models.gpt2 import resolve_attention
+from dispersion_jax.models.attention import resolve_attention
 from dispersion_jax.parallel import backend, sharding
 from dispersion_jax.training import lora_state, train
 from dispersion_jax.training.train_step import jit_train_step, logical_context, state_shardings
@@ -124,7 +124,7 @@ def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: boo
     model_cfg = config_lib.model_config(cfg)
     disp = config_lib.dispersion_config(cfg)
     impl = resolve_impl(disp.impl, disp.variant)
-    attention = resolve_attention(model_cfg.attention, model_cfg.dtype)
+    attention = resolve_attention(model_cfg.attention, model_cfg.dtype, cfg.seq_len)
     note = None
     if attention == "cudnn" and not _has_cudnn():
       # cuDNN's attention is traced and compiled by the cuDNN library, absent here: compile XLA's attention
