@@ -12,6 +12,7 @@ with that file reuses it without compiling again. The step is then exactly the s
 hand (the config carries the integer from here on: checkpoints record it).
 """
 
+import copy
 import json
 import os
 import sys
@@ -47,7 +48,7 @@ def limit_bytes(cfg: ConfigDict, target: targets.Target | None) -> int:
 
 def measure(cfg: ConfigDict, mesh, accum: int) -> int | None:
   """Per-device bytes of the compiled step with grad_accum=accum; None where the compiler refuses it (OOM)."""
-  trial = cfg.copy_and_resolve_references()
+  trial = copy.deepcopy(dry_run.compilable_here(cfg)[0])  # a deep copy keeps grad_accum's field type (int or str)
   trial.grad_accum = accum
   try:
     compiled, _, _ = dry_run.compile_train_step(trial, mesh)
@@ -112,7 +113,7 @@ def resolve(cfg: ConfigDict, workdir: str | None) -> ConfigDict:
       os.makedirs(workdir, exist_ok=True)
       with open(path, "w") as f:
         json.dump(record, f, indent=1)
-  out = cfg.copy_and_resolve_references()
+  out = copy.deepcopy(cfg)
   out.grad_accum = record["grad_accum"]
   return out
 

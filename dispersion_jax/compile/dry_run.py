@@ -74,6 +74,18 @@ def compile_train_step(cfg: ConfigDict, mesh):
   return compiled, state, time.perf_counter() - start
 
 
+def compilable_here(cfg: ConfigDict) -> tuple[ConfigDict, str | None]:
+  """(the config this machine can compile, a note or None). cuDNN's attention is traced and compiled by the cuDNN
+  library: without it, XLA's attention is compiled instead, and the note says so (it materialises the LxL scores:
+  more temp memory than the real run). Call inside backend.compiling_for(...)."""
+  model_cfg = config_lib.model_config(cfg)
+  if resolve_attention(model_cfg.attention, model_cfg.dtype, cfg.seq_len) != "cudnn" or _has_cudnn():
+    return cfg, None
+  cfg = copy.deepcopy(cfg)
+  cfg.model.attention = "xla"
+  return cfg, "compiled here as xla: no libcudnn on this machine, so temp memory is overestimated"
+
+
 def _has_cudnn() -> bool:
   """Whether cuDNN's library can be found here (the nvidia-cudnn wheel of jax[cuda12], or the system's)."""
   try:
@@ -125,13 +137,7 @@ def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: boo
     disp = config_lib.dispersion_config(cfg)
     impl = resolve_impl(disp.impl, disp.variant)
     attention = resolve_attention(model_cfg.attention, model_cfg.dtype, cfg.seq_len)
-    note = None
-    if attention == "cudnn" and not _has_cudnn():
-      # cuDNN's attention is traced and compiled by the cuDNN library, absent here: compile XLA's attention
-      # instead and say so (it materialises the LxL scores: more temp memory than the real run).
-      note = "compiled here as xla: no libcudnn on this machine, so temp memory is overestimated"
-      cfg = copy.deepcopy(cfg)
-      cfg.model.attention = "xla"
+    cfg, note = compilable_here(cfg)
     full = _numbers(cfg, mesh)
     twin_numbers = None
     if twin and disp.coeff != 0 and "error" not in full:
