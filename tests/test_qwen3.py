@@ -23,7 +23,7 @@ from dispersion_jax.interop.hf import (
   save_pretrained,
   to_hf_state_dict,
 )
-from dispersion_jax.losses import objective
+from dispersion_jax.losses.objective import objective
 from dispersion_jax.models import Qwen3, Qwen3Config, attention, build_model, hidden_states, init_params, lm_head, qwen3
 
 
