@@ -70,7 +70,11 @@ def default_config() -> ConfigDict:
   c.seed = 0
   c.batch_size = 32  # global, in sequences (per optimizer step)
   c.seq_len = 256
-  c.grad_accum = 1  # micro-batches per step; batch_size must divide by it
+  # micro-batches per step (batch_size must divide by it), or "auto": the fewest whose compiled step fits the device
+  # with grad_accum_headroom to spare, chosen before the first step (compile/auto_accum.py) and kept by a resume
+  c.grad_accum = FieldReference(1, field_type=object)
+  c.grad_accum_headroom = 0.1  # grad_accum=auto: keep this fraction of the device's memory free
+  c.memory_limit_gb = FieldReference(None, field_type=float)  # grad_accum=auto: GiB per device; None = the device's
   c.tokenizer = "gpt2"  # "gpt2" (offline BPE) or a Hugging Face tokenizer directory
   c.init_from = FieldReference(None, field_type=str)  # a Hugging Face model directory to mid-train from
   c.ce_chunk = FieldReference(None, field_type=int)  # fused LM head + CE in chunks of this many tokens; None = plain
@@ -89,9 +93,10 @@ def default_config() -> ConfigDict:
   c.model.dropout = 0.0
   c.model.dtype = "auto"  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
   c.model.param_dtype = "float32"
-  c.model.remat = "none"  # none | full | dots
+  c.model.remat = "none"  # none | full | minimal | dots (models/remat.py: what each saves)
   c.model.scan_layers = False
-  c.model.attention = "auto"  # auto = cuDNN flash attention on GPU (bf16), XLA elsewhere
+  c.model.attention = "auto"  # auto = cuDNN flash attention on GPU, the splash kernel on TPU (bf16), XLA elsewhere
+  c.model.document_mask = False  # attend within each packed document only (the batch's segment ids)
 
   c.dispersion = _section(DispersionConfig)
   c.optimizer = _section(OptimizerConfig)
@@ -161,6 +166,10 @@ def parse_value(text: str, want: type, key: str):
   string keys, where it is a value: model.remat=none)."""
   if text in ("None", "null") or (text == "none" and want is not str):
     return None
+  if want is object and text == "auto":  # grad_accum=auto
+    return text
+  if want is object:
+    want = int
   if want is bool:
     if text.lower() in ("true", "1", "yes"):
       return True
@@ -187,11 +196,18 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
     if not ok:
       raise ConfigError(msg)
 
-  for key in ("batch_size", "seq_len", "grad_accum"):
+  auto = cfg.grad_accum == "auto"
+  need(auto or isinstance(cfg.grad_accum, int), f"grad_accum={cfg.grad_accum!r} must be an integer or 'auto'")
+  for key in ("batch_size", "seq_len") + (() if auto else ("grad_accum",)):
     need(cfg[key] >= 1, f"{key}={cfg[key]} must be >= 1")
   need(
-      cfg.batch_size % cfg.grad_accum == 0,
+      auto or cfg.batch_size % cfg.grad_accum == 0,
       f"batch_size={cfg.batch_size} must be divisible by grad_accum={cfg.grad_accum}",
+  )
+  need(0 <= cfg.grad_accum_headroom < 1, f"grad_accum_headroom={cfg.grad_accum_headroom} must be in [0, 1)")
+  need(
+      cfg.memory_limit_gb is None or cfg.memory_limit_gb > 0,
+      f"memory_limit_gb={cfg.memory_limit_gb} must be > 0 or None (the device's)",
   )
   need(cfg.ce_chunk is None or cfg.ce_chunk >= 1, f"ce_chunk={cfg.ce_chunk} must be >= 1 or None (plain CE)")
   need(
@@ -228,10 +244,15 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> None:
     shape = mesh.shape(num_devices)
     dp = shape["data"] * shape["fsdp"]
     need(
-        (cfg.batch_size // cfg.grad_accum) % dp == 0,
-        f"batch_size/grad_accum={cfg.batch_size // cfg.grad_accum} must be divisible by the data-parallel size "
-        f"mesh.data*mesh.fsdp={dp}",
+        not auto or cfg.batch_size % dp == 0,
+        f"batch_size={cfg.batch_size} must be divisible by the data-parallel size mesh.data*mesh.fsdp={dp}",
     )
+    if not auto:
+      need(
+          (cfg.batch_size // cfg.grad_accum) % dp == 0,
+          f"batch_size/grad_accum={cfg.batch_size // cfg.grad_accum} must be divisible by the data-parallel size "
+          f"mesh.data*mesh.fsdp={dp}",
+      )
 
 
 def _typed(cls, section: ConfigDict | dict, where: str):
@@ -260,6 +281,7 @@ def model_config(cfg: ConfigDict):
       remat=m.remat,
       scan_layers=m.scan_layers,
       attention=m.attention,
+      document_mask=m.document_mask,
       lora_dropout=lora_dropout(cfg),
   )
   shape = {k: m[k] for k in _MODEL_SHAPE_KEYS if m[k] is not None}

@@ -12,7 +12,7 @@ import pytest
 
 from dispersion_jax import GPT, DispersionConfig, GPTConfig, dispersion_loss
 from dispersion_jax.interop.hf import from_hf_state_dict, to_hf_state_dict
-from dispersion_jax.losses import objective
+from dispersion_jax.losses.objective import objective
 from dispersion_jax.losses.dispersion import VARIANTS
 from dispersion_jax.losses.fused_ce import fused_cross_entropy
 from dispersion_jax.losses.objective import cross_entropy

@@ -23,8 +23,8 @@ from dispersion_jax.interop.hf import (
   save_pretrained,
   to_hf_state_dict,
 )
-from dispersion_jax.losses import objective
-from dispersion_jax.models import Qwen3, Qwen3Config, build_model, hidden_states, init_params, lm_head, qwen3
+from dispersion_jax.losses.objective import objective
+from dispersion_jax.models import Qwen3, Qwen3Config, attention, build_model, hidden_states, init_params, lm_head, qwen3
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_gqa_query_head_h_reads_kv_head_h_over_group_size():
   B, L, H, G, K = 2, 6, 4, 2, 8
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((B, L, n, K), np.float32) for n in (H, G, G))
-  attend = jax.jit(qwen3.causal_attention, static_argnums=3)
+  attend = jax.jit(attention.attention, static_argnums=3)
   out = attend(q, k, v, "xla")
   causal = np.tril(np.ones((L, L), bool))
   for h in range(H):  # HF's repeat_kv: query head h uses kv head h // (H // G)

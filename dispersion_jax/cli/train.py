@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from dispersion_jax import config as config_lib
 from dispersion_jax.cli.common import INTERRUPTED_EXIT, Parser, add_launch, add_run_config, run_main
-from dispersion_jax.compile import dry_run
+from dispersion_jax.compile import auto_accum, dry_run
 from dispersion_jax.errors import DatasetNotBuiltError
 from dispersion_jax.parallel import backend, distributed
 from dispersion_jax.training import train
@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   backend.start()
   config_lib.validate(cfg, dry_run.num_devices(cfg))
   distributed.check_same_config(cfg.to_dict())
+  cfg = auto_accum.resolve(cfg, args.workdir)  # grad_accum=auto: compile, measure, choose (or reuse the record)
   if cfg.dry_run:
     dry_run.dry_run(cfg, args.workdir)
     return

@@ -27,7 +27,7 @@ from dispersion_jax.compile.chips import CHIPS, table
 from dispersion_jax.compile.dry_run_report import memory_per_device  # noqa: F401 - research.bench imports it here
 from dispersion_jax.losses.dispersion import resolve_impl
 from dispersion_jax.models import count_params, flops_per_token, param_shapes
-from dispersion_jax.models.gpt2 import resolve_attention
+from dispersion_jax.models.attention import resolve_attention
 from dispersion_jax.parallel import backend, sharding
 from dispersion_jax.training import lora_state, train
 from dispersion_jax.training.train_step import jit_train_step, logical_context, state_shardings
@@ -72,6 +72,18 @@ def compile_train_step(cfg: ConfigDict, mesh):
   with logical_context(mesh):
     compiled = jit_train_step(fn, mesh, shard).lower(state, batch).compile()
   return compiled, state, time.perf_counter() - start
+
+
+def compilable_here(cfg: ConfigDict) -> tuple[ConfigDict, str | None]:
+  """(the config this machine can compile, a note or None). cuDNN's attention is traced and compiled by the cuDNN
+  library: without it, XLA's attention is compiled instead, and the note says so (it materialises the LxL scores:
+  more temp memory than the real run). Call inside backend.compiling_for(...)."""
+  model_cfg = config_lib.model_config(cfg)
+  if resolve_attention(model_cfg.attention, model_cfg.dtype, cfg.seq_len) != "cudnn" or _has_cudnn():
+    return cfg, None
+  cfg = copy.deepcopy(cfg)
+  cfg.model.attention = "xla"
+  return cfg, "compiled here as xla: no libcudnn on this machine, so temp memory is overestimated"
 
 
 def _has_cudnn() -> bool:
@@ -124,14 +136,8 @@ def build_report(cfg: ConfigDict, target: targets.Target | None, mesh, twin: boo
     model_cfg = config_lib.model_config(cfg)
     disp = config_lib.dispersion_config(cfg)
     impl = resolve_impl(disp.impl, disp.variant)
-    attention = resolve_attention(model_cfg.attention, model_cfg.dtype)
-    note = None
-    if attention == "cudnn" and not _has_cudnn():
-      # cuDNN's attention is traced and compiled by the cuDNN library, absent here: compile XLA's attention
-      # instead and say so (it materialises the LxL scores: more temp memory than the real run).
-      note = "compiled here as xla: no libcudnn on this machine, so temp memory is overestimated"
-      cfg = copy.deepcopy(cfg)
-      cfg.model.attention = "xla"
+    attention = resolve_attention(model_cfg.attention, model_cfg.dtype, cfg.seq_len)
+    cfg, note = compilable_here(cfg)
     full = _numbers(cfg, mesh)
     twin_numbers = None
     if twin and disp.coeff != 0 and "error" not in full:

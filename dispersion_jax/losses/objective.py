@@ -145,6 +145,7 @@ def objective(
       batch.get("positions"),
       deterministic=deterministic,
       embed_noise_alpha=embed_noise_alpha,
+      segment_ids_BxL=batch.get("segment_ids"),  # used where model.cfg.document_mask is set
       rngs=rngs,
       mutable=["intermediates"],
   )

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from dispersion_jax.models import kv_cache
+from dispersion_jax.models.attention import ATTENTION_IMPLS, attention
 from dispersion_jax.models.lora_dense import LoraDense
 from dispersion_jax.models.neftune import add_embedding_noise
-from dispersion_jax.parallel import backend
+from dispersion_jax.models.remat import REMAT_POLICIES
 
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),  # 124M
@@ -25,12 +26,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=4, n_embd=256, n_head=4, n_positions=256),
     "test": dict(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=128),
 }
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +40,10 @@ class GPTConfig:
   dropout: float = 0.0  # embedding and residual dropout (GPT-2's embd_pdrop / resid_pdrop)
   dtype: str = "float32"  # compute dtype; logits and softmax stay float32
   param_dtype: str = "float32"
-  remat: str = "none"  # none | full | dots
+  remat: str = "none"  # none | full | minimal | dots (remat.py: what each saves)
   scan_layers: bool = False  # nn.scan over blocks: one compiled block, params stacked on `layers`
-  attention: str = "auto"  # auto (cuDNN on GPU in bf16/fp16, else xla) | xla | cudnn
+  attention: str = "auto"  # auto (cuDNN on GPU, splash on TPU, in bf16/fp16; else xla) | xla | cudnn | splash
+  document_mask: bool = False  # attend within the packed row's own document only (segment ids, attention.py)
   lora_dropout: float = 0.0  # dropout on LoRA adapter inputs (lora.py), training steps only
 
   def __post_init__(self):
@@ -98,7 +94,7 @@ class Attention(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL=None):
+  def __call__(self, x_BxLxD, segment_ids_BxL=None, positions_BxL=None):
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H = cfg.n_head
@@ -106,9 +102,9 @@ class Attention(nn.Module):
     q, k, v = (t.reshape(B, L, H, D // H) for t in jnp.split(qkv_BxLx3D, 3, axis=-1))
     cached = kv_cache.update(self, k, v, positions_BxL)  # None unless decoding with a KV cache
     if cached is None:
-      att_BxLxHxK = _causal_attention(q, k, v, cfg.attention)
+      att_BxLxHxK = attention(q, k, v, cfg.attention, segment_ids_BxL)
     else:
-      att_BxLxHxK = _causal_attention(q, cached[0], cached[1], "xla", cached[2])
+      att_BxLxHxK = attention(q, cached[0], cached[1], "xla", mask_BxLxS=cached[2])
     return _dense(D, ("heads", "embed"), _proj_std(cfg), cfg, "c_proj")(att_BxLxHxK.reshape(B, L, D))
 
 
@@ -122,29 +118,6 @@ class MLP(nn.Module):
     return _dense(x_BxLxD.shape[-1], ("mlp", "embed"), _proj_std(self.cfg), self.cfg, "c_proj")(h_BxLxM)
 
 
-def resolve_attention(impl: str, dtype) -> str:
-  """What attention="auto" runs: cuDNN flash attention where it exists (GPU, half precision; 2x XLA's on an H100),
-  XLA elsewhere. The backend is the one compiled for (a dry-run target's, see backend.py)."""
-  if impl != "auto":
-    return impl
-  return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and backend.current() == "gpu" else "xla"
-
-
-def _causal_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, impl: str, mask_BxLxS=None):
-  """Causal attention; with a KV cache, keys/values are the cache's S slots and mask_BxLxS says which to see."""
-  impl = resolve_attention(impl, q_BxLxHxK.dtype)
-  if impl == "cudnn":
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=True, implementation="cudnn")
-  # Plain XLA path, softmax in float32 or wider (jax.nn.dot_product_attention caps it at float32, which would
-  # break float64 parity tests).
-  acc = jnp.promote_types(q_BxLxHxK.dtype, jnp.float32)
-  L, K = q_BxLxHxK.shape[1], q_BxLxHxK.shape[-1]
-  s_BxHxLxS = jnp.einsum("blhk,bmhk->bhlm", q_BxLxHxK, k_BxSxHxK, preferred_element_type=acc) / math.sqrt(K)
-  mask = jnp.tril(jnp.ones((L, L), bool)) if mask_BxLxS is None else mask_BxLxS[:, None]
-  p_BxHxLxS = jax.nn.softmax(jnp.where(mask, s_BxHxLxS, jnp.finfo(acc).min), axis=-1)
-  return jnp.einsum("bhlm,bmhk->blhk", p_BxHxLxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
-
-
 def _proj_std(cfg: GPTConfig) -> float:
   return 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2: residual projections scaled by depth
 
@@ -154,12 +127,12 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL=None):
-    # (carry, x) -> (carry, y) is nn.scan's contract: the residual stream is the carry, nothing is scanned over
-    # (positions_BxL is None there; unrolled blocks get it for the KV cache).
+  def __call__(self, x_BxLxD, segment_ids_BxL=None, positions_BxL=None):
+    # (carry, x) -> (carry, y) is nn.scan's contract: the residual stream is the carry, the segment ids are
+    # broadcast (positions_BxL, for the KV cache, only reaches unrolled blocks).
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-    x_BxLxD = x_BxLxD + drop(Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x_BxLxD), positions_BxL))
+    x_BxLxD = x_BxLxD + drop(Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x_BxLxD), segment_ids_BxL, positions_BxL))
     x_BxLxD = x_BxLxD + drop(MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxLxD)))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
     self.sow("intermediates", "hidden", x_BxLxD)
@@ -170,9 +143,17 @@ class GPT(nn.Module):
   cfg: GPTConfig
 
   @nn.compact
-  def __call__(self, input_ids_BxL, positions_BxL=None, deterministic: bool = True, embed_noise_alpha: float = 0.0):
+  def __call__(
+      self,
+      input_ids_BxL,
+      positions_BxL=None,
+      deterministic: bool = True,
+      embed_noise_alpha: float = 0.0,
+      segment_ids_BxL=None,
+  ):
     cfg = self.cfg
     B, L = input_ids_BxL.shape
+    segment_ids_BxL = segment_ids_BxL if cfg.document_mask else None
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
     wte = nn.Embed(
@@ -208,13 +189,14 @@ class GPT(nn.Module):
           block,
           variable_axes={"params": 0, "intermediates": 0, "lora": 0},
           split_rngs={"params": True, "dropout": True, "lora": True},
+          in_axes=(nn.broadcast,),
           length=cfg.n_layer,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x_BxLxD, _ = stack(cfg, deterministic, name="h")(x_BxLxD, None)
+      x_BxLxD, _ = stack(cfg, deterministic, name="h")(x_BxLxD, segment_ids_BxL)
     else:
       for i in range(cfg.n_layer):
-        x_BxLxD, _ = block(cfg, deterministic, name=f"h_{i}")(x_BxLxD, positions_BxL)
+        x_BxLxD, _ = block(cfg, deterministic, name=f"h_{i}")(x_BxLxD, segment_ids_BxL, positions_BxL)
 
     x_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
     self.sow("intermediates", "final", x_BxLxD)

@@ -14,12 +14,17 @@ the parameters. The adapter path runs in the compute dtype, like the base matmul
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 class LoraDense(nn.Dense):
   lora_dropout: float = 0.0  # PEFT's lora_dropout: on the adapter's input, training steps only
 
   def __call__(self, x_BxLxI):
+    # The output carries the layer's name for remat policies that save by name (remat.py's `minimal`).
+    return checkpoint_name(self._dense(x_BxLxI), self.name)
+
+  def _dense(self, x_BxLxI):
     y_BxLxO = super().__call__(x_BxLxI)
     if not self.has_variable("lora", "a"):
       return y_BxLxO

@@ -11,7 +11,6 @@ mechanical; blocks are `h_{i}` (scanned: `h`) as in GPT-2, which `models.hidden_
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -19,9 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from dispersion_jax.models import kv_cache
-from dispersion_jax.models.gpt2 import ATTENTION_IMPLS, REMAT_POLICIES, resolve_attention
+from dispersion_jax.models.attention import ATTENTION_IMPLS, attention
 from dispersion_jax.models.lora_dense import LoraDense
 from dispersion_jax.models.neftune import add_embedding_noise
+from dispersion_jax.models.remat import REMAT_POLICIES
 
 _SHAPES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head", "head_dim", "n_inner")
 _QWEN3 = dict(vocab_size=151936, n_positions=40960, head_dim=128)
@@ -64,9 +64,10 @@ class Qwen3Config:
   dropout: float = 0.0  # Qwen3 has no dropout; kept so shared code can read cfg.dropout
   dtype: str = "float32"  # compute dtype; logits, softmax and RMSNorm statistics stay >= float32
   param_dtype: str = "float32"
-  remat: str = "none"  # none | full | dots
+  remat: str = "none"  # none | full | minimal | dots (remat.py: what each saves)
   scan_layers: bool = False  # nn.scan over blocks: one compiled block, params stacked on `layers`
-  attention: str = "auto"  # auto (cuDNN on GPU in bf16/fp16, else xla) | xla | cudnn
+  attention: str = "auto"  # auto (cuDNN on GPU, splash on TPU, in bf16/fp16; else xla) | xla | cudnn | splash
+  document_mask: bool = False  # attend within the packed row's own document only (segment ids, attention.py)
   lora_dropout: float = 0.0  # dropout on LoRA adapter inputs (lora.py), training steps only
 
   def __post_init__(self):
@@ -155,30 +156,11 @@ def apply_rope(x_BxLxNxK, cos_BxLxK, sin_BxLxK):
   return x_BxLxNxK * cos_BxLxK[:, :, None, :] + rot_BxLxNxK * sin_BxLxK[:, :, None, :]
 
 
-def causal_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, impl: str, mask_BxLxS=None):
-  """Causal grouped-query attention, scale K**-0.5; query head h reads kv head h // (H / G) (HF's repeat_kv).
-  With a KV cache, keys/values are the cache's S slots and mask_BxLxS says which ones each query sees."""
-  impl = resolve_attention(impl, q_BxLxHxK.dtype)  # cuDNN flash attention where it exists, as GPT-2 does
-  if impl == "cudnn":  # takes G-headed k/v directly and groups them the same way
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, is_causal=True, implementation="cudnn")
-  # XLA path: heads split into (G, R) so h = g * R + r; no repeated copy of k/v is built. Softmax in float32 or
-  # wider (jax.nn.dot_product_attention caps it at float32, which would break float64 parity tests).
-  B, L, H, K = q_BxLxHxK.shape
-  G = k_BxSxGxK.shape[2]
-  acc = jnp.promote_types(q_BxLxHxK.dtype, jnp.float32)
-  q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
-  s_BxGxRxLxS = jnp.einsum("blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxSxGxK, preferred_element_type=acc) / math.sqrt(K)
-  mask = jnp.tril(jnp.ones((L, L), bool)) if mask_BxLxS is None else mask_BxLxS[:, None, None]
-  p_BxGxRxLxS = jax.nn.softmax(jnp.where(mask, s_BxGxRxLxS, jnp.finfo(acc).min), axis=-1)
-  o_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", p_BxGxRxLxS.astype(v_BxSxGxK.dtype), v_BxSxGxK)
-  return o_BxLxGxRxK.reshape(B, L, H, K)
-
-
 class Attention(nn.Module):
   cfg: Qwen3Config
 
   @nn.compact
-  def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK, positions_BxL=None):
+  def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK, segment_ids_BxL=None, positions_BxL=None):
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     H, G, K = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -190,9 +172,9 @@ class Attention(nn.Module):
     k_BxLxGxK = apply_rope(_rms_norm(cfg, "k_norm", None)(k_BxLxGxK), cos_BxLxK, sin_BxLxK)
     cached = kv_cache.update(self, k_BxLxGxK, v_BxLxGxK, positions_BxL)  # None unless decoding with a KV cache
     if cached is None:
-      o_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, cfg.attention)
+      o_BxLxHxK = attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, cfg.attention, segment_ids_BxL)
     else:
-      o_BxLxHxK = causal_attention(q_BxLxHxK, cached[0], cached[1], "xla", cached[2])
+      o_BxLxHxK = attention(q_BxLxHxK, cached[0], cached[1], "xla", mask_BxLxS=cached[2])
     return _dense(D, ("heads", "embed"), cfg, "o_proj")(o_BxLxHxK.reshape(B, L, H * K))
 
 
@@ -211,12 +193,13 @@ class Block(nn.Module):
   cfg: Qwen3Config
 
   @nn.compact
-  def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK, positions_BxL=None):
-    # nn.scan's (carry, *xs) -> (carry, y): the residual stream is the carry, the RoPE tables are broadcast
+  def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK, segment_ids_BxL=None, positions_BxL=None):
+    # nn.scan's (carry, *xs) -> (carry, y): the residual stream is the carry, the RoPE tables and segment ids are
+    # broadcast
     # (positions_BxL, for the KV cache, only reaches unrolled blocks).
     cfg = self.cfg
     x_BxLxD = x_BxLxD + Attention(cfg, name="self_attn")(
-        _rms_norm(cfg, "input_layernorm")(x_BxLxD), cos_BxLxK, sin_BxLxK, positions_BxL
+        _rms_norm(cfg, "input_layernorm")(x_BxLxD), cos_BxLxK, sin_BxLxK, segment_ids_BxL, positions_BxL
     )
     x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(_rms_norm(cfg, "post_attention_layernorm")(x_BxLxD))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACT)
@@ -228,9 +211,17 @@ class Qwen3(nn.Module):
   cfg: Qwen3Config
 
   @nn.compact
-  def __call__(self, input_ids_BxL, positions_BxL=None, deterministic: bool = True, embed_noise_alpha: float = 0.0):
+  def __call__(
+      self,
+      input_ids_BxL,
+      positions_BxL=None,
+      deterministic: bool = True,
+      embed_noise_alpha: float = 0.0,
+      segment_ids_BxL=None,
+  ):
     del deterministic  # no dropout in Qwen3; the argument keeps the family interface
     cfg = self.cfg
+    segment_ids_BxL = segment_ids_BxL if cfg.document_mask else None
     B, L = input_ids_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
@@ -258,14 +249,14 @@ class Qwen3(nn.Module):
           block,
           variable_axes={"params": 0, "intermediates": 0, "lora": 0},
           split_rngs={"params": True, "lora": True},
-          in_axes=(nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.n_layer,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x_BxLxD, _ = stack(cfg, name="h")(x_BxLxD, cos_BxLxK, sin_BxLxK)
+      x_BxLxD, _ = stack(cfg, name="h")(x_BxLxD, cos_BxLxK, sin_BxLxK, segment_ids_BxL)
     else:
       for i in range(cfg.n_layer):
-        x_BxLxD, _ = block(cfg, name=f"h_{i}")(x_BxLxD, cos_BxLxK, sin_BxLxK, positions_BxL)
+        x_BxLxD, _ = block(cfg, name=f"h_{i}")(x_BxLxD, cos_BxLxK, sin_BxLxK, segment_ids_BxL, positions_BxL)
 
     x_BxLxD = _rms_norm(cfg, "norm")(x_BxLxD)
     self.sow("intermediates", "final", x_BxLxD)

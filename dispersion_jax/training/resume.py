@@ -34,6 +34,8 @@ RESUME_MAY_CHANGE = (
     "max_to_keep",
     "batch_size",
     "grad_accum",
+    "grad_accum_headroom",
+    "memory_limit_gb",
     "ce_chunk",
     "dry_run",
     "dry_run_memory_budget_gb",

@@ -186,7 +186,13 @@ def eval_step(
   model_vars = (
       {"params": params} if lora_scale is None else {"params": params[0], "lora": lora.scaled(params[1], lora_scale)}
   )
-  logits, variables = model.apply(model_vars, batch["input_ids"], batch.get("positions"), mutable=["intermediates"])
+  logits, variables = model.apply(
+      model_vars,
+      batch["input_ids"],
+      batch.get("positions"),
+      segment_ids_BxL=batch.get("segment_ids"),  # used where model.cfg.document_mask is set
+      mutable=["intermediates"],
+  )
   w_BxL = (
       (batch["segment_ids"] > 0).astype(jnp.float32)
       if "segment_ids" in batch
