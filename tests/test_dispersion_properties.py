@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from dispersion_jax import VARIANTS, DispersionConfig, GPTConfig, Qwen3Config, build_model, dispersion_loss
 from dispersion_jax.losses import dispersion_pallas as dpal
-from dispersion_jax.losses import objective
+from dispersion_jax import objective
 from dispersion_jax.models import init_params
 
 _COMMON = dict(derandomize=True, database=None, deadline=None, print_blob=True)

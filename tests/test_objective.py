@@ -8,7 +8,7 @@ import pytest
 
 from dispersion_jax import GPT, DispersionConfig, GPTConfig, dispersion_loss, hidden_states, select_layers
 from dispersion_jax.interop.hf import load_gpt2, to_hf_state_dict
-from dispersion_jax.losses import objective
+from dispersion_jax import objective
 from dispersion_jax.models import init_params
 
 
