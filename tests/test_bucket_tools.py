@@ -56,7 +56,7 @@ def test_a_lora_run_from_a_bucket_into_a_bucket_evaluates_exports_and_generates_
   report = json.loads(paths.path(results).read_text())
   assert report["model"]["source"] == workdir and "example_cloze" in report["results"]
 
-  texts = cli_generate.main(["--workdir", workdir, "--prompt", "The", "--max_new_tokens", "3"])
+  texts = cli_generate.run(cli_generate.parse_args(["--workdir", workdir, "--prompt", "The", "--max_new_tokens", "3"]))
   assert len(texts) == 1 and isinstance(texts[0], str)
 
 
