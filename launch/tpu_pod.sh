@@ -21,9 +21,12 @@ WORKDIR=gs://my-bucket/runs/gpt2_xl
 REMOTE_DIR=dispersion_jax            # where the code goes on each worker (relative to $HOME)
 JAX_INSTALL='jax[tpu]>=0.10,<0.12'   # the TPU build of jax (pulls libtpu)
 PYTHON=python3.11                    # jax 0.10 needs Python >= 3.11 (installed with apt if missing)
-# Training reads a built dataset (only the embedded corpus is built on first use). Build it once into a directory
-# every worker sees (data.cache_dir on the shared mount); with a per-worker cache dir, every worker builds it.
-PREPARE="python -m dispersion_jax data-build --config $CONFIG"
+# Training reads a built dataset (only the embedded corpus is built on first use) from DATA_CACHE, a bucket prefix
+# every worker reads in place (docs/runs-in-a-bucket.md, "The prepared dataset in a bucket"; a gcsfuse mount's
+# local path is the faster option for reading). `setup` builds it once, on worker 0 (the others would find it
+# published and do nothing); the build stages its files on worker 0's disk and uploads them, marker last.
+DATA_CACHE=gs://my-bucket/data
+PREPARE="python -m dispersion_jax data-build --config $CONFIG --config.data.cache_dir=$DATA_CACHE"
 # A trainer that was preempted (SIGTERM, e.g. a maintenance event) saves a checkpoint and exits 75: `train` then
 # runs again (resuming from it) up to MAX_REQUEUES times, REQUEUE_DELAY_S apart. A deleted VM (a spot TPU taken
 # back) is not re-created here: create it again, `setup`, then `train`.
@@ -51,14 +54,16 @@ case ${1:-} in
     sync_code
     on_all "(command -v $PYTHON >/dev/null || (sudo apt-get update -q && sudo apt-get install -y -q $PYTHON \
             $PYTHON-venv)) && cd ~/$REMOTE_DIR && $PYTHON -m venv ~/venv && source ~/venv/bin/activate && \
-            pip install -q -U pip && pip install -q '$JAX_INSTALL' -r requirements.txt && $PREPARE"
+            pip install -q -U pip && pip install -q '$JAX_INSTALL' -r requirements.txt"
+    gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" --worker=0 \
+      --command="cd ~/$REMOTE_DIR && source ~/venv/bin/activate && $PREPARE"
     ;;
   sync)
     sync_code
     ;;
   train)
     shift
-    args=$(printf ' %q' --config "$CONFIG" --workdir "$WORKDIR" "$@")
+    args=$(printf ' %q' --config "$CONFIG" --workdir "$WORKDIR" "--config.data.cache_dir=$DATA_CACHE" "$@")
     log=$(mktemp)
     trap 'rm -f "$log"' EXIT
     for ((attempt = 0; ; attempt++)); do

@@ -8,7 +8,10 @@ GOOGLE_AUTH_TOKEN_FOR_TESTING) and array_record's C++ client (CLOUD_STORAGE_EMUL
 """
 
 import contextlib
+import io
+import re
 import socket
+import threading
 import time
 import uuid
 
@@ -31,7 +34,9 @@ class Emulator:
     self._server = create_server("127.0.0.1", self.port, in_memory=True, default_bucket=bucket)
     self.fault = None  # None, or a function (method, path) -> HTTP status to answer instead (or None to pass)
     self.requests = 0
+    self.lock = threading.Lock()
     self._wrap_handler()
+    _threaded_server()
     _keep_generations()
 
   def _wrap_handler(self):
@@ -48,10 +53,21 @@ class Emulator:
         fault = emulator.fault
         status = fault(method, self.path) if fault else None
         if status is None:
+          # The store is answered one request at a time (the emulator's own design), but the answer is sent
+          # outside the lock: a client that streams an object and stops reading half-way (array_record's C++
+          # reader opening a shard) must not stall every other client, as it would on a one-thread server.
+          wfile, self.wfile = self.wfile, io.BytesIO()
           try:
-            return original(self)
+            with emulator.lock:
+              original(self)
+            self.wfile, answer = wfile, self.wfile.getvalue()
+            self.wfile.write(answer)
+            self.wfile.flush()
           except (BrokenPipeError, ConnectionResetError):  # the client gave up on this request
-            return None
+            pass
+          finally:
+            self.wfile = wfile
+          return None
         if status == "hang":
           time.sleep(3600)
         self.send_response(status)
@@ -109,11 +125,35 @@ class Emulator:
       self.fault = None
 
 
+def _threaded_server() -> None:
+  """The emulator's HTTP server with a thread per connection (its own is one thread: a single stalled connection
+  would stop it), once per process. Its storage stays one request at a time (`Emulator.lock`)."""
+  from http import server as http_server  # noqa: PLC0415
+
+  from gcp_storage_emulator import server as server_mod  # noqa: PLC0415
+
+  if getattr(server_mod.APIThread.run, "_dispersion", False):
+    return
+
+  def run(self):
+    self._httpd = http_server.ThreadingHTTPServer((self._host, self._port), partial_handler(self._storage))
+    self._httpd.daemon_threads = True
+    self.is_running.set()
+    self._httpd.serve_forever()
+
+  def partial_handler(storage):
+    return lambda *a, **kw: server_mod.RequestHandler(storage, *a, **kw)
+
+  run._dispersion = True
+  server_mod.APIThread.run = run
+
+
 def _keep_generations() -> None:
-  """Two things of the GCS API that TensorStore (Orbax's arrays) relies on and the emulator lacks: the object's
-  generation in the `x-goog-generation` header of a download (else TensorStore reports "Malformed
-  StorageGeneration" reading OCDBT manifests), and the `ifGenerationMatch` precondition of an upload (OCDBT commits
-  its manifest with it). Added by wrapping two handlers of the emulator's route table, once per process."""
+  """Three things of the GCS API that the emulator lacks: the object's generation in the `x-goog-generation` header
+  of a download (else TensorStore, Orbax's array store, reports "Malformed StorageGeneration" reading OCDBT
+  manifests), the `ifGenerationMatch` precondition of an upload (OCDBT commits its manifest with it), and suffix
+  ranges (`Range: bytes=-N`, with which array_record reads a shard's footer: the emulator sent the whole object).
+  Added by wrapping two handlers of the emulator's route table, once per process."""
   import logging  # noqa: PLC0415
 
   from gcp_storage_emulator import server as server_mod  # noqa: PLC0415
@@ -132,6 +172,15 @@ def _keep_generations() -> None:
       return "0"
 
   def download_with_generation(request, response, storage, *args, **kw):
+    headers = request._request_handler.headers  # private: the emulator has no API to rewrite a request
+    suffix = re.fullmatch(r"\s*bytes=-(\d+)\s*", headers.get("Range", ""))
+    if suffix:  # "the last N bytes" (array_record reads a shard's footer so); the emulator parses only "a-b"
+      try:
+        size = int(storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])["size"])
+      except NotFound:
+        size = 0
+      del headers["Range"]
+      headers["Range"] = f"bytes={max(0, size - int(suffix.group(1)))}-{max(0, size - 1)}"
     gen = generation(storage, request.params["bucket_name"], request.params["object_id"])
     if gen != "0":
       response["x-goog-generation"] = gen

@@ -1,5 +1,5 @@
-"""A run whose workdir is a bucket (gs://, a GCS emulator on loopback): trained, killed with SIGKILL between
-checkpoints and resumed, it has the losses and the metrics history of the same run on a local disk, every
+"""A run whose workdir and dataset are in a bucket (gs://, a GCS emulator on loopback): trained, killed with SIGKILL
+between checkpoints and resumed, it has the losses and the metrics history of the same run on a local disk, every
 (step, kind) once, with nothing appended to an object; its TensorBoard events are complete in the bucket; and a
 workdir it cannot use (s3://, a bucket that does not exist) is one line before anything is compiled or created."""
 
@@ -42,8 +42,10 @@ def test_a_run_in_a_bucket_killed_and_resumed_equals_the_same_run_on_a_local_dis
   one = jax.devices()[:1]
   assert train.run(tiny_cfg(data_dir, *FLAGS), local, devices=one) == 12
 
+  # The bucket run's dataset is in the bucket too: built there on first use, its shards read in place.
+  bucket_data = (f"--config.data.cache_dir={gcs.prefix('data')}",)
   cmd = [sys.executable, "-m", "dispersion_jax", "train", "--config", CONFIG, "--workdir", bucket_run]
-  cmd += [*TINY, f"--config.data.data_dir={data_dir}", *FLAGS]
+  cmd += [*TINY, f"--config.data.data_dir={data_dir}", *FLAGS, *bucket_data]
   proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 300
   while not committed_steps(bucket_run):
@@ -54,7 +56,7 @@ def test_a_run_in_a_bucket_killed_and_resumed_equals_the_same_run_on_a_local_dis
   proc.wait(timeout=30)
   assert committed_steps(bucket_run)[-1] < 12
 
-  assert train.run(tiny_cfg(data_dir, *FLAGS), bucket_run, devices=one) == 12  # the same run again: resumes
+  assert train.run(tiny_cfg(data_dir, *FLAGS, *bucket_data), bucket_run, devices=one) == 12  # resumes
   assert not os.path.exists(tmp_path / "gs:")  # nothing went to a local folder named after the URL
   want, got = without_timing(metrics.read_history(local)), without_timing(metrics.read_history(bucket_run))
   assert sorted(got["train"]) == list(range(1, 13)) and got == want  # exact: same losses, bit for bit

@@ -67,7 +67,10 @@ def test_two_hosts_without_a_shared_disk_train_into_one_bucket_are_killed_and_re
   from dispersion_jax.training import metrics  # noqa: PLC0415
 
   work = gcs.prefix("two-hosts")
-  base = [sys.executable, "-m", "dispersion_jax", "train", *TINY, f"--config.data.data_dir={data_dir}"]
+  # The dataset is in the bucket as well: process 0 builds it there on first use (staged in its own TMPDIR),
+  # and every host reads the same published shards.
+  data = f"--config.data.cache_dir={gcs.prefix('data')}"
+  base = [sys.executable, "-m", "dispersion_jax", "train", *TINY, f"--config.data.data_dir={data_dir}", data]
   base[base.index("configs/gpt2_tiny.py")] = str(ROOT / "configs" / "gpt2_tiny.py")
   procs, logs = _hosts(tmp_path, "host", _free_port(), [*base, "--config.steps=200", "--workdir", work])
   try:

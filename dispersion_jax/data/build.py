@@ -15,7 +15,8 @@ the format):
   C. pack: workers write fixed block ranges (shards) of each stream into ArrayRecord files.
   D. register: `tfds.folder_dataset.write_metadata` + pack_meta.json in a temporary directory, renamed into place
      at the end (`publish`, one call): a killed build leaves no dataset, and the records are the same for any
-     number of workers.
+     number of workers. A cache in a bucket (gs://): the stages run in a local staging directory (ArrayRecord
+     writes local files only) and `publish` uploads the dataset with its marker object last.
 
 Two executors of the same stage functions: this module's worker pool (one host), or an Apache Beam pipeline
 (`beam_options=`, `beam_build.py`: DirectRunner with worker processes, Dataflow, Flink, Spark). The bytes of the
@@ -37,7 +38,7 @@ from dispersion_jax.data.config import DataConfig
 from dispersion_jax.data.inputs import SPLITS
 from dispersion_jax.errors import DataError
 from dispersion_jax.parallel import lifeline
-from dispersion_jax.storage import paths, transfer
+from dispersion_jax.storage import bucket, paths, transfer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +206,7 @@ def publish(tmp: str, final: str) -> None:
   try:
     transfer.publish(tmp, final)  # local: os.rename; gs://: upload, marker object last
   except OSError:
-    if not os.path.isdir(final):  # not a concurrent build of the same dataset that finished first
+    if paths.is_remote(final) or not os.path.isdir(final):  # not a concurrent build that finished first
       raise
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -229,12 +230,12 @@ def build(
   Raises DataError (one line naming the file or setting) for missing, unreadable, non-UTF-8 or empty input.
   """
   t0 = time.perf_counter()
-  _refuse_buckets(data_cfg)
   flags = None if beam_options is None else beam_build.pipeline_options(beam_options)
   runner_name = "pool" if flags is None else next(f for f in flags if f.startswith("--runner="))[len("--runner=") :]
   n_workers = _resolve_workers(workers, data_cfg) if flags is None else _beam_workers(flags)
   ident = packed.identify(data_cfg, tokenizer=tokenizer, seq_len=seq_len)
-  if os.path.isdir(ident.path):
+  _check_staging(data_cfg, ident, runner_name)
+  if ident.built():
     ds = packed.open_identity(ident)
     report = _report_from_meta(
         ident.path, ds.meta, built=False, tokenized=0, seconds=time.perf_counter() - t0, workers=0
@@ -242,26 +243,35 @@ def build(
     if progress:
       print(report.summary(), flush=True)
     return report
+  bucket.check_writable(ident.root, what="data.cache_dir")  # gs://: one line now, not after tokenizing
   units = inputs_lib.plan_units(data_cfg, ident.inputs)
   if not units:
     raise DataError(f"{ident.inputs.describe()} is empty (no rows in its files); add documents")
   runner, ok = _Runner(n_workers if flags is None else 1), False
-  tmp = os.path.join(ident.root, f".tmp-{ident.name}-{socket.gethostname()}-{os.getpid()}")
+  tmp = os.path.join(ident.staging, f".tmp-{ident.name}-{socket.gethostname()}-{os.getpid()}")
   try:
     token_path = ident.token_path(units)
     if flags is None:
       tokenized = build_stages.tokenize(data_cfg, ident, units, token_path, runner.imap, progress)
       stats = [build_stages.load_stats(token_path, i) for i in range(len(units))]
-      _clean_stale_tmp(ident.root, ident.name)
+      _clean_stale_tmp(ident.staging, ident.name)
       os.makedirs(tmp)
       plan = build_stages.plan(ident, stats, token_path)
       shard_sizes = build_stages.pack(ident, plan, tmp, token_path, runner.imap, progress)
       meta = build_stages.register(ident, plan, shard_sizes, units, tmp)
     else:
-      _clean_stale_tmp(ident.root, ident.name)
+      _clean_stale_tmp(ident.staging, ident.name)
       os.makedirs(tmp)
       meta, tokenized = beam_build.run(data_cfg, ident, units, token_path, tmp, flags)
-    publish(tmp, ident.path)
+    try:
+      publish(tmp, ident.path)
+    except Exception as e:  # noqa: BLE001 - gcsfs raises OSError, HttpError, ...: the upload is what failed
+      if not paths.is_remote(ident.path):
+        raise
+      raise DataError(
+          f"uploading the dataset to {ident.path} failed ({type(e).__name__}: {inputs_lib.one_line(e)}); nothing "
+          "was published (no marker) and the token files are kept: re-run the same command to finish"
+      ) from None
     ok = True
   finally:
     runner.close(ok)
@@ -283,15 +293,19 @@ def build(
   return report
 
 
-def _refuse_buckets(cfg: DataConfig) -> None:
-  """The stages read and write with local file calls so far: a bucket path would become a local folder named
-  `gs:`. One line instead, naming the way that works today (docs/data-build-beam.md, "Buckets")."""
-  for what, value in (("data.text_dir", cfg.text_dir), ("data.cache_dir", cfg.cache_dir or cfg.data_dir)):
-    if value and paths.is_remote(value):
-      raise DataError(
-          f"{what}={value}: the data build reads and writes local or mounted paths only so far; mount the bucket "
-          "(e.g. gcsfuse) and give the mount's path"
-      )
+LOCAL_RUNNERS = ("pool", "FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+
+
+def _check_staging(cfg: DataConfig, ident: packed.Identity, runner: str) -> None:
+  """A runner whose workers run on other machines (Dataflow, Flink, Spark) writes token files and shards where the
+  launching host must find them: a build into a bucket stages them in this host's temporary directory unless
+  data.staging_dir names a mount every worker sees."""
+  if runner not in LOCAL_RUNNERS and ident.staging != ident.root and not cfg.staging_dir:
+    raise DataError(
+        f"{runner} workers cannot write to this host's temporary directory ({ident.staging}); set "
+        "--config.data.staging_dir to a directory every worker mounts (gcsfuse, Filestore); the dataset still "
+        "goes to data.cache_dir"
+    )
 
 
 def _beam_workers(flags: list[str]) -> int:
@@ -313,7 +327,7 @@ def open_or_build_default(
 
   Multi-process runs: call it on process 0 first (then a barrier), then on the others (they only open)."""
   ident = packed.identify(data_cfg, tokenizer=tokenizer, seq_len=seq_len)
-  if data_cfg.source == "default" and not os.path.isdir(ident.path):
+  if data_cfg.source == "default" and not ident.built():
     build(data_cfg, tokenizer=tokenizer, seq_len=seq_len, workers=workers, progress=progress)
   return packed.open_identity(ident, packed.build_command(data_cfg, tokenizer=tokenizer, seq_len=seq_len))
 

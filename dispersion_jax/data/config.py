@@ -8,7 +8,8 @@
   are the rows).
 - tfds: splits "train" and `validation_split` ("" = hash-split train); wikitext grouping needs rows in order
   (a dataset prepared with disable_shuffling).
-- The cache: <cache_dir or data_dir or TFDS default>/dispersion_packed/ (see data/packed.py).
+- The cache: <cache_dir or data_dir or TFDS default>/dispersion_packed/ (see data/packed.py), a local path or
+  gs://; a build into a bucket writes locally first (staging_dir) and uploads the finished dataset.
 """
 
 import dataclasses
@@ -26,7 +27,8 @@ class DataConfig:
   tfds_name: str = ""  # tfds: an ArrayRecord dataset in data_dir, e.g. wikitext/wikitext-103-raw-v1
   text_key: str = "text"  # the document text: parquet column, jsonl field or TFDS feature
   data_dir: str | None = None  # TFDS data dir (tfds inputs; caches unless cache_dir); None = TFDS default
-  cache_dir: str | None = None  # where built datasets and their token files go; None = data_dir
+  cache_dir: str | None = None  # where built datasets and their token files go (or gs://); None = data_dir
+  staging_dir: str | None = None  # a gs:// cache: local dir the build writes before uploading; None = system tmp
   validation_split: str = "validation"  # TFDS split or file split (validation-*.parquet); "" = 2% by doc hash
   doc_grouping: str = "row"  # row: a row/line/file is a document; wikitext: join rows at " = Title = "
   build_workers: int = 0  # build processes: 0 = one per CPU core, 1 = this process; same output

@@ -1,6 +1,6 @@
 """The pre-packed dataset: its cache location and fingerprint, its TFDS ArrayRecord format, and reading blocks.
 
-Layout (`root` = data.cache_dir, else data.data_dir, else the TFDS default data dir):
+Layout (`root` = data.cache_dir, else data.data_dir, else the TFDS default data dir; a local path or gs://):
 
   <root>/dispersion_packed/<label>-<tokenizer>-L<seq_len>-<fingerprint>/   a TFDS dataset (builder_from_directory)
       dataset_info.json, features.json                                    (tfds.folder_dataset.write_metadata)
@@ -13,6 +13,11 @@ Record i of a split = block i = tokens [i(L+1), (i+1)(L+1)) of the split's strea
   tokens      uint16[L+1] (uint32 when the vocabulary has more than 65,536 ids)
   doc_starts  int32[k]     positions j in [1, L] of the block where a document begins (for segment ids)
 The last partial block of each split is dropped (counted in pack_meta.json). Reading needs no TensorFlow.
+
+In a bucket (`root` = gs://...) a dataset is a prefix that `storage.transfer.publish` finished with its marker
+object, uploaded last: a prefix without it (a killed upload) is not a dataset. The build stages the token files and
+the shards on a local disk first (`data.staging_dir`), because ArrayRecord cannot write to gs://; training reads the
+shards from the bucket directly (array_record >= 0.8.3), every host the same prefix.
 """
 
 import dataclasses
@@ -29,6 +34,7 @@ from dispersion_jax.data import token_files
 from dispersion_jax.data import tokenizer as tokenizer_lib
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.errors import DataError, DatasetNotBuiltError
+from dispersion_jax.storage import paths, transfer
 
 FORMAT_VERSION = 1  # bump when the records or their meaning change: a new fingerprint
 DATASET_NAME = "dispersion_packed"
@@ -76,7 +82,31 @@ def cache_root(cfg: DataConfig) -> str:
     from tensorflow_datasets.core import constants  # noqa: PLC0415 - honours $TFDS_DATA_DIR
 
     root = constants.DATA_DIR
+  if paths.is_remote(root):
+    paths.path(root, what="data.cache_dir" if cfg.cache_dir else "data.data_dir")  # s3:// refused in one line
+    return paths.join(root, DATASET_NAME)
   return os.path.join(os.path.abspath(os.path.expanduser(os.fspath(root))), DATASET_NAME)
+
+
+def staging_root(cfg: DataConfig, root: str) -> str:
+  """Where a build writes before its dataset appears at `root`: `root` itself on a local disk (a rename publishes
+  it); for a bucket, a local directory (data.staging_dir, else one under the system's temporary directory, per
+  bucket prefix), since ArrayRecord writes local files only. The token files stay there for the next build."""
+  if not paths.is_remote(root):
+    return root
+  if cfg.staging_dir:
+    if paths.is_remote(cfg.staging_dir):
+      raise DataError(
+          f"data.staging_dir={cfg.staging_dir}: must be a local or mounted directory (ArrayRecord cannot write "
+          "to a bucket); the built dataset goes to data.cache_dir"
+      )
+    base = os.path.abspath(os.path.expanduser(cfg.staging_dir))
+  else:
+    import tempfile  # noqa: PLC0415
+
+    base = os.path.join(tempfile.gettempdir(), "dispersion-staging")
+  slug = hashlib.sha256(root.encode()).hexdigest()[:12]
+  return os.path.join(base, f"{root.split('://', 1)[1].split('/', 1)[0]}-{slug}", DATASET_NAME)
 
 
 def _hash(obj) -> str:
@@ -87,7 +117,7 @@ def _hash(obj) -> str:
 class Identity:
   """Where a (source, input, tokenizer, seq_len) dataset lives and what identifies it."""
 
-  root: str  # <cache root>/dispersion_packed
+  root: str  # <cache root>/dispersion_packed (a local path or gs://)
   name: str  # directory of the packed dataset
   fingerprint: str  # of input, tokenizer, seq_len and format version
   base: dict  # what the fingerprint hashes, less seq_len (JSON)
@@ -98,17 +128,22 @@ class Identity:
   eos_id: int
   dtype: str
   inputs: inputs_lib.Inputs
+  staging: str  # a local directory: the build's token files and temporary output (`root` itself when local)
 
   @property
   def path(self) -> str:
-    return os.path.join(self.root, self.name)
+    return paths.join(self.root, self.name)
+
+  def built(self) -> bool:
+    """Whether the dataset exists: a directory on a local disk, a published prefix in a bucket."""
+    return transfer.is_published(self.path)
 
   def token_key(self, units) -> str:
     """The key of the stage-A token files: input, tokenizer, format version and the work units (no seq_len)."""
     return _hash({"base": self.base, "units": [inputs_lib.unit_key(u) for u in units]})
 
   def token_path(self, units) -> str:
-    return os.path.join(self.root, "tokens", f"{self.inputs.label}-{self.tokenizer}-{self.token_key(units)}")
+    return os.path.join(self.staging, "tokens", f"{self.inputs.label}-{self.tokenizer}-{self.token_key(units)}")
 
 
 def identify(cfg: DataConfig, *, tokenizer: str, seq_len: int) -> Identity:
@@ -129,8 +164,9 @@ def identify(cfg: DataConfig, *, tokenizer: str, seq_len: int) -> Identity:
       "vocab_size": tok.vocab_size,
   }
   fingerprint = _hash({**base, "seq_len": seq_len})
+  root = cache_root(cfg)
   return Identity(
-      cache_root(cfg),
+      root,
       f"{inputs.label}-{tok.name}-L{seq_len}-{fingerprint}",
       fingerprint,
       base,
@@ -141,6 +177,7 @@ def identify(cfg: DataConfig, *, tokenizer: str, seq_len: int) -> Identity:
       tok.eos_id,
       token_dtype(tok.vocab_size).name,
       inputs,
+      staging_root(cfg, root),
   )
 
 
@@ -154,10 +191,13 @@ class PackedDataset:
   """A built dataset: blocks of `seq_len + 1` tokens per split, read by index (thread-safe, random access)."""
 
   def __init__(self, path: str):
-    meta_path = os.path.join(path, META_FILE)
+    if paths.is_remote(path) and not transfer.is_published(path):
+      raise DataError(
+          f"{path} is an unfinished upload (no {transfer.MARKER}); re-run the build to finish it: "
+          f"`{BUILD_COMMAND}`"
+      )
     try:
-      with open(meta_path) as fh:
-        self.meta = json.load(fh)
+      self.meta = json.loads(paths.path(path).joinpath(META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
       raise DataError(
           f"{path} is not a built dataset ({META_FILE}: {type(e).__name__}); rebuild it with " f"`{BUILD_COMMAND}`"
@@ -241,7 +281,7 @@ def _parse(record: bytes, dtype) -> tuple[np.ndarray, np.ndarray]:
 
 def open_path(path: str) -> PackedDataset:
   """A built dataset by its directory (as `BuildReport.path` or `PackedDataset.path` name it)."""
-  if not os.path.isdir(path):
+  if not paths.is_dir(path, what="dataset"):
     raise DataError(f"no built dataset at {path}; build it with `{BUILD_COMMAND}`")
   return PackedDataset(path)
 
@@ -266,10 +306,11 @@ def open_packed(cfg: DataConfig, *, tokenizer: str, seq_len: int) -> PackedDatas
 
 def open_identity(ident: Identity, command: str = BUILD_COMMAND) -> PackedDataset:
   """The dataset `ident` names; DatasetNotBuiltError (ending with `command`) when it was not built."""
-  if not os.path.isdir(ident.path):
+  if not ident.built():
+    root = paths.path(ident.root)
     others = (
-        sorted(n for n in os.listdir(ident.root) if n.startswith(f"{ident.inputs.label}-"))
-        if os.path.isdir(ident.root)
+        sorted(p.name for p in root.iterdir() if p.name.startswith(f"{ident.inputs.label}-"))
+        if root.is_dir()
         else []
     )
     hint = f" ({len(others)} other build(s) of this input exist: inputs, tokenizer or seq_len differ)" if others else ""

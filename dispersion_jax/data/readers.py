@@ -13,7 +13,7 @@ import numpy as np
 
 from dispersion_jax.data import corpus
 from dispersion_jax.data.config import DataConfig
-from dispersion_jax.data.inputs import Unit, describe_inputs, one_line, open_parquet, plan_units
+from dispersion_jax.data.inputs import Unit, describe_inputs, one_line, open_input, open_parquet, plan_units
 from dispersion_jax.errors import DataError
 
 _HEADING = re.compile(r" = [^=](?:.*[^=])? = ")  # a wikitext level-1 heading row: " = Title = "
@@ -34,7 +34,7 @@ def _decode(data: bytes, path: str, offset: int) -> str:
 def _lines(path: str, lo: int, hi: int | None = None) -> Iterator[tuple[int, bytes]]:
   """(byte offset, line) of the lines that start in [lo, hi) (hi None = to the end)."""
   try:
-    with open(path, "rb") as f:
+    with open_input(path) as f:
       if lo > 0:
         f.seek(lo - 1)
         if f.read(1) != b"\n":
@@ -53,7 +53,7 @@ def _lines(path: str, lo: int, hi: int | None = None) -> Iterator[tuple[int, byt
 def _line_number(path: str, pos: int) -> int:
   """The 1-based number of the line that starts at byte `pos` (for error messages: reads the file up to `pos`)."""
   n = 1
-  with open(path, "rb") as f:
+  with open_input(path) as f:
     while pos > 0:
       chunk = f.read(min(pos, 1 << 20))
       if not chunk:
@@ -180,7 +180,7 @@ def unit_docs(unit: Unit, text_key: str, grouping: str) -> Iterator[Doc]:
   if unit.kind == "txt":
     for path, rel in unit.files:
       try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
           data = f.read()
       except OSError as e:
         raise DataError(

@@ -45,6 +45,7 @@ RESUME_MAY_CHANGE = (
     "data.text_dir",
     "data.data_dir",
     "data.cache_dir",
+    "data.staging_dir",
     "data.read_threads",
     "data.build_workers",
 )
