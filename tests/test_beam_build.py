@@ -226,12 +226,13 @@ def test_an_output_prefix_holding_another_dataset_is_refused(corpus, builds, tmp
   assert _files(cache) == before
 
 
-@pytest.mark.parametrize("key", ["text_dir", "cache_dir"])
-def test_a_bucket_is_refused_until_the_stages_speak_it(corpus, tmp_path, capfd, monkeypatch, key):
-  """gs:// at either end is not supported yet (docs/data-build-beam.md, "Buckets"): one line, and no local folder
-  named `gs:` appears."""
+@pytest.mark.parametrize("key, says", [("text_dir", "does not exist"), ("cache_dir", "cannot write to the bucket")])
+def test_a_bucket_that_does_not_exist_is_one_line_and_nothing_local_appears(corpus, gcs, tmp_path, capfd, monkeypatch, key, says):
+  """gs:// at either end is read and written through storage/ (tests/test_data_bucket.py); a bucket that is not there
+  is one line naming the setting, and no local folder named `gs:` appears."""
   monkeypatch.chdir(tmp_path)
-  text_dir, cache = (("gs://bucket/corpus", tmp_path / "cache") if key == "text_dir" else (corpus, "gs://bucket/cache"))
+  missing = "gs://no-such-bucket-dispersion"
+  text_dir, cache = (f"{missing}/corpus", tmp_path / "cache") if key == "text_dir" else (corpus, f"{missing}/cache")
   line = _one_line_error(capfd, _argv(text_dir, cache))
-  assert f"data.{key}=gs://bucket/" in line and "mount the bucket" in line
+  assert f"data.{key}=" in line and f"{missing}/" in line and says in line
   assert list(tmp_path.iterdir()) == []

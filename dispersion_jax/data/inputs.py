@@ -20,18 +20,17 @@ depend on `UNIT_BYTES`; it only sets the granularity of the parallel work.
 """
 
 import dataclasses
-import glob
 import hashlib
 import os
 import re
 from typing import Iterable
 
-from dispersion_jax.data import corpus
+from dispersion_jax.data import corpus, listing
 from dispersion_jax.data.config import DataConfig
 from dispersion_jax.errors import DataError
 from dispersion_jax.storage import paths
 
-FORMATS = (".parquet", ".jsonl", ".txt")
+FORMATS = listing.FORMATS
 TRAIN, VALIDATION = "train", "validation"
 SPLITS = (TRAIN, VALIDATION)
 UNIT_BYTES = 64 << 20  # input bytes per work unit (granularity only: the output does not depend on it)
@@ -92,96 +91,6 @@ def describe_inputs(cfg: DataConfig) -> Inputs:
   return _text_dir_inputs(cfg)
 
 
-def _has_magic(path: str) -> bool:
-  return re.search(r"[*?[]", path) is not None
-
-
-def open_input(path: str):
-  """An input file, local or gs://, opened for reading (binary, seekable; gcsfs reads ahead in blocks)."""
-  if paths.is_remote(path):
-    return paths.path(path, what="data.text_dir").open("rb")
-  return open(path, "rb")
-
-
-def _file_size(path: str) -> int:
-  return paths.path(path).stat().length if paths.is_remote(path) else os.path.getsize(path)
-
-
-def _list_remote(text_dir: str, fix: str) -> tuple[str, list[str]]:
-  """`_list_files` for a bucket prefix or glob (gs://): its objects, listed through etils (gcsfs)."""
-  pattern = text_dir.rstrip("/")
-  scheme, _, rest = pattern.partition("://")
-  parts = rest.split("/")
-  if _has_magic(rest):
-    cut = next(i for i, p in enumerate(parts) if _has_magic(p))
-    root = f"{scheme}://{'/'.join(parts[:cut])}"
-    try:
-      matches = list(paths.path(root, what="data.text_dir").glob("/".join(parts[cut:])))
-    except NotImplementedError:  # etils refuses ** on gs:// (one request per directory)
-      raise DataError(f"data.text_dir={text_dir!r}: ** cannot be used in a bucket; give the prefix (searched "
-                      "recursively) or a glob with *") from None
-  else:
-    root, matches = pattern, [paths.path(pattern, what="data.text_dir")]
-    if not matches[0].is_dir():
-      if not matches[0].exists():
-        raise DataError(f"data.text_dir={text_dir!r} does not exist; {fix}")
-      root = pattern.rsplit("/", 1)[0]
-  files = set()
-  for m in matches:
-    if not m.is_dir():
-      files.add(os.fspath(m))
-      continue
-    for dirpath, dirs, names in m.walk():
-      dirs[:] = [d for d in dirs if not d.startswith(".")]
-      where = os.fspath(dirpath)  # gcsfs walks without the scheme
-      where = where if "://" in where else f"{scheme}://{where}"
-      files.update(f"{where}/{n}" for n in names if not n.startswith("."))
-  return root, sorted(files, key=lambda f: _rel(f, root))
-
-
-def _list_files(text_dir: str) -> tuple[str, list[str]]:
-  """(root the relative names start from, the input files under it)."""
-  fix = "set --config.data.text_dir to a directory or glob of .parquet / .jsonl / .txt files"
-  if not text_dir:
-    raise DataError(f"data.source='text_dir' needs data.text_dir; {fix}")
-  if paths.is_remote(text_dir):
-    root, files = _list_remote(text_dir, fix)
-    files = [f for f in files if f.endswith(FORMATS)]
-    if not files:
-      raise DataError(f"data.text_dir={text_dir!r} has no .parquet, .jsonl or .txt files; add some, or {fix}")
-    return root, files
-  pattern = os.path.abspath(os.path.expanduser(text_dir))
-  if _has_magic(pattern):
-    parts = pattern.split(os.sep)
-    cut = next(i for i, p in enumerate(parts) if _has_magic(p))
-    root = os.sep.join(parts[:cut]) or os.sep
-    matches = glob.glob(pattern, recursive=True)
-  elif os.path.isdir(pattern):
-    root, matches = pattern, [pattern]
-  elif os.path.isfile(pattern):
-    root, matches = os.path.dirname(pattern), [pattern]
-  else:
-    raise DataError(f"data.text_dir={text_dir!r} does not exist; {fix}")
-  files = set()
-  for m in matches:
-    if os.path.isdir(m):
-      for dirpath, dirs, names in os.walk(m):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files.update(os.path.join(dirpath, n) for n in names if not n.startswith("."))
-    elif os.path.isfile(m):
-      files.add(m)
-  files = [f for f in files if f.endswith(FORMATS)]
-  if not files:
-    raise DataError(f"data.text_dir={text_dir!r} has no .parquet, .jsonl or .txt files; add some, or {fix}")
-  return root, sorted(files, key=lambda f: _rel(f, root))
-
-
-def _rel(path: str, root: str) -> str:
-  if paths.is_remote(path):
-    return path[len(root.rstrip("/")) + 1 :]
-  return os.path.relpath(path, root).replace(os.sep, "/")
-
-
 def file_split_name(rel: str, names: Iterable[str]) -> str | None:
   """The split a file's relative path names: a directory called like a split, or a file `<split>[-_.]...`."""
   names = [n for n in names if n]
@@ -197,7 +106,7 @@ def file_split_name(rel: str, names: Iterable[str]) -> str | None:
 
 def _head_tail_hash(path: str, size: int) -> str:
   try:
-    with open_input(path) as f:
+    with listing.open_input(path) as f:
       h = hashlib.sha1(f.read(_HEAD_TAIL))
       if size > _HEAD_TAIL:
         f.seek(max(_HEAD_TAIL, size - _HEAD_TAIL))
@@ -208,9 +117,9 @@ def _head_tail_hash(path: str, size: int) -> str:
 
 
 def _text_dir_inputs(cfg: DataConfig) -> Inputs:
-  root, paths = _list_files(cfg.text_dir)
+  root, paths = listing.list_files(cfg.text_dir)
   names = (*_SPLIT_NAMES, cfg.validation_split)
-  named = {p: file_split_name(_rel(p, root), names) for p in paths}
+  named = {p: file_split_name(listing.rel_name(p, root), names) for p in paths}
   val = [p for p in paths if cfg.validation_split and named[p] == cfg.validation_split]
   train_named = [p for p in paths if named[p] == TRAIN]
   if val:
@@ -221,10 +130,10 @@ def _text_dir_inputs(cfg: DataConfig) -> Inputs:
   files, ignored = [], []
   for p in paths:
     if p not in splits:
-      ignored.append(_rel(p, root))
+      ignored.append(listing.rel_name(p, root))
       continue
-    size = _file_size(p)
-    files.append(InputFile(p, _rel(p, root), size, splits[p]))
+    size = listing.file_size(p)
+    files.append(InputFile(p, listing.rel_name(p, root), size, splits[p]))
   if not any(f.split != VALIDATION for f in files):
     raise DataError(
         f"data.text_dir={cfg.text_dir!r} has validation files but no training files (train-*.parquet, "
@@ -353,7 +262,7 @@ def open_parquet(path: str):
   import pyarrow.parquet as pq  # noqa: PLC0415
 
   try:
-    return pq.ParquetFile(open_input(path) if paths.is_remote(path) else path)
+    return pq.ParquetFile(listing.open_input(path) if paths.is_remote(path) else path)
   except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError, ...
     raise DataError(
         f"{path} is not a readable parquet file ({type(e).__name__}: {one_line(e)}); " "fix or remove it"

@@ -13,7 +13,8 @@ import numpy as np
 
 from dispersion_jax.data import corpus
 from dispersion_jax.data.config import DataConfig
-from dispersion_jax.data.inputs import Unit, describe_inputs, one_line, open_input, open_parquet, plan_units
+from dispersion_jax.data.inputs import Unit, describe_inputs, one_line, open_parquet, plan_units
+from dispersion_jax.data.listing import open_input
 from dispersion_jax.errors import DataError
 
 _HEADING = re.compile(r" = [^=](?:.*[^=])? = ")  # a wikitext level-1 heading row: " = Title = "
