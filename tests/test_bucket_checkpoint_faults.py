@@ -128,3 +128,13 @@ def test_a_restore_the_storage_does_not_serve_ends_within_the_bound(gcs):
     took = time.monotonic() - start
   assert took < 3 + 5, took  # the bound (not scaled: it is the feature) + 5 s for the metadata reads before it
   assert "checkpoint 1 did not finish within 3 s" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bound_that_is_not_positive_is_one_line():
+  from dispersion_jax import config as config_lib  # noqa: PLC0415
+  from dispersion_jax.errors import ConfigError  # noqa: PLC0415
+
+  cfg = config_lib.default_config()
+  cfg.checkpoint_timeout_s = 0.0
+  with pytest.raises(ConfigError, match=r"^config: checkpoint_timeout_s=0.0 must be > 0 \(seconds\)$"):
+    config_lib.loop_config(cfg)

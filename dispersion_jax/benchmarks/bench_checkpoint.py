@@ -1,8 +1,8 @@
 """Checkpoint cost on a local disk and in a bucket (issue 26; docs/runs-in-a-bucket.md, "Cost of a checkpoint").
 
-  python -m dispersion_jax.benchmarks.bench_checkpoint [--n_layer 12] [--bucket gs://B/prefix] [--json PATH]
+  python -m dispersion_jax bench-checkpoint [--n_layer 12] [--bucket gs://B/prefix] [--json PATH]
 
-Prints a table and writes bench_checkpoint.json (or --json). Measures, with the run's own Checkpointer (Orbax,
+Prints a table and writes bench_checkpoint.json (or --json); the flags are cli/bench_checkpoint.py's. Measures, with the run's own Checkpointer (Orbax,
 TensorStore OCDBT):
 - save and restore time of a GPT-2 small-shaped train state: the parameters of GPTConfig.preset("gpt2") (at
   --n_layer blocks: 12 is GPT-2 small's 124.4M parameters) and Adam's two moments, float32 (3 x 4 bytes per
@@ -17,7 +17,6 @@ same machine measures the client side (serialisation, HTTP, TensorStore/gcsfs) a
 bucket's network.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -32,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dispersion_jax.benchmarks.bench_data import _machine
+from dispersion_jax.errors import ConfigError
 from dispersion_jax.models import GPTConfig, init_params
-from dispersion_jax.parallel import backend
 from dispersion_jax.storage import paths
 from dispersion_jax.training.checkpoint import Checkpointer
 
@@ -68,7 +67,7 @@ def nbytes(tree) -> int:
 def start_emulator() -> tuple[subprocess.Popen, dict]:
   tests = pathlib.Path(__file__).resolve().parents[2] / "tests"
   if not (tests / "gcs_emulator.py").exists():
-    raise SystemExit("error: no tests/gcs_emulator.py beside the package: run from a checkout, or give --bucket")
+    raise ConfigError("no tests/gcs_emulator.py beside the package: run from a checkout, or give --bucket gs://...")
   proc = subprocess.Popen([sys.executable, "-c", _EMULATOR.format(tests=str(tests))], stdout=subprocess.PIPE, text=True)
   url = proc.stdout.readline().strip()
   env = {
@@ -169,21 +168,3 @@ def run(n_layer: int, bucket: str | None, repeats: int, steps: int, every: int, 
     json.dump(results, fh, indent=1)
   print(f"\nwrote {json_path}")
   return results
-
-
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(prog="python -m dispersion_jax.benchmarks.bench_checkpoint", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--n_layer", type=int, default=12, help="GPT-2 small blocks (12 = 124.4M parameters, 1.49 GB)")
-  p.add_argument("--bucket", default=None, help="gs://BUCKET/prefix of a real bucket (default: an emulator)")
-  p.add_argument("--repeats", type=int, default=2)
-  p.add_argument("--steps", type=int, default=12)
-  p.add_argument("--every", type=int, default=4)
-  p.add_argument("--json", default="bench_checkpoint.json")
-  a = p.parse_args(argv)
-  backend.prefer_cpu_without_accelerator()  # no TPU / CUDA probing on a CPU box (as the commands do)
-  run(a.n_layer, a.bucket, a.repeats, a.steps, a.every, a.json)
-
-
-if __name__ == "__main__":
-  main()
