@@ -134,4 +134,5 @@ def committed_steps(workdir: str) -> list[int]:
 
 def without_timing(history: dict) -> dict:
   """A run history (metrics.read_history) without its timing columns: what two equal runs share bit for bit."""
-  return {k: {s: {m: v for m, v in r.items() if m not in TIMING} for s, r in rows.items()} for k, rows in history.items()}
+  drop = lambda row: {m: v for m, v in row.items() if m not in TIMING}  # noqa: E731
+  return {k: {s: drop(r) for s, r in rows.items()} for k, rows in history.items()}

@@ -2,8 +2,8 @@
 
   python -m dispersion_jax bench-checkpoint [--n_layer 12] [--bucket gs://B/prefix] [--json PATH]
 
-Prints a table and writes bench_checkpoint.json (or --json); the flags are cli/bench_checkpoint.py's. Measures, with the run's own Checkpointer (Orbax,
-TensorStore OCDBT):
+Prints a table and writes bench_checkpoint.json (or --json); the flags are cli/bench_checkpoint.py's. Measures,
+with the run's own Checkpointer (Orbax, TensorStore OCDBT):
 - save and restore time of a GPT-2 small-shaped train state: the parameters of GPTConfig.preset("gpt2") (at
   --n_layer blocks: 12 is GPT-2 small's 124.4M parameters) and Adam's two moments, float32 (3 x 4 bytes per
   parameter: 1.49 GB at 12 blocks); a synchronous save (write + commit) and a restore into the same shapes, best of
@@ -145,7 +145,9 @@ def run(n_layer: int, bucket: str | None, repeats: int, steps: int, every: int, 
       emulator.wait()
   results = {
       "machine": _machine(),
-      "state": {"n_layer": n_layer, "parameters": size // 12, "bytes": size, "dtype": "float32 params + 2 Adam moments"},
+      "state": {
+          "n_layer": n_layer, "parameters": size // 12, "bytes": size, "dtype": "float32 params + 2 Adam moments"
+      },
       "bucket": "GCS emulator (gcp-storage-emulator, in memory, loopback subprocess)" if emulator else bucket,
       "save_restore": io,
       "loop": {"steps": steps, "save_every": every, "no_checkpoint_ms_per_step": no_save["ms_per_step"],

@@ -212,10 +212,11 @@ class Checkpointer:
 
   def _unavailable(self, what: str) -> str:
     last = f"step {self._committed}" if self._committed is not None else "the last complete checkpoint"
-    resume = f"the run resumes from {last}: " if self._writer else ""
+    if not self._writer:  # a tool reading a run: no run config of its own to raise the bound in
+      return f"{what} in {self.directory}: the storage does not answer; re-run once it works again"
     return (
-        f"{what} in {self.directory}: the storage does not answer; {resume}re-run the same command once the "
-        "storage works again (or raise --config.checkpoint_timeout_s for slow storage)"
+        f"{what} in {self.directory}: the storage does not answer; the run resumes from {last}: re-run the same "
+        "command once the storage works again (or raise --config.checkpoint_timeout_s for slow storage)"
     )
 
   def close(self) -> None:
