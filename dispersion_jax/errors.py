@@ -41,8 +41,9 @@ class TrainingError(UserError):
 
 class StorageUnavailableError(Exception):
   """The storage of a run (a bucket, a disk) did not complete a checkpoint save or restore within its bound
-  (`checkpoint_timeout_s`). Not the user's input: the command line prints it as one line `error: ...` and exits 75
-  (try again later), as an interruption does; the last complete checkpoint stays the resume point."""
+  (`checkpoint_timeout_s`), or refused a write of the run's history after its library's retries. Not the user's
+  input: the command line prints it as one line `error: ...` and exits 75 (try again later), as an interruption
+  does; the last complete checkpoint stays the resume point."""
 
 
 def describe_failure(ex: BaseException) -> str:
