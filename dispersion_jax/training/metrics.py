@@ -15,6 +15,7 @@ the same step updates it); readers of the history skip it (`read_history`).
 """
 
 import json
+import shutil
 import math
 from typing import Mapping
 
@@ -171,11 +172,17 @@ class MetricsLogger:
     if self.enabled:
       tqdm.tqdm.write(text)
 
-  def close(self) -> None:
+  def close(self, upload: bool = True) -> None:
+    """`upload=False`: the bucket does not answer (the run is ending on a StorageUnavailableError): the local copy
+    of the TensorBoard events is dropped instead of uploaded (an upload would add gcsfs's retries to the exit; the
+    resumed run writes the events after its checkpoint again, purge_step)."""
     self._bar.close()
     if self.enabled:
       self._tb.close()
-      self._tb_dir.close()
+      if upload or not self._tb_dir.remote:
+        self._tb_dir.close()
+      else:
+        shutil.rmtree(self._tb_dir.local, ignore_errors=True)
       self._log.close()
 
 

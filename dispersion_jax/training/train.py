@@ -17,7 +17,7 @@ from dispersion_jax import models
 from dispersion_jax.data import build, loader
 from dispersion_jax.data.packed import PackedDataset
 from dispersion_jax.data.tokenizer import get_tokenizer
-from dispersion_jax.errors import ConfigError, DataError
+from dispersion_jax.errors import ConfigError, DataError, StorageUnavailableError
 from dispersion_jax.evaluation import harness_tasks
 from dispersion_jax.models import build_model, flops_per_token, lora
 from dispersion_jax.parallel import distributed, sharding
@@ -297,8 +297,8 @@ def _run(cfg: ConfigDict, workdir: str, preempt, devices: list | None, stop_at: 
   finally:
     try:
       ckpt.close()
-    finally:
-      logger.close()
+    finally:  # the storage does not answer (the exception on its way out, the run's or close's): no upload
+      logger.close(upload=not isinstance(sys.exc_info()[1], StorageUnavailableError))
   if lead:
     print(summary(workdir, out, last_eval, stop_at), file=sys.stderr, flush=True)
   return out.step
