@@ -21,6 +21,7 @@ from dispersion_jax.errors import StorageUnavailableError
 from dispersion_jax.storage import paths
 from dispersion_jax.training import metrics, train
 from dispersion_jax.training.checkpoint import Checkpointer
+from gcs_emulator import writes_fail  # noqa: I001 - the tests' own helper module
 
 BOUND_S = 10  # --config.checkpoint_timeout_s of these runs
 # The bound is the feature under test, so it is not scaled: from the first refused write to the process's exit the
@@ -138,3 +139,16 @@ def test_a_bound_that_is_not_positive_is_one_line():
   cfg.checkpoint_timeout_s = 0.0
   with pytest.raises(ConfigError, match=r"^config: checkpoint_timeout_s=0.0 must be > 0 \(seconds\)$"):
     config_lib.loop_config(cfg)
+
+
+def test_a_tensorboard_upload_the_bucket_refuses_at_a_checkpoint_is_one_line(gcs):
+  from dispersion_jax.training.metrics import MetricsLogger  # noqa: PLC0415
+
+  logger = MetricsLogger(gcs.prefix("tensorboard"), total_steps=2, start_step=0, progress=False)
+  logger.log(1, {"loss": 1.0, "ce": 1.0})
+  try:
+    with gcs.failing(writes_fail(403)), pytest.raises(StorageUnavailableError) as e:  # 403: not retried, no wait
+      logger.flush()
+  finally:
+    logger.close(upload=False)
+  assert str(e.value).startswith("uploading the TensorBoard events to gs://") and "\n" not in str(e.value)

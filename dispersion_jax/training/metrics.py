@@ -15,13 +15,14 @@ the same step updates it); readers of the history skip it (`read_history`).
 """
 
 import json
-import shutil
 import math
+import shutil
 from typing import Mapping
 
 import numpy as np
 import tqdm
 
+from dispersion_jax.errors import StorageUnavailableError, clean_message
 from dispersion_jax.storage import lines, paths, transfer
 
 FILE = "metrics.jsonl"
@@ -166,7 +167,20 @@ class MetricsLogger:
     """TensorBoard's events so far to their file (in a bucket: one upload of the whole event file)."""
     if self.enabled:
       self._tb.flush()
+      self._upload()
+
+  def _upload(self) -> None:
+    """The mirrored TensorBoard directory to the bucket. An upload that still fails after gcsfs's retries is a
+    StorageUnavailableError (one line, exit 75)."""
+    try:
       self._tb_dir.sync()
+    except Exception as e:  # noqa: BLE001 - gcsfs raises HttpError, OSError, ...; the user needs one line
+      text = " ".join(clean_message(str(e)).split())[:200]
+      raise StorageUnavailableError(
+          f"uploading the TensorBoard events to {self._tb_dir.dest} failed ({type(e).__name__}: {text}): the "
+          "storage does not answer; re-run the same command once it works again (the run resumes from its last "
+          "complete checkpoint)"
+      ) from e
 
   def write(self, text: str) -> None:
     if self.enabled:
@@ -179,10 +193,14 @@ class MetricsLogger:
     self._bar.close()
     if self.enabled:
       self._tb.close()
-      if upload or not self._tb_dir.remote:
+      if not self._tb_dir.remote:
         self._tb_dir.close()
       else:
-        shutil.rmtree(self._tb_dir.local, ignore_errors=True)
+        try:
+          if upload:
+            self._upload()
+        finally:
+          shutil.rmtree(self._tb_dir.local, ignore_errors=True)
       self._log.close()
 
 
