@@ -17,6 +17,7 @@ COMMANDS = {
     "data-build": "data",
     "bench": "bench",
     "bench-data": "bench_data",
+    "bench-checkpoint": "bench_checkpoint",
     "bench-dispersion": "bench_dispersion",
     "bench-harness": "bench_harness",
     "gpu-report": "gpu_report",

@@ -39,6 +39,13 @@ class TrainingError(UserError):
   """A run that cannot go on (e.g. a non-finite loss)."""
 
 
+class StorageUnavailableError(Exception):
+  """The storage of a run (a bucket, a disk) did not complete a checkpoint save or restore within its bound
+  (`checkpoint_timeout_s`), or refused a write of the run's history after its library's retries. Not the user's
+  input: the command line prints it as one line `error: ...` and exits 75 (try again later), as an interruption
+  does; the last complete checkpoint stays the resume point."""
+
+
 def describe_failure(ex: BaseException) -> str:
   """An unexpected exception as `Type: first line` (at most 300 characters of it): how a benchmark records a point
   that failed while the other points go on."""

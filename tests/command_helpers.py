@@ -116,3 +116,23 @@ def train_cmd(workdir, *extra: str) -> list[str]:
       *TINY,
       *extra,
   ]
+
+
+# ------------------------------------------------------------------------------------------------ runs
+TIMING = ("tokens_per_s", "mfu")  # history columns that depend on the machine's speed
+
+
+def committed_steps(workdir: str) -> list[int]:
+  """Checkpoint steps with Orbax's commit marker (a bucket has no rename: the marker says a step is complete)."""
+  from dispersion_jax.storage import paths  # noqa: PLC0415
+
+  root = paths.path(workdir).joinpath("checkpoints")
+  if not root.exists():
+    return []
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.joinpath("commit_success.txt").exists())
+
+
+def without_timing(history: dict) -> dict:
+  """A run history (metrics.read_history) without its timing columns: what two equal runs share bit for bit."""
+  drop = lambda row: {m: v for m, v in row.items() if m not in TIMING}  # noqa: E731
+  return {k: {s: drop(r) for s, r in rows.items()} for k, rows in history.items()}

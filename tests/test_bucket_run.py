@@ -14,27 +14,14 @@ import time
 import jax
 import pytest
 
-from command_helpers import CONFIG, env, one_line_error
-from conftest import REPO, TINY, tiny_cfg
+from command_helpers import CONFIG, committed_steps, env, one_line_error, without_timing
+from conftest import TINY, tiny_cfg
 from dispersion_jax.storage import lines, paths
 from dispersion_jax.training import metrics, train
 
 pytestmark = pytest.mark.slow
 
 FLAGS = ("--config.steps=12", "--config.checkpoint_every=4", "--config.mesh.data=1")  # one device, as the command has
-TIMING = ("tokens_per_s", "mfu")
-
-
-def committed_steps(workdir: str) -> list[int]:
-  """Checkpoint steps with Orbax's commit marker (a bucket has no rename: the marker says a step is complete)."""
-  root = paths.path(workdir).joinpath("checkpoints")
-  if not root.exists():
-    return []
-  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.joinpath("commit_success.txt").exists())
-
-
-def without_timing(history: dict) -> dict:
-  return {k: {s: {m: v for m, v in r.items() if m not in TIMING} for s, r in rows.items()} for k, rows in history.items()}
 
 
 def test_a_run_in_a_bucket_killed_and_resumed_equals_the_same_run_on_a_local_disk(gcs, tmp_path, data_dir):

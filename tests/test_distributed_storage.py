@@ -62,7 +62,7 @@ def _hosts(tmp_path, name: str, port: int, cmd: list[str]) -> tuple[list[subproc
 
 
 def test_two_hosts_without_a_shared_disk_train_into_one_bucket_are_killed_and_resume_exactly(gcs, tmp_path, data_dir):
-  from test_bucket_run import committed_steps  # noqa: PLC0415
+  from command_helpers import committed_steps  # noqa: PLC0415
 
   from dispersion_jax.training import metrics  # noqa: PLC0415
 

@@ -8,6 +8,7 @@ import pytest
 
 from dispersion_jax.errors import ConfigError
 from dispersion_jax.storage import bucket, lines, paths, transfer
+from gcs_emulator import writes_fail  # noqa: I001 - the tests' own helper module
 
 
 def test_each_appended_line_is_stored_when_append_returns_and_chunks_roll_over(gcs):
@@ -95,3 +96,15 @@ def test_a_short_burst_of_503s_on_writes_is_retried_through(gcs):
   with gcs.failing(burst):
     log.append("kept\n")
   assert left[0] == 0 and lines.LineLog(where).read_lines() == ["kept\n"]
+
+
+def test_a_history_write_the_bucket_still_refuses_after_retries_is_one_line(gcs):
+  from dispersion_jax.errors import StorageUnavailableError  # noqa: PLC0415
+
+  where = lines.location(gcs.prefix(), "metrics.jsonl")
+  log = lines.LineLog(where)
+  log.open_for_append()
+  with gcs.failing(writes_fail(403)), pytest.raises(StorageUnavailableError) as e:  # 403: not retried, so no wait
+    log.append("lost\n")
+  msg = str(e.value)
+  assert msg.startswith(f"writing the history {where} failed (") and "\n" not in msg and "re-run" in msg

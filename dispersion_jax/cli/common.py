@@ -5,17 +5,20 @@
   2   a user error: one line `error: ...` on stderr, nothing else after it, nothing created
   75  interrupted (SIGTERM, e.g. a preemption, or Ctrl-C): what was done is kept (training saved a checkpoint, a
       build keeps its finished work units); re-run the same command to continue. Schedulers re-queue on it
-      (EX_TEMPFAIL of sysexits.h: "try again later").
+      (EX_TEMPFAIL of sysexits.h: "try again later"). Also a checkpoint save or restore that the storage did not
+      complete within checkpoint_timeout_s (StorageUnavailableError): one line `error: ...`, the last complete
+      checkpoint stays the resume point, re-run when the storage answers.
 """
 
 import argparse
 import functools
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from dispersion_jax.errors import UserError, clean_message
+from dispersion_jax.errors import StorageUnavailableError, UserError, clean_message
 from dispersion_jax.parallel import backend, distributed
 
 USAGE_EXIT = 2
@@ -139,6 +142,14 @@ def run_main(
     except catch as e:
       _exiting(main_thread)
       fail(str(e))
+    except StorageUnavailableError as e:
+      _exiting(main_thread)
+      line = " ".join(clean_message(str(e)).split())
+      print(f"error: {line}", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      # Not sys.exit: threads of the storage libraries may still wait on the storage that failed (Orbax's commit
+      # thread, TensorStore's retries), and the interpreter would join them at exit: the bound would not hold.
+      os._exit(INTERRUPTED_EXIT)
     except KeyboardInterrupt as e:
       _exiting(main_thread)
       name = str(e) if isinstance(e, Interrupted) else "SIGINT"

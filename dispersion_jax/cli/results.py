@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from dispersion_jax.cli.common import FILE_ERRORS, Parser, run_main
 from dispersion_jax.research import results, results_select
+from dispersion_jax.storage import paths
 
 
 def _list(text: str | None) -> list[str] | None:
@@ -103,8 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       select_metrics=_list(args.select_metrics),
   )
   out = args.out or args.sweep_dir
-  with open(f"{out}/results_table.md") as fh:
-    print(fh.read())
+  print(paths.read_text(paths.join(out, "results_table.md")))
   print(
       f"wrote {out}/results_table.md, results_table.tex, results_table.json, results_checkpoints.csv, "
       "results_selected.csv"

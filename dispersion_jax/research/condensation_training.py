@@ -26,9 +26,11 @@ from dispersion_jax.errors import CheckpointError, ConfigError
 from dispersion_jax.evaluation.condensation import NUM_BINS, model_statistics
 from dispersion_jax.evaluation.evaluate import load_model
 from dispersion_jax.research import condensation_report as rep
+from dispersion_jax.storage import paths
 from dispersion_jax.training import saved_run
 
 CACHE_DIR = "condensation_cache"
+COMMIT_MARKER = "commit_success.txt"  # Orbax's: a step in a bucket is complete once this object is in it
 _VERSION = 1  # bump when a cached summary changes meaning
 FILES = {
     "json": "condensation_training.json",
@@ -41,10 +43,13 @@ FILES = {
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def checkpoint_steps(workdir: str) -> list[int]:
-  """Every finished checkpoint step of a run, ascending (Orbax renames a step directory to its number only once it
-  is complete)."""
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+  """Every finished checkpoint step of a run, ascending (on a disk Orbax renames a step directory to its number
+  only once it is complete; in a bucket, which has no rename, a step is complete once its commit marker is in)."""
+  d = paths.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in paths.names(d) if n.isdigit())
+  if paths.is_remote(workdir):
+    steps = [s for s in steps if paths.exists(paths.join(d, str(s), COMMIT_MARKER))]
+  return steps
 
 
 def pick_steps(
@@ -62,17 +67,19 @@ def pick_steps(
 
 
 def checkpoint_stamp(workdir: str, step: int) -> int:
-  """Identifies one written checkpoint: its step directory's modification time (a new save gets a new one)."""
-  return os.stat(os.path.join(workdir, "checkpoints", str(step))).st_mtime_ns
+  """Identifies one written checkpoint: its step directory's modification time (a new save gets a new one); in a
+  bucket, which has no directories, its commit marker's."""
+  d = paths.join(workdir, "checkpoints", str(step))
+  return paths.mtime_ns(paths.join(d, COMMIT_MARKER) if paths.is_remote(workdir) else d)
 
 
 def run_steps(workdir: str, only: Sequence[int] | None = None, max_checkpoints: int | None = None) -> list[int]:
   """The checkpoint steps of `workdir` to measure; a one-line error for a missing run or one without them."""
-  if not os.path.isdir(workdir):
+  if not paths.is_dir(workdir, what="workdir"):
     raise ConfigError(f"workdir {workdir} is not a directory")
   have = checkpoint_steps(workdir)
   if not have:
-    raise CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first")
+    raise CheckpointError(f"no checkpoint in {paths.join(workdir, 'checkpoints')}; train first")
   steps = pick_steps(have, only, max_checkpoints)
   if not steps:
     raise CheckpointError(f"{workdir} has none of the steps {sorted(only or [])} (it has {have})")
@@ -94,11 +101,16 @@ def settings_key(token_lists: Sequence[Sequence[int]], *, max_length: int, batch
 
 
 def write_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as fh:
-    json.dump(obj, fh)
-  os.replace(tmp, path)  # a killed run never leaves half a cache entry
+  paths.write_text(path, json.dumps(obj))  # whole: a killed run never leaves half a cache entry
+
+
+def read_json(path: str) -> Any:
+  """A cache entry, or None if it is missing or unreadable."""
+  try:
+    text = paths.read_text(path)
+    return None if text is None else json.loads(text)
+  except (OSError, json.JSONDecodeError):
+    return None
 
 
 def checkpoint_statistics(
@@ -115,16 +127,11 @@ def checkpoint_statistics(
   """`model_statistics` of one checkpoint (float32, XLA attention: evaluate.load_model), cached in the run.
   `model`: that checkpoint's (config, params, tokenizer name) when the caller has loaded it already."""
   key = settings_key(token_lists, max_length=max_length, batch_size=batch_size, num_bins=num_bins)
-  path = os.path.join(workdir, CACHE_DIR, key, f"step_{step}.json")
+  path = paths.join(workdir, CACHE_DIR, key, f"step_{step}.json")
   stamp = checkpoint_stamp(workdir, step)
-  if os.path.isfile(path):
-    try:
-      with open(path) as fh:
-        cached = json.load(fh)
-      if cached.get("stamp") == stamp:
-        return cached["summary"]
-    except (OSError, json.JSONDecodeError, KeyError):
-      pass  # unreadable: measure again
+  cached = read_json(path)  # unreadable: measure again
+  if isinstance(cached, dict) and cached.get("stamp") == stamp and "summary" in cached:
+    return cached["summary"]
   cfg, params, tok_name = model if model is not None else load_model(workdir, step)
   summary = model_statistics(cfg, params, token_lists, max_length=max_length, batch_size=batch_size, num_bins=num_bins)
   summary["settings"].update(model=f"{workdir}@{step}", step=step, source=source, tokenizer=tok_name)
@@ -213,7 +220,7 @@ def write_tables(result: dict[str, Any], out_dir: str) -> list[dict[str, Any]]:
   rows = table_rows(result)
   layers = _layer_cols(rows)
   cols = ["run", "step", *layers, "spearman", "kendall", "spearman_offdiag", "num_texts", "num_tokens"]
-  with open(os.path.join(out_dir, FILES["csv"]), "w", newline="") as fh:
+  with paths.writing(paths.join(out_dir, FILES["csv"])) as fh:
     w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
@@ -232,7 +239,7 @@ def write_tables(result: dict[str, Any], out_dir: str) -> list[dict[str, Any]]:
     lines.append(
         "| " + " | ".join(_cell(r.get(c, None)) if c not in ("run", "step") else str(r[c]) for c in cols[:-2]) + " |"
     )
-  with open(os.path.join(out_dir, FILES["md"]), "w") as fh:
+  with paths.writing(paths.join(out_dir, FILES["md"])) as fh:
     fh.write("\n".join(lines) + "\n")
   return rows
 
@@ -278,8 +285,9 @@ def write_heatmaps(result: dict[str, Any], out_dir: str) -> str:
         ax.set_ylabel("")
   if im is not None:
     fig.colorbar(im, ax=axes, label="density", shrink=0.8)
-  path = os.path.join(out_dir, FILES["heatmaps"])
-  fig.savefig(path, dpi=100)
+  path = paths.join(out_dir, FILES["heatmaps"])
+  with paths.writing(path, binary=True) as fh:
+    fig.savefig(fh, format="png", dpi=100)
   plt.close(fig)
   return path
 
@@ -324,8 +332,9 @@ def write_mean_plot(result: dict[str, Any], out_dir: str) -> str:
   ax.set(xlabel="step", ylabel="Spearman (mean cosine vs depth)", title="condensation vs step", ylim=(-1.05, 1.05))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  path = os.path.join(out_dir, FILES["mean"])
-  fig.savefig(path, dpi=100)
+  path = paths.join(out_dir, FILES["mean"])
+  with paths.writing(path, binary=True) as fh:
+    fig.savefig(fh, format="png", dpi=100)
   plt.close(fig)
   return path
 
@@ -345,10 +354,9 @@ def _json_ready(result: dict[str, Any]) -> dict[str, Any]:
 
 def write_report(result: dict[str, Any], out_dir: str) -> dict[str, str]:
   """Every output file; returns name -> path."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, FILES["json"]), "w") as fh:
+  with paths.writing(paths.join(out_dir, FILES["json"])) as fh:
     json.dump(_json_ready(result), fh, indent=1)
   write_tables(result, out_dir)
   write_heatmaps(result, out_dir)
   write_mean_plot(result, out_dir)
-  return {k: os.path.join(out_dir, f) for k, f in FILES.items()}
+  return {k: paths.join(out_dir, f) for k, f in FILES.items()}

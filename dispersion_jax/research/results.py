@@ -20,7 +20,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -37,6 +36,7 @@ from dispersion_jax.research import sweep
 from dispersion_jax.research.condensation_report import corpus_texts
 from dispersion_jax.research.results_render import build_tables, key_text, to_latex, to_markdown
 from dispersion_jax.research.results_select import DEFAULT_REFERENCE, DEFAULT_RULES, RULES, metric_columns, select
+from dispersion_jax.storage import paths
 from dispersion_jax.training import metrics
 
 _EVAL_VERSION = 2  # bump when a checkpoint's evaluation row changes meaning
@@ -80,16 +80,11 @@ def evaluate_checkpoint(p: sweep.Point, step: int, ev: Mapping[str, Any]) -> dic
   spearman / kendall / mean_cos_by_layer of one checkpoint; cached per point + step + settings."""
   settings = eval_settings(ev)
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-  path = os.path.join(p.workdir, "results_eval", key, f"step_{step}.json")
+  path = paths.join(p.workdir, "results_eval", key, f"step_{step}.json")
   stamp = ct.checkpoint_stamp(p.workdir, step)
-  if os.path.isfile(path):
-    try:
-      with open(path) as fh:
-        cached = json.load(fh)
-      if cached.get("stamp") == stamp:
-        return cached["row"]
-    except (OSError, json.JSONDecodeError, KeyError):
-      pass
+  cached = ct.read_json(path)
+  if isinstance(cached, dict) and cached.get("stamp") == stamp and "row" in cached:
+    return cached["row"]
   train_rows, eval_rows = _metric_rows(p.workdir)
   model_cfg, params, tok_name = evaluate.load_model(p.workdir, step)
   # CE, not the total: the (negative) dispersion term would make totals incomparable across coefficients.
@@ -135,13 +130,13 @@ def collect(
   """Evaluates every selected checkpoint of every finished point of one or several sweep configs run in the same
   sweep_dir (e.g. a dispersion.coeff sweep and a baseline.method sweep): (rows, group_by, notes by point). A
   point seen twice (the same workdir, or the same run config in another workdir) counts once."""
-  paths = [config_paths] if isinstance(config_paths, str) else list(config_paths)
-  if not os.path.isdir(sweep_dir):
+  configs = [config_paths] if isinstance(config_paths, str) else list(config_paths)
+  if not paths.is_dir(sweep_dir, what="--sweep_dir"):
     raise ConfigError(
         f"--sweep_dir {sweep_dir} is not a directory; run the sweep first: python -m "
-        f"dispersion_jax.sweep --config {paths[0]} --workdir {sweep_dir}"
+        f"dispersion_jax sweep --config {configs[0]} --workdir {sweep_dir}"
     )
-  specs = [sweep.load_sweep(path) for path in paths]
+  specs = [sweep.load_sweep(path) for path in configs]
   evs = []
   for spec in specs:
     ev = dict(spec["eval"])
@@ -150,7 +145,7 @@ def collect(
     evs.append(ev)
   if any(eval_settings(e) != eval_settings(evs[0]) for e in evs):
     raise ConfigError(
-        f"the sweep configs {', '.join(paths)} evaluate differently (eval: tasks, num_texts, "
+        f"the sweep configs {', '.join(configs)} evaluate differently (eval: tasks, num_texts, "
         "max_length); give them the same eval settings (or the same --tasks)"
     )
   ev = evs[0]
@@ -160,7 +155,7 @@ def collect(
   check_keys(group_by)
   rows, notes, seen = [], {}, {}
   for p in (p for spec in specs for p in sweep.expand(spec, sweep_dir)):
-    if os.path.abspath(p.workdir) in seen:
+    if paths.absolute(p.workdir) in seen:
       continue
     have = ct.checkpoint_steps(p.workdir)
     if not have or have[-1] < p.cfg.steps:
@@ -170,7 +165,7 @@ def collect(
     if ident in seen:
       notes[p.name] = f"the same run config as {seen[ident]}: counted once"
       continue
-    seen[os.path.abspath(p.workdir)] = seen[ident] = p.name
+    seen[paths.absolute(p.workdir)] = seen[ident] = p.name
     want = expected_steps(p.cfg)
     if len(set(want) & set(have)) < len(want):
       notes[p.name] = (
@@ -188,7 +183,7 @@ def collect(
   if not rows:
     raise DataError(
         f"no finished point with checkpoints in {sweep_dir}; train it first: python -m "
-        f"dispersion_jax.sweep --config {paths[0]} --workdir {sweep_dir}"
+        f"dispersion_jax sweep --config {configs[0]} --workdir {sweep_dir}"
     )
   return rows, group_by, notes
 
@@ -218,7 +213,6 @@ def write_results(
 ) -> dict[str, list[dict]]:
   """OUT/results_table.md, results_table.tex, results_table.json (the groups per rule), results_checkpoints.csv
   (every evaluated checkpoint) and results_selected.csv (the chosen checkpoint of each point per rule)."""
-  os.makedirs(out_dir, exist_ok=True)
   metrics = list(metrics) if metrics is not None else metric_columns(rows)
   unknown = [m for m in metrics if m not in metric_columns(rows)]
   if unknown:
@@ -241,11 +235,9 @@ def write_results(
   )
   if notes:
     md += "\nNotes:\n" + "".join(f"- {name}: {text}\n" for name, text in notes.items())
-  with open(os.path.join(out_dir, "results_table.md"), "w") as fh:
-    fh.write(md)
-  with open(os.path.join(out_dir, "results_table.tex"), "w") as fh:
-    fh.write(to_latex(tables, group_by, metrics))
-  with open(os.path.join(out_dir, "results_table.json"), "w") as fh:
+  paths.write_text(paths.join(out_dir, "results_table.md"), md)
+  paths.write_text(paths.join(out_dir, "results_table.tex"), to_latex(tables, group_by, metrics))
+  with paths.writing(paths.join(out_dir, "results_table.json")) as fh:
     json.dump(
         _strict(
             {
@@ -260,11 +252,11 @@ def write_results(
         default=str,
     )
   cols = ["name", "seed", *group_by, "step", *metric_columns(rows)]
-  with open(os.path.join(out_dir, "results_checkpoints.csv"), "w", newline="") as fh:
+  with paths.writing(paths.join(out_dir, "results_checkpoints.csv")) as fh:
     w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(sorted(rows, key=lambda r: (r["name"], r["step"])))
-  with open(os.path.join(out_dir, "results_selected.csv"), "w", newline="") as fh:
+  with paths.writing(paths.join(out_dir, "results_selected.csv")) as fh:
     w = csv.DictWriter(fh, fieldnames=["selected_by", *cols], extrasaction="ignore")
     w.writeheader()
     for rule in tables:
@@ -289,12 +281,12 @@ def run_results(
 ) -> dict[str, list[dict]]:
   """Evaluate (cached) and tabulate a finished sweep (or several sweep configs run in one sweep_dir); returns
   rule -> groups."""
-  paths = [config_path] if isinstance(config_path, str) else list(config_path)
+  configs = [config_path] if isinstance(config_path, str) else list(config_path)
   for r in rules:
     if r not in RULES:
       raise ConfigError(f"unknown selection rule {r!r}; use some of {', '.join(RULES)}")
   rows, group_by, notes = collect(
-      paths, sweep_dir, group_by=group_by, tasks=tasks, steps=steps, max_checkpoints=max_checkpoints, log=log
+      configs, sweep_dir, group_by=group_by, tasks=tasks, steps=steps, max_checkpoints=max_checkpoints, log=log
   )
   for name, text in notes.items():
     log(f"[results] {name}: {text}")
@@ -307,5 +299,5 @@ def run_results(
       metrics=metrics,
       select_metrics=select_metrics,
       notes=notes,
-      title=f"Results of {', '.join(pathlib.Path(c).stem for c in paths)} ({sweep_dir})",
+      title=f"Results of {', '.join(pathlib.Path(c).stem for c in configs)} ({sweep_dir})",
   )

@@ -34,6 +34,8 @@ from dispersion_jax.evaluation import evaluate
 from dispersion_jax.evaluation.condensation import model_statistics
 from dispersion_jax.research import vmap_train
 from dispersion_jax.research.condensation_report import corpus_texts
+from dispersion_jax.research.condensation_training import checkpoint_steps as ct_steps
+from dispersion_jax.storage import paths
 from dispersion_jax.training import metrics, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -117,15 +119,13 @@ def expand(sweep: dict, root: str) -> list[Point]:
   for combo in itertools.product(*sweep["axes"].values()):
     values = dict(zip(keys, combo))
     name = point_name(values)
-    points.append(Point(values, name, point_config(sweep, values), os.path.join(root, name)))
+    points.append(Point(values, name, point_config(sweep, values), paths.join(root, name)))
   return points
 
 
 def latest_step(workdir: str) -> int | None:
-  """Newest finished checkpoint step (Orbax renames a step directory to its number only once it is complete)."""
-  d = os.path.join(workdir, "checkpoints")
-  steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
-  return max(steps, default=None)
+  """Newest finished checkpoint step (condensation_training.checkpoint_steps: local or in a bucket)."""
+  return max(ct_steps(workdir), default=None)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -178,13 +178,13 @@ def train_points(
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate_point(p: Point, ev: Mapping[str, Any]) -> dict[str, Any]:
   """Final train/val loss, task accuracy and condensation of a finished point (cached per step and settings)."""
-  cache_path = os.path.join(p.workdir, "sweep_eval.json")
+  cache_path = paths.join(p.workdir, "sweep_eval.json")
   step = latest_step(p.workdir)
   settings = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in ev.items()}
   settings["version"] = _EVAL_VERSION
-  if os.path.isfile(cache_path):
-    with open(cache_path) as fh:
-      cached = json.load(fh)
+  cached = paths.read_text(cache_path)
+  if cached is not None:
+    cached = json.loads(cached)
     if cached.get("step") == step and cached.get("settings") == settings:
       return cached["row"]
   history = metrics.read_history(p.workdir)  # the run's one history: every (step, kind) once
@@ -208,13 +208,11 @@ def evaluate_point(p: Point, ev: Mapping[str, Any]) -> dict[str, Any]:
   tokens = [ids[: ev["max_length"]] for ids in tokenizer.encode_batch(corpus_texts(ev["num_texts"]))]
   summary = model_statistics(model_cfg, params, tokens, max_length=ev["max_length"])
   summary["settings"].update(model=p.workdir, source="corpus:default", tokenizer=tok_name)
-  with open(os.path.join(p.workdir, "condensation.json"), "w") as fh:
-    json.dump(summary, fh, indent=1)
+  paths.write_text(paths.join(p.workdir, "condensation.json"), json.dumps(summary, indent=1))
   row.update(
       spearman=summary["spearman"], kendall=summary["kendall"], mean_cos_by_layer=summary["mean_cossim_by_layer"]
   )
-  with open(cache_path, "w") as fh:
-    json.dump({"step": step, "settings": settings, "row": row}, fh, indent=1)
+  paths.write_text(cache_path, json.dumps({"step": step, "settings": settings, "row": row}, indent=1))
   return row
 
 
@@ -257,7 +255,7 @@ def write_results(rows: list[dict], axes: list[str], out_dir: str) -> list[dict]
   """results.csv (one row per point), results.md (per point + grouped over seeds), the plots; returns the groups."""
   cols = ["name", *axes, "status", "step", *[m for m in METRICS]]
   cols += sorted({k for r in rows for k in r if k.startswith("acc")})
-  with open(os.path.join(out_dir, "results.csv"), "w", newline="") as fh:
+  with paths.writing(paths.join(out_dir, "results.csv")) as fh:
     w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
@@ -281,8 +279,7 @@ def write_results(rows: list[dict], axes: list[str], out_dir: str) -> list[dict]
   lines += ["", "## Every point", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:  # metrics as 4 significant digits; names, axis values and steps verbatim
     lines.append("| " + " | ".join(_fmt(_num(r.get(c))) if c in gcols else str(r.get(c)) for c in cols) + " |")
-  with open(os.path.join(out_dir, "results.md"), "w") as fh:
-    fh.write("\n".join(lines) + "\n")
+  paths.write_text(paths.join(out_dir, "results.md"), "\n".join(lines) + "\n")
   if groups:
     write_plots(groups, others, out_dir)
   return groups
@@ -323,7 +320,8 @@ def write_plots(groups: list[dict], others: list[str], out_dir: str) -> None:
     ax.grid(alpha=0.3)
     if line_keys:
       ax.legend(fontsize=7)
-  fig.savefig(os.path.join(out_dir, "sweep_summary.png"), dpi=110, bbox_inches="tight")
+  with paths.writing(paths.join(out_dir, "sweep_summary.png"), binary=True) as fh:
+    fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
   plt.close(fig)
   fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
   for g in groups:
@@ -333,7 +331,8 @@ def write_plots(groups: list[dict], others: list[str], out_dir: str) -> None:
   ax.set(xlabel="layer (0 = embeddings)", ylabel="mean token-token cosine", title="condensation (mean over seeds)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  fig.savefig(os.path.join(out_dir, "condensation_by_layer.png"), dpi=110, bbox_inches="tight")
+  with paths.writing(paths.join(out_dir, "condensation_by_layer.png"), binary=True) as fh:
+    fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -351,7 +350,7 @@ def run_sweep(
   """Train (skip / resume), evaluate the finished points, write the reports; returns one row per point."""
   sweep = load_sweep(config_path)
   workdir = workdir or os.path.join("runs", "sweeps", pathlib.Path(config_path).stem)
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir, what="--workdir").mkdir(parents=True, exist_ok=True)  # a bucket has no folders to create
   points = expand(sweep, workdir)
   status = train_points(points, vmap=vmap, max_members=max_members, stop_at=stop_at, devices=devices)
   rows = []

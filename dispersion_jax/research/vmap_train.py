@@ -107,7 +107,7 @@ def _run_group(cfgs: list[ConfigDict], workdirs: list[str], preempt, stop_at: in
     raise CheckpointError(f"members are at different checkpoint steps {sorted(starts, key=str)}; group them by step")
   for w in workdirs:
     os.makedirs(w, exist_ok=True)
-  ckpts = [Checkpointer(w, loop_cfg.max_to_keep) for w in workdirs]
+  ckpts = [Checkpointer(w, loop_cfg.max_to_keep, timeout_s=loop_cfg.checkpoint_timeout_s) for w in workdirs]
   try:
     start = ckpts[0].latest_step()
     # One data stream per distinct seed, shared by the members with that seed (they saved the same position).

@@ -9,11 +9,17 @@ upload is atomic, so a kill at any moment leaves either the old history or the n
 
 Local paths keep one file appended line by line (flushed per line) and rewritten through a temporary file and
 os.replace, exactly as before.
+
+A bucket write that still fails after gcsfs's retries (6 tries, about 35 s of back-off for a 503) is a
+StorageUnavailableError: one line and exit 75 at the command line, as a checkpoint save the storage does not
+complete (the run resumes from its last checkpoint, and the history is rewound to it).
 """
 
+import contextlib
 import os
 import re
 
+from dispersion_jax.errors import StorageUnavailableError, clean_message
 from dispersion_jax.storage import paths
 
 CHUNK_LINES = 64
@@ -76,11 +82,12 @@ class LineLog:
         fh.writelines(lines)
       os.replace(tmp, self.where)
       return
-    old = [p for p in self.where.iterdir() if _CHUNK.match(p.name)] if self.where.exists() else []
-    gen = max((int(_CHUNK.match(p.name).group(1)) for p in old), default=-1) + 1
-    (self.where / _name(gen, 0)).write_text("".join(lines))  # the new generation exists from here on
-    for p in old:
-      p.unlink(missing_ok=True)
+    with self._storage("rewriting"):
+      old = [p for p in self.where.iterdir() if _CHUNK.match(p.name)] if self.where.exists() else []
+      gen = max((int(_CHUNK.match(p.name).group(1)) for p in old), default=-1) + 1
+      (self.where / _name(gen, 0)).write_text("".join(lines))  # the new generation exists from here on
+      for p in old:
+        p.unlink(missing_ok=True)
     self._gen, self._seq, self._chunk = gen, 1, []
 
   def open_for_append(self) -> None:
@@ -97,9 +104,22 @@ class LineLog:
       self._fh.write(line)
       return
     self._chunk.append(line)
-    (self.where / _name(self._gen, self._seq)).write_text("".join(self._chunk))
+    with self._storage("writing"):
+      (self.where / _name(self._gen, self._seq)).write_text("".join(self._chunk))
     if len(self._chunk) >= CHUNK_LINES:
       self._seq, self._chunk = self._seq + 1, []
+
+  @contextlib.contextmanager
+  def _storage(self, doing: str):
+    """A bucket write that failed after the storage library's own retries: one line (StorageUnavailableError)."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - gcsfs raises HttpError, OSError, ...; the user needs one line
+      text = " ".join(clean_message(str(e)).split())[:200]
+      raise StorageUnavailableError(
+          f"{doing} the history {self.where} failed ({type(e).__name__}: {text}): the storage does not answer; "
+          "re-run the same command once it works again (the run resumes from its last complete checkpoint)"
+      ) from e
 
   def close(self) -> None:
     if self._fh is not None:

@@ -7,7 +7,10 @@ writes arrays to gs:// and local disks only: ../shared/docs/object-storage.md). 
 folder named `gs:`.
 """
 
+import contextlib
+import io
 import os
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -58,3 +61,53 @@ def exists(p: str | os.PathLike, *, what: str = "path") -> bool:
 def is_dir(p: str | os.PathLike, *, what: str = "path") -> bool:
   """Whether `p` is a directory; in a bucket, whether any object lies under the prefix `p/`."""
   return path(p, what=what).is_dir()
+
+
+def names(p: str | os.PathLike, *, what: str = "path") -> list[str]:
+  """The names directly under the directory `p` ([] if there is none); in a bucket, under the prefix `p/`."""
+  if not is_remote(p):
+    return os.listdir(p) if os.path.isdir(p) else []
+  d = path(p, what=what)
+  return [c.name for c in d.iterdir()] if d.is_dir() else []
+
+
+def read_text(p: str | os.PathLike, *, what: str = "path") -> str | None:
+  """The text of the file `p`, or None if there is none."""
+  try:
+    return path(p, what=what).read_text()
+  except FileNotFoundError:
+    return None
+
+
+def write_bytes(p: str | os.PathLike, data: bytes, *, what: str = "path") -> None:
+  """Writes the file `p` whole: locally through a temporary file and a rename (its folder created), in a bucket as
+  one upload. Either way a reader, or a kill, never sees half of it."""
+  if is_remote(p):
+    path(p, what=what).write_bytes(data)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+  tmp = f"{p}.tmp{os.getpid()}"
+  with open(tmp, "wb") as fh:
+    fh.write(data)
+  os.replace(tmp, p)
+
+
+def write_text(p: str | os.PathLike, text: str, *, what: str = "path") -> None:
+  write_bytes(p, text.encode(), what=what)
+
+
+def mtime_ns(p: str | os.PathLike, *, what: str = "path") -> int:
+  """The modification time of `p` in nanoseconds (in a bucket: the object's, at the resolution the store gives)."""
+  if not is_remote(p):
+    return os.stat(p).st_mtime_ns
+  return int(path(p, what=what).stat().mtime * 1_000_000_000)
+
+
+@contextlib.contextmanager
+def writing(p: str | os.PathLike, *, binary: bool = False, what: str = "path") -> Iterator[io.IOBase]:
+  """A file object whose content becomes the file `p` when the block ends without error (write_bytes): for writers
+  that want a file handle (csv, json.dump, savefig), local and gs:// alike."""
+  buf = io.BytesIO() if binary else io.StringIO(newline="")
+  yield buf
+  data = buf.getvalue()
+  write_bytes(p, data if binary else data.encode(), what=what)

@@ -22,6 +22,10 @@ class LoopConfig:
   eval_batches: int = 8
   checkpoint_every: int = 200
   max_to_keep: int | None = 3  # checkpoints kept; None = all
+  # A checkpoint save (its blocking part, or the wait for the previous async save to commit) or a restore that the
+  # storage does not complete within this many seconds ends the run with one line (exit 75); the last complete
+  # checkpoint stays the resume point. Orbax's own async bound is 1200 s; MaxText users expect minutes.
+  checkpoint_timeout_s: float = 600.0
 
   def evaluates_at(self, step: int) -> bool:
     """Whether the loop evaluates after `step`: every eval_every steps and at the last one."""
@@ -31,6 +35,8 @@ class LoopConfig:
     for key in ("steps", "log_every", "checkpoint_every", "eval_batches"):
       if getattr(self, key) < 1:
         raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+    if not self.checkpoint_timeout_s > 0:
+      raise ValueError(f"checkpoint_timeout_s={self.checkpoint_timeout_s} must be > 0 (seconds)")
 
 
 @dataclasses.dataclass

@@ -16,11 +16,13 @@ the same step updates it); readers of the history skip it (`read_history`).
 
 import json
 import math
+import shutil
 from typing import Mapping
 
 import numpy as np
 import tqdm
 
+from dispersion_jax.errors import StorageUnavailableError, clean_message
 from dispersion_jax.storage import lines, paths, transfer
 
 FILE = "metrics.jsonl"
@@ -165,17 +167,40 @@ class MetricsLogger:
     """TensorBoard's events so far to their file (in a bucket: one upload of the whole event file)."""
     if self.enabled:
       self._tb.flush()
+      self._upload()
+
+  def _upload(self) -> None:
+    """The mirrored TensorBoard directory to the bucket. An upload that still fails after gcsfs's retries is a
+    StorageUnavailableError (one line, exit 75)."""
+    try:
       self._tb_dir.sync()
+    except Exception as e:  # noqa: BLE001 - gcsfs raises HttpError, OSError, ...; the user needs one line
+      text = " ".join(clean_message(str(e)).split())[:200]
+      raise StorageUnavailableError(
+          f"uploading the TensorBoard events to {self._tb_dir.dest} failed ({type(e).__name__}: {text}): the "
+          "storage does not answer; re-run the same command once it works again (the run resumes from its last "
+          "complete checkpoint)"
+      ) from e
 
   def write(self, text: str) -> None:
     if self.enabled:
       tqdm.tqdm.write(text)
 
-  def close(self) -> None:
+  def close(self, upload: bool = True) -> None:
+    """`upload=False`: the bucket does not answer (the run is ending on a StorageUnavailableError): the local copy
+    of the TensorBoard events is dropped instead of uploaded (an upload would add gcsfs's retries to the exit; the
+    resumed run writes the events after its checkpoint again, purge_step)."""
     self._bar.close()
     if self.enabled:
       self._tb.close()
-      self._tb_dir.close()
+      if not self._tb_dir.remote:
+        self._tb_dir.close()
+      else:
+        try:
+          if upload:
+            self._upload()
+        finally:
+          shutil.rmtree(self._tb_dir.local, ignore_errors=True)
       self._log.close()
 
 

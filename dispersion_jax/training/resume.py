@@ -32,6 +32,7 @@ RESUME_MAY_CHANGE = (
     "eval_batches",
     "checkpoint_every",
     "max_to_keep",
+    "checkpoint_timeout_s",
     "batch_size",
     "grad_accum",
     "grad_accum_headroom",

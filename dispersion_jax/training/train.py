@@ -17,7 +17,7 @@ from dispersion_jax import models
 from dispersion_jax.data import build, loader
 from dispersion_jax.data.packed import PackedDataset
 from dispersion_jax.data.tokenizer import get_tokenizer
-from dispersion_jax.errors import ConfigError, DataError
+from dispersion_jax.errors import ConfigError, DataError, StorageUnavailableError
 from dispersion_jax.evaluation import harness_tasks
 from dispersion_jax.models import build_model, flops_per_token, lora
 from dispersion_jax.parallel import distributed, sharding
@@ -200,7 +200,7 @@ def _run(cfg: ConfigDict, workdir: str, preempt, devices: list | None, stop_at: 
   spec, adapters = lora_state.setup(cfg, model_cfg)  # before makedirs: a LoRA setting error creates nothing
   paths.path(workdir).mkdir(parents=True, exist_ok=True)  # a bucket has no folders: nothing to create there
   target, shardings = state_shardings(model_cfg, tx, mesh, spec)
-  ckpt = Checkpointer(workdir, loop_cfg.max_to_keep)
+  ckpt = Checkpointer(workdir, loop_cfg.max_to_keep, timeout_s=loop_cfg.checkpoint_timeout_s)
   try:
     start = ckpt.latest_step()
     if start != resume_from:  # another process wrote a checkpoint meanwhile: check that one
@@ -295,8 +295,10 @@ def _run(cfg: ConfigDict, workdir: str, preempt, devices: list | None, stop_at: 
           tokens_per_step=cfg.batch_size * cfg.seq_len,
       )
   finally:
-    ckpt.close()
-    logger.close()
+    try:
+      ckpt.close()
+    finally:  # the storage does not answer (the exception on its way out, the run's or close's): no upload
+      logger.close(upload=not isinstance(sys.exc_info()[1], StorageUnavailableError))
   if lead:
     print(summary(workdir, out, last_eval, stop_at), file=sys.stderr, flush=True)
   return out.step
