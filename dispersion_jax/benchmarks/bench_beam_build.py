@@ -1,13 +1,15 @@
 """The dataset build on Apache Beam against the single-host worker pool (issue 28; docs/data-build-beam.md).
 
-  python -m dispersion_jax.benchmarks.bench_beam_build      # prints a table, writes bench_beam_build.json here
+  python -m dispersion_jax.benchmarks.bench_beam_build [QWEN3_TOKENIZER_DIR]   # a table; bench_beam_build.json here
 
 Input: the embedded default corpus (~2.1M GPT-2 tokens of real English: the KJV and BBC news) written once as
 parquet (row groups of 1,000 documents) and once as jsonl. Measures
 - tokens per second per worker: a fresh build (tokenize + pack + register) on Beam's local engine with one
   worker in this process (FnApiRunner, direct_num_workers=1; one tokenizer thread, as every build worker), for
-  parquet and jsonl (best of 2, after an untimed warm-up build), with GPT-2 (tiktoken) and with a Hugging Face tokenizer directory (`tokenizers`: the route a
-  Qwen3 tokenizer.json takes; here with the GPT-2 vocabulary, the only HF tokenizer available offline);
+  parquet and jsonl (best of 2, after an untimed warm-up build), with GPT-2 (tiktoken), with a Hugging Face
+  tokenizer directory of the GPT-2 vocabulary (`tokenizers`, the route every tokenizer.json takes) and, given
+  QWEN3_TOKENIZER_DIR, with Qwen3's tokenizer (Qwen's vocabulary and pattern: docs/benchmarks/qwen_tokenizer.py
+  makes it offline from the tiktoken file and checks it);
 - the engine's overhead on one host: the same jsonl build with 2 workers by the pool and by Beam
   (FnApiRunner and DirectRunner, direct_running_mode=multi_processing);
 - a 100B-token build in worker-hours, extrapolated from the per-worker rates (labelled as such).
@@ -67,11 +69,13 @@ def _build(work: str, text_dir: str, tokenizer: str, *, workers: int = 1, beam: 
   return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "fingerprint": report.fingerprint}
 
 
-def run(json_path: str = "bench_beam_build.json") -> dict:
+def run(json_path: str = "bench_beam_build.json", qwen3_tokenizer: str | None = None) -> dict:
   work = tempfile.mkdtemp(prefix="bench_beam_")
   try:
     paths = _inputs(work)
     tokenizers = (("gpt2 (tiktoken)", "gpt2"), ("HF tokenizers dir (GPT-2 vocab)", paths["hf"]))
+    if qwen3_tokenizer:
+      tokenizers += (("Qwen3 (HF tokenizer.json)", os.path.abspath(qwen3_tokenizer)),)
     for _, tok in tokenizers:  # warm-up: first imports (TFDS, Beam) and tokenizer loading, not timed
       _build(work, paths["jsonl"], tok, beam=ONE)
     per_worker = []
@@ -118,4 +122,6 @@ def run(json_path: str = "bench_beam_build.json") -> dict:
 
 
 if __name__ == "__main__":
-  run()
+  import sys
+
+  run(qwen3_tokenizer=sys.argv[1] if len(sys.argv) > 1 else None)
