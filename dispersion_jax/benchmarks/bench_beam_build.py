@@ -1,15 +1,15 @@
 """The dataset build on Apache Beam against the single-host worker pool (issue 28; docs/data-build-beam.md).
 
-  python -m dispersion_jax.benchmarks.bench_beam_build [QWEN3_TOKENIZER_DIR]   # a table; bench_beam_build.json here
+  [QWEN3_TOKENIZER=DIR] python -m dispersion_jax.benchmarks.bench_beam_build   # a table; bench_beam_build.json here
 
 Input: the embedded default corpus (~2.1M GPT-2 tokens of real English: the KJV and BBC news) written once as
 parquet (row groups of 1,000 documents) and once as jsonl. Measures
 - tokens per second per worker: a fresh build (tokenize + pack + register) on Beam's local engine with one
   worker in this process (FnApiRunner, direct_num_workers=1; one tokenizer thread, as every build worker), for
   parquet and jsonl (best of 2, after an untimed warm-up build), with GPT-2 (tiktoken), with a Hugging Face
-  tokenizer directory of the GPT-2 vocabulary (`tokenizers`, the route every tokenizer.json takes) and, given
-  QWEN3_TOKENIZER_DIR, with Qwen3's tokenizer (Qwen's vocabulary and pattern: docs/benchmarks/qwen_tokenizer.py
-  makes it offline from the tiktoken file and checks it);
+  tokenizer directory of the GPT-2 vocabulary (`tokenizers`, the route every tokenizer.json takes) and, with
+  $QWEN3_TOKENIZER set to its directory, with Qwen3's tokenizer (Qwen's vocabulary and pattern:
+  docs/benchmarks/qwen_tokenizer.py makes it offline from the tiktoken file and checks it);
 - the engine's overhead on one host: the same jsonl build with 2 workers by the pool and by Beam
   (FnApiRunner and DirectRunner, direct_running_mode=multi_processing);
 - a 100B-token build in worker-hours, extrapolated from the per-worker rates (labelled as such).
@@ -122,6 +122,4 @@ def run(json_path: str = "bench_beam_build.json", qwen3_tokenizer: str | None = 
 
 
 if __name__ == "__main__":
-  import sys
-
-  run(qwen3_tokenizer=sys.argv[1] if len(sys.argv) > 1 else None)
+  run(qwen3_tokenizer=os.environ.get("QWEN3_TOKENIZER"))
