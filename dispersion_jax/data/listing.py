@@ -32,7 +32,7 @@ def file_size(path: str) -> int:
 
 
 def _list_remote(text_dir: str, fix: str) -> tuple[str, list[str]]:
-  """`_list_files` for a bucket prefix or glob (gs://): its objects, listed through etils (gcsfs)."""
+  """`list_files`'s search in a bucket (a gs:// prefix or glob): its objects, listed through etils (gcsfs)."""
   pattern = text_dir.rstrip("/")
   scheme, _, rest = pattern.partition("://")
   parts = rest.split("/")
@@ -60,7 +60,7 @@ def _list_remote(text_dir: str, fix: str) -> tuple[str, list[str]]:
       where = os.fspath(dirpath)  # gcsfs walks without the scheme
       where = where if "://" in where else f"{scheme}://{where}"
       files.update(f"{where}/{n}" for n in names if not n.startswith("."))
-  return root, sorted(files, key=lambda f: rel_name(f, root))
+  return root, list(files)
 
 
 def list_files(text_dir: str) -> tuple[str, list[str]]:
@@ -68,12 +68,15 @@ def list_files(text_dir: str) -> tuple[str, list[str]]:
   fix = "set --config.data.text_dir to a directory or glob of .parquet / .jsonl / .txt files"
   if not text_dir:
     raise DataError(f"data.source='text_dir' needs data.text_dir; {fix}")
-  if paths.is_remote(text_dir):
-    root, files = _list_remote(text_dir, fix)
-    files = [f for f in files if f.endswith(FORMATS)]
-    if not files:
-      raise DataError(f"data.text_dir={text_dir!r} has no .parquet, .jsonl or .txt files; add some, or {fix}")
-    return root, files
+  root, found = _list_remote(text_dir, fix) if paths.is_remote(text_dir) else _list_local(text_dir, fix)
+  files = [f for f in found if f.endswith(FORMATS)]
+  if not files:
+    raise DataError(f"data.text_dir={text_dir!r} has no .parquet, .jsonl or .txt files; add some, or {fix}")
+  return root, sorted(files, key=lambda f: rel_name(f, root))
+
+
+def _list_local(text_dir: str, fix: str) -> tuple[str, list[str]]:
+  """`list_files`'s search on a local (or mounted) file system; `**` allowed in a glob."""
   pattern = os.path.abspath(os.path.expanduser(text_dir))
   if _has_magic(pattern):
     parts = pattern.split(os.sep)
@@ -94,10 +97,7 @@ def list_files(text_dir: str) -> tuple[str, list[str]]:
         files.update(os.path.join(dirpath, n) for n in names if not n.startswith("."))
     elif os.path.isfile(m):
       files.add(m)
-  files = [f for f in files if f.endswith(FORMATS)]
-  if not files:
-    raise DataError(f"data.text_dir={text_dir!r} has no .parquet, .jsonl or .txt files; add some, or {fix}")
-  return root, sorted(files, key=lambda f: rel_name(f, root))
+  return root, list(files)
 
 
 def rel_name(path: str, root: str) -> str:
