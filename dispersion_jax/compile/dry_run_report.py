@@ -19,7 +19,8 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 COUNTING = (
     "XLA cost analysis of the compiled per-device program; the body of a while loop (scan_layers=True, grad_accum "
     "> 1) is counted once, not per iteration, so scanned steps are undercounted; the collectives likewise. The "
-    "dispersion term runs after the layer loop: its FLOPs/bytes share is overstated for scanned models"
+    "dispersion term runs inside the layer loop (the final norm's layer after it): in scanned models its FLOPs/bytes "
+    "share is that of about one layer"
 )
 _FIX = "shard more (mesh.fsdp, mesh.tensor), set model.remat=full, or lower batch_size / raise grad_accum"
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4}

@@ -1,6 +1,7 @@
 """The training objective: next-token cross-entropy + coeff * mean over selected layers of the dispersion loss."""
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 
 from dispersion_jax.losses.dispersion import DEFAULT_BLOCK_SIZE, IMPLS, VARIANTS, dispersion_loss
 from dispersion_jax.losses.fused_ce import fused_cross_entropy
-from dispersion_jax.models import hidden_states, lm_head
+from dispersion_jax.models import final_state, lm_head
+from dispersion_jax.models.layer_term import LayerTerm, layer_terms
 
 LOCS = ("all", "last", "early_half", "late_half")
 _NOISE_STREAM = 0x6E6F6973  # fold_in constant of the embedding-noise stream ("nois")
@@ -91,14 +93,23 @@ def dispersion_term(
     mask=None,
     segment_ids=None,
 ):
-  """Mean over the selected layers of the dispersion loss, and the per-layer values."""
-  per_layer = {}
-  for i in select_layers(disp.loc, n_layer):
-    key = None if rng is None else jax.random.fold_in(rng, i)  # reproducible per-layer token subsets
-    per_layer[i] = dispersion_loss(
-        states[i], key=key, mask=mask, segment_ids=segment_ids if disp.doc_mask else None, **disp.loss_kwargs()
-    )
-  return sum(per_layer.values()) / len(per_layer), per_layer
+  """Mean over the selected layers of the dispersion loss of sown `states`, and the per-layer values (the
+  evaluation step's path; training computes the same values inside the layer loop, `objective`)."""
+  inputs = (rng, mask, segment_ids)
+  return _mean({i: _layer_dispersion(disp, states[i], i, inputs) for i in select_layers(disp.loc, n_layer)})
+
+
+def _mean(per_layer: dict[int, jax.Array]):
+  return sum(per_layer[i] for i in sorted(per_layer)) / len(per_layer), per_layer
+
+
+def _layer_dispersion(disp: DispersionConfig, h_BxLxD, index, inputs):
+  """The dispersion loss of hidden state `index` (a LayerTerm fn: inside the layer loop, or on the final norm)."""
+  rng, mask, segment_ids = inputs
+  key = None if rng is None else jax.random.fold_in(rng, index)  # reproducible per-layer token subsets
+  return dispersion_loss(
+      h_BxLxD, key=key, mask=mask, segment_ids=segment_ids if disp.doc_mask else None, **disp.loss_kwargs()
+  )
 
 
 def objective(
@@ -125,6 +136,9 @@ def objective(
   alpha / r) beside the frozen `params`; with rng and model.cfg.lora_dropout > 0 a `lora` stream drives PEFT's
   dropout on the adapters' input (folded in: the other streams are the same as without it).
   metrics["dispersion"] is 0 where the coefficient is 0 (the term is off); validation always measures it.
+  The term of each block's output is computed inside the layer loop, under the block's remat policy
+  (models/layer_term.py): the same values and gradients as `dispersion_term` over the sown states (tested), at one
+  layer's memory. With remat its forward is recomputed in the backward pass, as the block's activations are.
   """
   rngs = {}
   disp_rng = None
@@ -139,6 +153,16 @@ def objective(
     model_vars["lora"] = adapters
     if rng is not None and getattr(model.cfg, "lora_dropout", 0.0) > 0:
       rngs["lora"] = jax.random.fold_in(rng, _LORA_STREAM)
+  with_term = coeff is not None or disp.coeff != 0.0
+  n_layer = model.cfg.n_layer
+  layers = select_layers(disp.loc, n_layer)
+  # Hidden states 1..n-1 (and n without the final norm) are block outputs: their terms run inside the layer loop
+  # (models/layer_term.py), so no layer's state outlives its block. The final norm's output is outside the loop.
+  after_loop = (n_layer,) if disp.final_norm and n_layer in layers else ()
+  term_inputs = (disp_rng, batch.get("dispersion_mask"), batch.get("segment_ids"))
+  term = functools.partial(_layer_dispersion, disp)
+  in_loop = tuple(i for i in layers if i not in after_loop)
+  layer_term = LayerTerm(term, in_loop, term_inputs) if with_term and in_loop else None
   logits, variables = model.apply(
       model_vars,
       batch["input_ids"],
@@ -146,12 +170,13 @@ def objective(
       deterministic=deterministic,
       embed_noise_alpha=embed_noise_alpha,
       segment_ids_BxL=batch.get("segment_ids"),  # used where model.cfg.document_mask is set
+      layer_term=layer_term,
       rngs=rngs,
       mutable=["intermediates"],
   )
   if ce_chunk:  # fused head + CE (fused_ce.py): under jit the model's unused logits are dead code
     ce = fused_cross_entropy(
-        hidden_states(variables)[-1],
+        final_state(variables),
         lm_head(params, model.cfg),
         batch["targets"],
         batch.get("loss_mask"),
@@ -161,16 +186,11 @@ def objective(
     ce = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
   metrics = {"ce": ce}
   total = ce
-  if coeff is not None or disp.coeff != 0.0:
-    states = hidden_states(variables, disp.final_norm)
-    disp_val, per_layer = dispersion_term(
-        states,
-        disp,
-        model.cfg.n_layer,
-        rng=disp_rng,
-        mask=batch.get("dispersion_mask"),
-        segment_ids=batch.get("segment_ids"),
-    )
+  if with_term:
+    per_layer = layer_terms(variables, in_loop) if in_loop else {}
+    for i in after_loop:
+      per_layer[i] = term(final_state(variables), i, term_inputs)
+    disp_val, per_layer = _mean(per_layer)
     c = disp.coeff if coeff is None else coeff
     total = ce + c * disp_val
     metrics["dispersion"] = disp_val if coeff is None else jnp.where(coeff != 0, disp_val, 0.0)

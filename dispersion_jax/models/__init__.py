@@ -2,10 +2,11 @@
 
 Every family module (gpt2.py, qwen3.py) defines a frozen config dataclass with the shared fields `vocab_size`,
 `n_positions`, `n_embd`, `n_layer`, `dtype`, `param_dtype`, `remat`, `scan_layers`, `attention`, and `preset()`;
-a module `__call__(input_ids_BxL, positions_BxL=None, deterministic=True, embed_noise_alpha=0.0) -> logits_BxLxV`
-(float32 or wider; embed_noise_alpha > 0 adds neftune.add_embedding_noise to the embedding output) that
-sows `intermediates/embed` (embedding output), `h_{i}/hidden` or scanned `h/hidden` (raw block outputs) and
-`intermediates/final` (the last block after the final norm); `lm_head(params, cfg) -> [V, D]` in compute dtype;
+a module `__call__(input_ids_BxL, positions_BxL=None, deterministic=True, embed_noise_alpha=0.0, segment_ids_BxL=None,
+layer_term=None) -> logits_BxLxV` (float32 or wider; embed_noise_alpha > 0 adds neftune.add_embedding_noise to the
+embedding output) that sows `intermediates/embed` (embedding output), `h_{i}/hidden` or scanned `h/hidden` (raw block
+outputs), `intermediates/final` (the last block after the final norm) and, with a `layer_term` (layer_term.py), its
+per-block values as `h_{i}/term` or `h/term`; `lm_head(params, cfg) -> [V, D]` in compute dtype;
 `EMBED_PATH` (the input embedding in the params tree); `NEFTUNE_ALPHA` (the authors' default noise); `LORA_TARGETS`
 (the default LoRA target regex, lora.py; dense layers are models/lora_dense.py's, so a `lora` variable collection
 adds adapters and the config's `lora_dropout` their input dropout); `lookup_params(cfg)` and `attention_width(cfg)` (for
@@ -58,6 +59,11 @@ def hidden_states(variables: dict, final_norm: bool = True) -> tuple[jax.Array, 
   return (inter["embed"][0], *blocks[:-1], last)
 
 
+def final_state(variables: dict) -> jax.Array:
+  """The last block's output after the final norm (what the output head reads)."""
+  return variables["intermediates"]["final"][0]
+
+
 def lm_head(params: dict, cfg) -> jax.Array:
   """The output head as [V, D] in the compute dtype (the tied embedding or an untied head)."""
   return family(cfg).lm_head(params, cfg)
@@ -106,6 +112,7 @@ __all__ = [
     "build_model",
     "count_params",
     "family",
+    "final_state",
     "flops_per_token",
     "hidden_states",
     "init_params",

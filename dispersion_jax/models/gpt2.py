@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from dispersion_jax.models import kv_cache
 from dispersion_jax.models.attention import ATTENTION_IMPLS, attention
+from dispersion_jax.models import layer_term as layer_term_lib
+from dispersion_jax.models.layer_term import LayerTerm
 from dispersion_jax.models.lora_dense import LoraDense
 from dispersion_jax.models.neftune import add_embedding_noise
 from dispersion_jax.models.remat import REMAT_POLICIES
@@ -125,17 +127,21 @@ def _proj_std(cfg: GPTConfig) -> float:
 class Block(nn.Module):
   cfg: GPTConfig
   deterministic: bool = True
+  term: LayerTerm | None = None  # a scalar of the block's output, computed inside the loop (layer_term.py)
+  layer: int | None = None  # the hidden-state index of an unrolled block (static: remat would trace a call arg)
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL=None, positions_BxL=None):
-    # (carry, x) -> (carry, y) is nn.scan's contract: the residual stream is the carry, the segment ids are
-    # broadcast (positions_BxL, for the KV cache, only reaches unrolled blocks).
+  def __call__(self, x_BxLxD, segment_ids_BxL=None, positions_BxL=None, term_inputs=None, index=None):
+    # (carry, *xs) -> (carry, y) is nn.scan's contract: the residual stream is the carry, the segment ids and the
+    # term's inputs are broadcast, the hidden-state index (1..n) is scanned (positions_BxL, for the KV cache, only
+    # reaches unrolled blocks).
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     x_BxLxD = x_BxLxD + drop(Attention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(x_BxLxD), segment_ids_BxL, positions_BxL))
     x_BxLxD = x_BxLxD + drop(MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxLxD)))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
     self.sow("intermediates", "hidden", x_BxLxD)
+    layer_term_lib.sow(self, self.term, x_BxLxD, self.layer if index is None else index, term_inputs)
     return x_BxLxD, None
 
 
@@ -150,6 +156,7 @@ class GPT(nn.Module):
       deterministic: bool = True,
       embed_noise_alpha: float = 0.0,
       segment_ids_BxL=None,
+      layer_term: LayerTerm | None = None,
   ):
     cfg = self.cfg
     B, L = input_ids_BxL.shape
@@ -179,6 +186,7 @@ class GPT(nn.Module):
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
     self.sow("intermediates", "embed", x_BxLxD)
 
+    term, term_args = layer_term_lib.split(layer_term, cfg.n_layer, cfg.scan_layers)
     block = Block
     if cfg.remat != "none":
       # Under nn.scan the loop already keeps XLA from merging the recomputation into the forward pass, so the
@@ -189,14 +197,15 @@ class GPT(nn.Module):
           block,
           variable_axes={"params": 0, "intermediates": 0, "lora": 0},
           split_rngs={"params": True, "dropout": True, "lora": True},
-          in_axes=(nn.broadcast,),
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
           length=cfg.n_layer,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x_BxLxD, _ = stack(cfg, deterministic, name="h")(x_BxLxD, segment_ids_BxL)
+      x_BxLxD, _ = stack(cfg, deterministic, term, name="h")(x_BxLxD, segment_ids_BxL, None, *term_args)
     else:
       for i in range(cfg.n_layer):
-        x_BxLxD, _ = block(cfg, deterministic, name=f"h_{i}")(x_BxLxD, segment_ids_BxL, positions_BxL)
+        h = block(cfg, deterministic, term, i + 1, name=f"h_{i}")
+        x_BxLxD, _ = h(x_BxLxD, segment_ids_BxL, positions_BxL, term_args[0])
 
     x_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
     self.sow("intermediates", "final", x_BxLxD)

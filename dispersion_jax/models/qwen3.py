@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from dispersion_jax.models import kv_cache
+from dispersion_jax.models import layer_term as layer_term_lib
+from dispersion_jax.models.layer_term import LayerTerm
 from dispersion_jax.models.attention import ATTENTION_IMPLS, attention
 from dispersion_jax.models.lora_dense import LoraDense
 from dispersion_jax.models.neftune import add_embedding_noise
@@ -191,12 +193,16 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   cfg: Qwen3Config
+  term: LayerTerm | None = None  # a scalar of the block's output, computed inside the loop (layer_term.py)
+  layer: int | None = None  # the hidden-state index of an unrolled block (static: remat would trace a call arg)
 
   @nn.compact
-  def __call__(self, x_BxLxD, cos_BxLxK, sin_BxLxK, segment_ids_BxL=None, positions_BxL=None):
-    # nn.scan's (carry, *xs) -> (carry, y): the residual stream is the carry, the RoPE tables and segment ids are
-    # broadcast
-    # (positions_BxL, for the KV cache, only reaches unrolled blocks).
+  def __call__(
+      self, x_BxLxD, cos_BxLxK, sin_BxLxK, segment_ids_BxL=None, positions_BxL=None, term_inputs=None, index=None
+  ):
+    # nn.scan's (carry, *xs) -> (carry, y): the residual stream is the carry, the RoPE tables, segment ids and the
+    # term's inputs are broadcast, the hidden-state index (1..n) is scanned (positions_BxL, for the KV cache, only
+    # reaches unrolled blocks).
     cfg = self.cfg
     x_BxLxD = x_BxLxD + Attention(cfg, name="self_attn")(
         _rms_norm(cfg, "input_layernorm")(x_BxLxD), cos_BxLxK, sin_BxLxK, segment_ids_BxL, positions_BxL
@@ -204,6 +210,7 @@ class Block(nn.Module):
     x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(_rms_norm(cfg, "post_attention_layernorm")(x_BxLxD))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACT)
     self.sow("intermediates", "hidden", x_BxLxD)
+    layer_term_lib.sow(self, self.term, x_BxLxD, self.layer if index is None else index, term_inputs)
     return x_BxLxD, None
 
 
@@ -218,6 +225,7 @@ class Qwen3(nn.Module):
       deterministic: bool = True,
       embed_noise_alpha: float = 0.0,
       segment_ids_BxL=None,
+      layer_term: LayerTerm | None = None,
   ):
     del deterministic  # no dropout in Qwen3; the argument keeps the family interface
     cfg = self.cfg
@@ -240,6 +248,7 @@ class Qwen3(nn.Module):
     self.sow("intermediates", "embed", x_BxLxD)
     cos_BxLxK, sin_BxLxK = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta, cfg.dtype)  # once, not per block
 
+    term, term_args = layer_term_lib.split(layer_term, cfg.n_layer, cfg.scan_layers)
     block = Block
     if cfg.remat != "none":
       # Under nn.scan the loop already keeps XLA from merging the recomputation into the forward pass (see gpt2.py).
@@ -249,14 +258,16 @@ class Qwen3(nn.Module):
           block,
           variable_axes={"params": 0, "intermediates": 0, "lora": 0},
           split_rngs={"params": True, "lora": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast,) * 5 + (0,),
           length=cfg.n_layer,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x_BxLxD, _ = stack(cfg, name="h")(x_BxLxD, cos_BxLxK, sin_BxLxK, segment_ids_BxL)
+      h = stack(cfg, term, name="h")
+      x_BxLxD, _ = h(x_BxLxD, cos_BxLxK, sin_BxLxK, segment_ids_BxL, None, *term_args)
     else:
       for i in range(cfg.n_layer):
-        x_BxLxD, _ = block(cfg, name=f"h_{i}")(x_BxLxD, cos_BxLxK, sin_BxLxK, segment_ids_BxL, positions_BxL)
+        h = block(cfg, term, i + 1, name=f"h_{i}")
+        x_BxLxD, _ = h(x_BxLxD, cos_BxLxK, sin_BxLxK, segment_ids_BxL, positions_BxL, term_args[0])
 
     x_BxLxD = _rms_norm(cfg, "norm")(x_BxLxD)
     self.sow("intermediates", "final", x_BxLxD)
