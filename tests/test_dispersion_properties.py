@@ -196,6 +196,19 @@ def test_pallas_interpret_is_within_its_bf16_bound(x64, variant):
 FAMILIES = {"gpt2": GPTConfig, "qwen3": Qwen3Config}
 
 
+def objective_batch(data, vocab_size: int) -> dict:
+  """A drawn training batch [B, L]: ids, next-token targets, a loss mask; sometimes a dispersion mask and segments."""
+  B, L = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
+  rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+  ids = rng.integers(0, vocab_size, (B, L))
+  batch = dict(input_ids=ids, targets=np.roll(ids, -1, 1), loss_mask=(rng.random((B, L)) < 0.8).astype(np.float64))
+  if data.draw(st.booleans()):
+    batch["dispersion_mask"] = rng.random((B, L)) < data.draw(st.floats(0.2, 1.0))
+  if data.draw(st.booleans()):
+    batch["segment_ids"] = data.draw(segment_ids(B, L))
+  return batch
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_objective_xla_equals_reference_float64(x64, family):
   """End to end on the `test` preset (3 layers): layer selection, final norm, loss and dispersion masks, segments."""
@@ -206,14 +219,7 @@ def test_objective_xla_equals_reference_float64(x64, family):
   @hypothesis.settings(PROFILE, max_examples=max(2, PROFILE.max_examples // 3))
   @hypothesis.given(data=st.data())
   def check(data):
-    B, L = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    ids = rng.integers(0, cfg.vocab_size, (B, L))
-    batch = dict(input_ids=ids, targets=np.roll(ids, -1, 1), loss_mask=(rng.random((B, L)) < 0.8).astype(np.float64))
-    if data.draw(st.booleans()):
-      batch["dispersion_mask"] = rng.random((B, L)) < data.draw(st.floats(0.2, 1.0))
-    if data.draw(st.booleans()):
-      batch["segment_ids"] = data.draw(segment_ids(B, L))
+    batch = objective_batch(data, cfg.vocab_size)
     max_tokens = data.draw(st.one_of(st.none(), st.integers(2, 12)))
     disp = dict(
         variant=data.draw(st.sampled_from(VARIANTS)),

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import strategies as st
-from test_dispersion_properties import PROFILE, log_uniform, segment_ids
+from test_dispersion_properties import PROFILE, log_uniform, objective_batch
 
 from dispersion_jax import VARIANTS, DispersionConfig, GPTConfig, Qwen3Config, build_model, objective
 from dispersion_jax.losses.objective import cross_entropy, dispersion_term
@@ -62,14 +62,7 @@ def test_in_loop_term_equals_the_term_after_the_loop_float64(x64):
     )
     model = build_model(cfg)
     params = init_params(cfg, jax.random.PRNGKey(data.draw(st.integers(0, 7))))
-    B, L = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    ids = rng.integers(0, cfg.vocab_size, (B, L))
-    batch = dict(input_ids=ids, targets=np.roll(ids, -1, 1), loss_mask=(rng.random((B, L)) < 0.8).astype(np.float64))
-    if data.draw(st.booleans()):
-      batch["dispersion_mask"] = rng.random((B, L)) < data.draw(st.floats(0.2, 1.0))
-    if data.draw(st.booleans()):
-      batch["segment_ids"] = data.draw(segment_ids(B, L))
+    batch = objective_batch(data, cfg.vocab_size)
     disp = DispersionConfig(
         variant=data.draw(st.sampled_from(VARIANTS)),
         coeff=data.draw(st.floats(0.01, 1.0)),
